@@ -1,0 +1,1 @@
+"""fitprune-fx: FitPrune visual-token pruning for LLaVA models as a torch.compile backend."""
