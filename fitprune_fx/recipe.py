@@ -1,0 +1,517 @@
+"""Pruning recipes: how many visual tokens to delete after each decoder layer.
+
+A recipe is fitted once per model and FLOPs budget and stored as versioned JSON (DESIGN.md
+section 3). Counts are given for an example with ``model.num_visual_tokens`` visual tokens; an
+example with a different count (several images, another resolution) gets the counts scaled
+proportionally by :meth:`Recipe.deletions_for`. Every problem with a recipe raises
+:class:`RecipeError`, whose message says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fitprune_fx.flops import (
+    FlopsReport,
+    reference_flops_reduction,
+    reference_layer_flops,
+    visual_tokens_per_layer,
+)
+
+FORMAT = "fitprune-recipe/1"
+SUPPORTED_FORMATS = (FORMAT,)
+SHIPPED_PACKAGE = "fitprune_fx.recipes"
+
+_MODEL_REQUIRED = ("name", "num_layers", "num_visual_tokens", "hidden_size", "intermediate_size")
+_MODEL_OPTIONAL = ("num_attention_heads", "num_key_value_heads")
+_RECIPE_KEYS = (
+    "format",
+    "model",
+    "scorer",
+    "scorer_options",
+    "prune",
+    "budget",
+    "flops_reduction",
+    "fit",
+)
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed or does not fit the model; the message says the problem and fix."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class ModelInfo:
+    """The model dimensions a recipe was fitted for (and that the FLOPs models need)."""
+
+    name: str
+    num_layers: int
+    num_visual_tokens: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RecipeError unless every dimension is a positive int (heads optional)."""
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError(f'model "name" must be a non-empty string, got {self.name!r}')
+        for key in _MODEL_REQUIRED[1:]:
+            value = getattr(self, key)
+            if not _is_int(value) or value < 1:
+                raise RecipeError(
+                    f'model "{key}" must be a positive integer, got {value!r}: '
+                    "copy it from the model's config"
+                )
+        for key in _MODEL_OPTIONAL:
+            value = getattr(self, key)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise RecipeError(
+                    f'model "{key}" must be a positive integer or absent, got {value!r}'
+                )
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads is not None and kv is not None and heads % kv:
+            raise RecipeError(
+                f"model num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}: "
+                "copy both from the model's text config"
+            )
+
+    @classmethod
+    def from_config(cls, config: Any, name: str | None = None) -> ModelInfo:
+        """Read dimensions from a transformers ``LlavaConfig``.
+
+        Visual tokens per image are ``(image_size // patch_size) ** 2``, plus the CLS token when
+        ``vision_feature_select_strategy == "full"`` (the projector then keeps it).
+        """
+        text = getattr(config, "text_config", None)
+        vision = getattr(config, "vision_config", None)
+        if text is None or vision is None:
+            raise RecipeError(
+                f"cannot read model dimensions from {type(config).__name__}: expected a LLaVA "
+                "config with .text_config and .vision_config (pass model.config)"
+            )
+        tokens = (vision.image_size // vision.patch_size) ** 2
+        if getattr(config, "vision_feature_select_strategy", "default") == "full":
+            tokens += 1
+        heads = getattr(text, "num_attention_heads", None)
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        return cls(
+            name=name or getattr(config, "_name_or_path", "") or "unnamed",
+            num_layers=text.num_hidden_layers,
+            num_visual_tokens=tokens,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+        )
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelInfo:
+        """Build from the recipe JSON ``"model"`` object, rejecting missing or unknown keys."""
+        if not isinstance(d, dict):
+            raise RecipeError(
+                f'recipe "model" must be an object with {", ".join(_MODEL_REQUIRED)}, '
+                f"got {type(d).__name__}"
+            )
+        missing = [k for k in _MODEL_REQUIRED if k not in d]
+        if missing:
+            raise RecipeError(
+                f'recipe "model" is missing {", ".join(repr(k) for k in missing)}: '
+                f"add them (required: {', '.join(_MODEL_REQUIRED)})"
+            )
+        unknown = sorted(set(d) - set(_MODEL_REQUIRED) - set(_MODEL_OPTIONAL))
+        if unknown:
+            raise RecipeError(
+                f'recipe "model" has unknown keys {unknown}: allowed are '
+                f"{', '.join(_MODEL_REQUIRED + _MODEL_OPTIONAL)}"
+            )
+        return cls(**{k: d[k] for k in _MODEL_REQUIRED + _MODEL_OPTIONAL if k in d})
+
+    def to_dict(self) -> dict:
+        """The JSON ``"model"`` object; optional head counts only when known."""
+        out = {k: getattr(self, k) for k in _MODEL_REQUIRED}
+        out.update({k: getattr(self, k) for k in _MODEL_OPTIONAL if getattr(self, k) is not None})
+        return out
+
+
+def _scale_cumulative(items: list[tuple[int, int]], old: int, new: int) -> dict[int, int]:
+    """Scale per-layer counts from ``old`` to ``new`` visual tokens by cumulative rounding.
+
+    ``D_l = round(cum_l * new / old)`` (half up, exact integer arithmetic), ``d_l = D_l - D_prev``:
+    the total never exceeds ``new`` when the original total is at most ``old``, nothing is lost
+    or invented by per-layer rounding, and ``new == old`` is the identity. Zeros are dropped.
+    """
+    out: dict[int, int] = {}
+    cum = prev = 0
+    for layer, count in sorted(items):
+        cum += count
+        scaled = (2 * cum * new + old) // (2 * old)
+        if scaled != prev:
+            out[layer] = scaled - prev
+        prev = scaled
+    return out
+
+
+def _parse_layer_key(key: Any) -> int:
+    """A JSON layer key ("2") or an int; anything else is a RecipeError."""
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key):
+        return int(key)
+    raise RecipeError(
+        f'prune layer key {key!r} is not an integer: use 0-based decoder layer numbers, e.g. "2"'
+    )
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package, e.g. ``"llava-1.5-7b/60.json"``."""
+    root = importlib.resources.files(SHIPPED_PACKAGE)
+    names = []
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.name.startswith(("_", ".")):
+            names += [
+                f"{folder.name}/{f.name}" for f in folder.iterdir() if f.name.endswith(".json")
+            ]
+
+    def order(name: str) -> tuple:
+        folder, _, stem = name.rpartition("/")
+        stem = stem.removesuffix(".json")
+        return (folder, int(stem) if stem.isdigit() else 10**9, stem)
+
+    return sorted(names, key=order)
+
+
+def _read_recipe_text(source: str | os.PathLike) -> tuple[str, str]:
+    """Find ``source`` as a file, else under the shipped recipes folder; returns (text, where)."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    parts = PurePosixPath(os.fspath(source).replace(os.sep, "/")).parts
+    if parts and parts[0] == "recipes":
+        parts = parts[1:]
+    if parts and not path.is_absolute():
+        shipped = importlib.resources.files(SHIPPED_PACKAGE).joinpath(*parts)
+        if shipped.is_file():
+            return shipped.read_text(encoding="utf-8"), f"shipped recipe {'/'.join(parts)}"
+    available = ", ".join(shipped_recipes()) or "none"
+    raise RecipeError(
+        f"recipe file not found: {os.fspath(source)!r} is not a file and not a shipped recipe; "
+        f"pass an existing path or one of the shipped recipes: {available}"
+    )
+
+
+@dataclass
+class Recipe:
+    """Visual tokens to delete after each decoder layer, for one model, plus provenance."""
+
+    model: ModelInfo
+    prune: dict[int, int]
+    scorer: str = "fitprune"
+    budget: float | None = None
+    flops_reduction: float | None = None
+    fit: dict | None = None
+    scorer_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise RecipeError on any structural problem; unknown scorer names are allowed."""
+        if not isinstance(self.model, ModelInfo):
+            raise RecipeError(
+                f"Recipe.model must be a ModelInfo, got {type(self.model).__name__}: "
+                "use Recipe.from_dict for JSON-like input"
+            )
+        self.model.validate()
+        if not isinstance(self.prune, dict):
+            raise RecipeError(
+                f'recipe "prune" must map layer -> count, got {type(self.prune).__name__}: '
+                'write it as {"2": 89, "3": 36}'
+            )
+        num_layers, num_visual = self.model.num_layers, self.model.num_visual_tokens
+        for layer, count in self.prune.items():
+            if not _is_int(layer):
+                raise RecipeError(
+                    f"prune layer key {layer!r} is not an integer: use 0-based decoder layer "
+                    "numbers (ints in Python, numeric strings in JSON via Recipe.from_dict)"
+                )
+            if not 0 <= layer < num_layers:
+                raise RecipeError(
+                    f"prune layer {layer} is outside the model: num_layers is {num_layers}, so "
+                    f"layers are 0..{num_layers - 1}; fix the index, or map a recipe fitted for "
+                    "another depth with Recipe.rescaled_to"
+                )
+            if not _is_int(count):
+                raise RecipeError(
+                    f"prune count for layer {layer} is {count!r}, not an integer: give the "
+                    "number of visual tokens deleted after that layer"
+                )
+            if count < 0:
+                raise RecipeError(
+                    f"prune count for layer {layer} is negative ({count}): counts are visual "
+                    "tokens deleted and must be >= 0"
+                )
+        total = sum(self.prune.values())
+        if total > num_visual:
+            raise RecipeError(
+                f"prune deletes {total} visual tokens in total but the model has only "
+                f"{num_visual} (num_visual_tokens): lower the counts so they sum to at most "
+                f"{num_visual}"
+            )
+        if not isinstance(self.scorer, str) or not self.scorer:
+            raise RecipeError(
+                f'recipe "scorer" must be a non-empty name such as "fitprune", got {self.scorer!r}'
+            )
+        for key in ("budget", "flops_reduction"):
+            value = getattr(self, key)
+            if value is not None and (not _is_number(value) or not 0.0 <= value <= 1.0):
+                raise RecipeError(
+                    f'recipe "{key}" must be a fraction in [0, 1] (0.6 means 60%), got {value!r}'
+                )
+        if self.fit is not None and not isinstance(self.fit, dict):
+            raise RecipeError(
+                f'recipe "fit" must be an object (e.g. {{"alpha": 0.4}}) or absent, '
+                f"got {self.fit!r}"
+            )
+        if not isinstance(self.scorer_options, dict):
+            raise RecipeError(
+                f'recipe "scorer_options" must be an object (e.g. {{"seed": 0}}), '
+                f"got {self.scorer_options!r}"
+            )
+
+    def check_model(self, config: Any) -> None:
+        """Raise RecipeError when this recipe was fitted for a differently shaped model.
+
+        ``config`` is a transformers ``LlavaConfig`` or a :class:`ModelInfo`. A different visual
+        token count is fine (counts are scaled per example); depth and widths are not.
+        """
+        info = config if isinstance(config, ModelInfo) else ModelInfo.from_config(config)
+        mismatches = [
+            f"{key} {getattr(self.model, key)} vs {getattr(info, key)}"
+            for key in ("num_layers", "hidden_size", "intermediate_size")
+            if getattr(self.model, key) != getattr(info, key)
+        ]
+        if mismatches:
+            raise RecipeError(
+                f"recipe for {self.model.name!r} does not fit the model being compiled "
+                f"({info.name!r}): {', '.join(mismatches)} (recipe vs model); fit a recipe for "
+                "this model with fitprune_fx.fit, or rescale this one with "
+                "recipe.rescaled_to(ModelInfo.from_config(model.config))"
+            )
+
+    # --------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_dict(cls, d: Any) -> Recipe:
+        """Parse and validate the JSON layout of DESIGN.md section 3."""
+        if not isinstance(d, dict):
+            raise RecipeError(f"a recipe must be a JSON object, got {type(d).__name__}")
+        if "format" not in d:
+            raise RecipeError(f'recipe has no "format" field: add "format": "{FORMAT}"')
+        if d["format"] not in SUPPORTED_FORMATS:
+            raise RecipeError(
+                f"unknown recipe format {d['format']!r}: supported versions are "
+                f"{', '.join(SUPPORTED_FORMATS)}; upgrade fitprune-fx or re-export the recipe"
+            )
+        unknown = sorted(set(d) - set(_RECIPE_KEYS))
+        if unknown:
+            raise RecipeError(
+                f"recipe has unknown keys {unknown}: allowed are {', '.join(_RECIPE_KEYS)} "
+                '(free-form provenance belongs in "fit")'
+            )
+        for key in ("model", "prune"):
+            if key not in d:
+                example = '{"2": 89, "3": 36}' if key == "prune" else "{...}"
+                raise RecipeError(f'recipe has no "{key}" field: add "{key}": {example}')
+        prune = d["prune"]
+        if not isinstance(prune, dict):
+            raise RecipeError(
+                f'recipe "prune" must map layer -> count, got {type(prune).__name__}: '
+                'write it as {"2": 89, "3": 36}'
+            )
+        parsed: dict[int, int] = {}
+        for key, count in prune.items():
+            layer = _parse_layer_key(key)
+            if layer in parsed:
+                raise RecipeError(f"prune layer {layer} appears twice: keep one entry per layer")
+            parsed[layer] = count
+        return cls(
+            model=ModelInfo.from_dict(d["model"]),
+            prune=parsed,
+            scorer=d.get("scorer", "fitprune"),
+            budget=d.get("budget"),
+            flops_reduction=d.get("flops_reduction"),
+            fit=d.get("fit"),
+            scorer_options=d.get("scorer_options", {}),
+        )
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> Recipe:
+        """Load from a path, a shipped recipe name ("llava-1.5-7b/60.json") or JSON text."""
+        if isinstance(source, str) and source.lstrip().startswith("{"):
+            text, where = source, "JSON text"
+        else:
+            text, where = _read_recipe_text(source)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(
+                f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): "
+                "fix the file or re-export it with Recipe.to_json"
+            ) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, recipe: Recipe | dict | str | os.PathLike) -> Recipe:
+        """Normalise a Recipe, a recipe dict, a path/shipped name or JSON text to a Recipe."""
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, dict):
+            return cls.from_dict(recipe)
+        if isinstance(recipe, (str, os.PathLike)):
+            return cls.from_json(recipe)
+        raise RecipeError(
+            f"cannot make a recipe from {type(recipe).__name__}: pass a Recipe, a dict, "
+            "or the path of a recipe JSON file"
+        )
+
+    # ----------------------------------------------------------------------------- export
+    def to_dict(self) -> dict:
+        """The JSON layout; layer keys as strings in numeric order, absent fields omitted."""
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "model": self.model.to_dict(),
+            "scorer": self.scorer,
+        }
+        if self.scorer_options:
+            out["scorer_options"] = dict(self.scorer_options)
+        out["prune"] = {str(layer): self.prune[layer] for layer in sorted(self.prune)}
+        for key in ("budget", "flops_reduction", "fit"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """JSON text, one top-level field per line (stable, diff-friendly); written if ``path``."""
+        body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_dict().items())
+        text = "{\n" + body + "\n}\n"
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    # ----------------------------------------------------------------------------- counts
+    def deletions_for(self, num_visual: int) -> dict[int, int]:
+        """Per-layer deletions for an example with ``num_visual`` visual tokens.
+
+        Proportional scaling with cumulative rounding: the total never exceeds ``num_visual``,
+        and at the native count the recipe comes back unchanged (zero entries dropped).
+        """
+        if not _is_int(num_visual) or num_visual < 0:
+            raise RecipeError(f"num_visual must be an integer >= 0, got {num_visual!r}")
+        return _scale_cumulative(list(self.prune.items()), self.model.num_visual_tokens, num_visual)
+
+    def tokens_per_layer(self, num_visual: int | None = None) -> list[int]:
+        """Visual tokens at the input of layers 0..L-1, then after the last layer (len L+1)."""
+        n = self.model.num_visual_tokens if num_visual is None else num_visual
+        return visual_tokens_per_layer(self.deletions_for(n), self.model.num_layers, n)
+
+    def rescaled_to(self, info: ModelInfo) -> Recipe:
+        """Map this recipe onto a model of another depth and/or visual token count.
+
+        Layer ``l`` goes to ``floor(l * L' / L)`` (same relative depth; collisions are summed),
+        then counts are scaled to ``info.num_visual_tokens`` by cumulative rounding. The
+        reference FLOPs reduction is recomputed for the new model; the budget is kept as intent.
+        """
+        merged: dict[int, int] = {}
+        for layer, count in self.prune.items():
+            target = layer * info.num_layers // self.model.num_layers
+            merged[target] = merged.get(target, 0) + count
+        prune = _scale_cumulative(
+            list(merged.items()), self.model.num_visual_tokens, info.num_visual_tokens
+        )
+        fit: dict[str, Any] = {"rescaled_from": self.model.name}
+        if self.fit:
+            fit["original_fit"] = self.fit
+        out = Recipe(
+            model=info,
+            prune=prune,
+            scorer=self.scorer,
+            budget=self.budget,
+            fit=fit,
+            scorer_options=dict(self.scorer_options),
+        )
+        out.flops_reduction = round(out.reference_reduction(), 4)
+        return out
+
+    # ----------------------------------------------------------------------------- FLOPs
+    def reference_reduction(self) -> float:
+        """FLOPs reduction under the reference model (the one published labels use), unrounded."""
+        m = self.model
+        return reference_flops_reduction(
+            self.prune, m.num_layers, m.num_visual_tokens, m.hidden_size, m.intermediate_size
+        )
+
+    def flops_report(self, num_text_tokens: int = 0, num_visual: int | None = None) -> FlopsReport:
+        """Per-layer FLOPs under the reference and the full model for one prefill example."""
+        m = self.model
+        n = m.num_visual_tokens if num_visual is None else num_visual
+        return FlopsReport.build(
+            self.deletions_for(n),
+            m.num_layers,
+            n,
+            m.hidden_size,
+            m.intermediate_size,
+            num_text=num_text_tokens,
+            num_heads=m.num_attention_heads,
+            num_kv_heads=m.num_key_value_heads,
+        )
+
+    def describe(self) -> str:
+        """A per-layer table (deleted, visual tokens left, FLOPs share) for ``inspect``."""
+        m = self.model
+        tokens = self.tokens_per_layer()
+        h, inter = m.hidden_size, m.intermediate_size
+        unpruned = m.num_layers * reference_layer_flops(
+            m.num_visual_tokens, m.num_visual_tokens, h, inter
+        )
+        budget = "-" if self.budget is None else f"{100 * self.budget:g}%"
+        recorded = (
+            "" if self.flops_reduction is None else f", recorded {100 * self.flops_reduction:.2f}%"
+        )
+        lines = [
+            f"recipe for {m.name}: {m.num_layers} layers, {m.num_visual_tokens} visual tokens, "
+            f"hidden {h}, MLP {inter}",
+            f"scorer {self.scorer}, budget {budget}, FLOPs reduction "
+            f"{100 * self.reference_reduction():.2f}% (reference model, visual tokens){recorded}",
+            f"{'layer':>5} {'deleted':>7} {'visual left':>11} {'FLOPs % of unpruned':>19}",
+        ]
+        total_share = 0.0
+        for layer in range(m.num_layers):
+            share = (
+                100 * reference_layer_flops(tokens[layer], tokens[layer + 1], h, inter) / unpruned
+            )
+            total_share += share
+            lines.append(
+                f"{layer:>5} {self.prune.get(layer, 0):>7} {tokens[layer + 1]:>11} {share:>19.2f}"
+            )
+        lines.append(
+            f"{'total':>5} {sum(self.prune.values()):>7} {tokens[-1]:>11} {total_share:>19.2f}"
+        )
+        return "\n".join(lines)
