@@ -105,7 +105,15 @@ def full_flops_reduction(
     num_kv_heads: int | None = None,
     causal: bool = True,
 ) -> float:
-    """``1 - pruned / unpruned`` over all layers with the full model (text tokens included)."""
+    """``1 - pruned / unpruned`` over all layers with the full model (text tokens included).
+
+    Text tokens add cost that pruning cannot remove, so with ``causal=False`` (MHA) the result
+    never exceeds :func:`reference_flops_reduction`. The causal mask halves the quadratic term,
+    which can tip it the other way for almost text-free prompts and late deletions (e.g. 1 text
+    token, LLaVA-1.5-7B dims, deletions only after the last layer); the text cost outweighs
+    that once ``T * (4h + 3m + T + 1) >= N * N`` (T text, N visual tokens: T >= 7 for
+    LLaVA-1.5-7B). With GQA the k/v projections shrink and no such ordering is promised.
+    """
     counts = visual_tokens_per_layer(prune, num_layers, num_visual)
     kw = dict(num_text=num_text, num_heads=num_heads, num_kv_heads=num_kv_heads, causal=causal)
     pruned = sum(
