@@ -1,0 +1,204 @@
+"""The TorchDynamo backend: find the decoder graph, run the FitPrune pass, hand it to Inductor.
+
+The recipe is applied before `compile_fx` sees the graph, so its constants are part of the graph
+Inductor caches on. Graphs that hold no decoder (vision tower, projector, lm_head) and decode
+steps (no image merge) are compiled unchanged. A decoder graph the pass does not understand is
+compiled unchanged too, with one warning that says why: never a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from fitprune_fx.passes.locate import (
+    NoVisualTokens,
+    UnsupportedGraph,
+    has_decoder_layers,
+    locate_hidden_size,
+    locate_layers,
+)
+from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
+from fitprune_fx.passes.scorers import SCORERS, register_scorer
+
+from .recipe import Recipe, RecipeError
+
+log = logging.getLogger("fitprune_fx")
+
+
+@dataclass
+class GraphReport:
+    """What the backend did with one graph Dynamo handed it."""
+
+    index: int
+    nodes: int
+    action: str  # "pruned" | "unchanged"
+    reason: str = ""
+    result: PruneResult | None = None
+
+    def __str__(self) -> str:
+        if self.result is None:
+            return f"graph {self.index} ({self.nodes} nodes): unchanged, {self.reason}"
+        r = self.result
+        layers = ", ".join(f"{layer}:-{d}" for layer, d in r.deletions.items())
+        return (
+            f"graph {self.index} ({self.nodes} nodes): pruned with {r.scorer} after layers [{layers}]; "
+            f"{r.visual_tokens} visual tokens/example; tokens per layer {' -> '.join(r.tokens_per_layer)}"
+        )
+
+
+@dataclass
+class FitpruneBackend:
+    """A Dynamo backend callable that applies a recipe. Keep it to read `.reports` afterwards."""
+
+    recipe: Recipe
+    compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph uncompiled
+    reports: list[GraphReport] = field(default_factory=list)
+    _warned: bool = False
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
+        self.reports.append(report)
+        if not has_decoder_layers(gm):
+            report.reason = "no decoder layers in this graph"
+            log.debug("fitprune: %s", report)
+            return self._compile(gm, example_inputs)
+        self._check_recipe_fits(gm)
+        candidate = _copy_graph_module(gm)
+        try:
+            report.result = prune_visual_tokens(
+                candidate,
+                self.recipe.deletions_for,
+                _fake_mode(gm),
+                scorer=self.recipe.scorer,
+                seed=int(self.recipe.scorer_options.get("seed", 0)),
+            )
+        except NoVisualTokens as e:
+            report.reason = str(e)
+            log.info("fitprune: %s", report)
+            return self._compile(gm, example_inputs)
+        except UnsupportedGraph as e:
+            report.reason = f"not understood: {e}"
+            if not self._warned:
+                warnings.warn(
+                    f"fitprune: decoder graph compiled WITHOUT pruning ({e}). "
+                    "See backend.reports / backend.summary() for details.",
+                    stacklevel=2,
+                )
+                self._warned = True
+            log.warning("fitprune: %s", report)
+            return self._compile(gm, example_inputs)
+        report.action = "pruned"
+        log.info("fitprune: %s", report)
+        return self._compile(candidate, example_inputs)
+
+    def _check_recipe_fits(self, gm: fx.GraphModule) -> None:
+        """Refuse a recipe made for another model (a user error, so it raises)."""
+        info = self.recipe.model
+        hidden = locate_hidden_size(gm)
+        if hidden is not None and hidden != info.hidden_size:
+            raise RecipeError(
+                f"recipe is for hidden size {info.hidden_size} ({info.name}) but the compiled model "
+                f"has hidden size {hidden}; fit a recipe for this model (fitprune-fx fit) or "
+                "rescale one with Recipe.rescaled_to(ModelInfo.from_config(model.config))"
+            )
+        layers = locate_layers(gm)
+        if layers and layers[0] == 0 and layers[-1] + 1 != info.num_layers:
+            raise RecipeError(
+                f"recipe is for {info.num_layers} decoder layers ({info.name}) but the compiled "
+                f"model has {layers[-1] + 1}; fit a recipe for this model or rescale one with "
+                "Recipe.rescaled_to(ModelInfo.from_config(model.config))"
+            )
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        if self.compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    @property
+    def pruned_graphs(self) -> list[GraphReport]:
+        return [r for r in self.reports if r.action == "pruned"]
+
+    def summary(self) -> str:
+        """One line per graph compiled so far: what was pruned, or why not."""
+        if not self.reports:
+            return "fitprune: no graph compiled yet (is the model compiled and called?)"
+        return "\n".join(str(r) for r in self.reports)
+
+
+def fitprune_backend(
+    recipe: Recipe | dict | str | os.PathLike,
+    *,
+    compiler: str = "inductor",
+    scorer: str | Callable | None = None,
+) -> FitpruneBackend:
+    """A Dynamo backend that prunes visual tokens per `recipe` and compiles with Inductor.
+
+    `recipe` is a Recipe, a dict, a path to a recipe JSON, or a shipped recipe name such as
+    "llava-1.5-7b/60.json". `scorer` overrides the recipe's scorer: a registered name or a
+    function `f(inputs: ScoringInputs) -> [B, S] scores` (lower is deleted first).
+    """
+    if compiler not in ("inductor", "eager"):
+        raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
+    loaded = Recipe.load(recipe)
+    if callable(scorer):
+        name = f"user:{getattr(scorer, '__qualname__', 'scorer')}"
+        register_scorer(name, scorer)
+        scorer = name
+    if scorer is not None:
+        loaded = _with_scorer(loaded, scorer)
+    if loaded.scorer not in SCORERS:
+        raise RecipeError(
+            f"recipe names scorer {loaded.scorer!r}, which is not registered (known: "
+            f"{sorted(SCORERS)}); register it with fitprune_fx.register_scorer or pass scorer=..."
+        )
+    return FitpruneBackend(loaded, compiler=compiler)
+
+
+def _with_scorer(recipe: Recipe, scorer: str) -> Recipe:
+    import dataclasses
+
+    return dataclasses.replace(recipe, scorer=scorer)
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm with its own graph (node meta copied shallowly), so a failed pass leaves gm intact."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def _fake_mode(gm: fx.GraphModule):
+    # The mode that made the nodes' example values: new fake values must live in the same one.
+    for node in gm.graph.nodes:
+        mode = getattr(node.meta.get("example_value"), "fake_mode", None)
+        if mode is not None:
+            return mode
+    if True:  # noqa
+        raise UnsupportedGraph("no fake tensor values on the graph (not captured by Dynamo?)")
+
+
+def _register_named_backend() -> None:
+    """Make `torch.compile(model, backend="fitprune", options={"recipe": ...})` work."""
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.registry import _COMPILER_FNS
+
+    if "fitprune" in _COMPILER_FNS:
+        return
+
+    @register_backend(name="fitprune")
+    def fitprune(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
+        options = dict(options or {})
+        if "recipe" not in options:
+            raise RecipeError('backend="fitprune" needs options={"recipe": <path, dict or Recipe>}')
+        return fitprune_backend(options.pop("recipe"), **options)(gm, example_inputs)
+
+
+_register_named_backend()

@@ -1,0 +1,47 @@
+"""Insert importance scoring and token selection after one decoder layer's attention."""
+
+from __future__ import annotations
+
+import math
+
+from torch import fx
+
+from .locate import AttentionSite, example_value
+from .scorers import random_constants, score_tokens
+from .token_ops import select_kept_tokens
+
+
+def insert_importance_scoring(
+    graph: fx.Graph,
+    site: AttentionSite,
+    visual: fx.Node,
+    *,
+    scorer: str,
+    num_delete: int,
+    visual_count: int,
+    seed: int = 0,
+) -> tuple[fx.Node, list[fx.Node]]:
+    """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
+
+    Returns the `kept` node ([B, S - d] original-order indices) and all nodes inserted.
+    """
+    head_dim = example_value(site.query).shape[-1]
+    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
+    doomed = random_constants(site.layer, visual_count, num_delete, seed) if scorer == "random" else ()
+    with graph.inserting_after(site.sdpa):
+        scores = graph.call_function(
+            score_tokens,
+            (site.query, site.key, site.attn_mask, visual),
+            {
+                "scorer": scorer,
+                "is_causal": site.is_causal,
+                "scale": float(scale),
+                "layer": site.layer,
+                "num_delete": num_delete,
+                "visual_count": visual_count,
+                "doomed": doomed,
+            },
+        )
+    with graph.inserting_after(scores):
+        kept = graph.call_function(select_kept_tokens, (scores, visual, num_delete))
+    return kept, [scores, kept]

@@ -1,0 +1,260 @@
+"""Find the pieces of a LLaVA decoder inside a Dynamo FX graph.
+
+Everything is found from node metadata (`nn_module_stack`, `example_value`) and graph structure,
+never from graph indices or node names, because Dynamo splits and names graphs differently
+across versions. Whatever is not recognised raises `UnsupportedGraph` with the reason, and the
+backend then compiles the graph unchanged.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+# `...language_model.layers.3`, `...language_model.layers[3]`, `...language_model.layers['3']`.
+# The CLIP tower also has `encoder.layers.N`, so the `language_model` part is required.
+_LAYER_RE = re.compile(r"language_model\.layers(?:\.|\[')?(\d+)(?:'\])?(?:\]|\.|$)")
+_LAYER_SCOPE_RE = re.compile(r"language_model\.layers(?:\.|\[')?\d+(?:'\])?\]?$")
+_SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+_ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+
+
+class UnsupportedGraph(Exception):
+    """The graph is not a LLaVA decoder graph the pass understands; the message says why."""
+
+
+class NoVisualTokens(UnsupportedGraph):
+    """A decoder graph without an image merge (text-only prompt, decode step): nothing to prune."""
+
+
+@dataclass
+class AttentionSite:
+    """One decoder layer's attention call and the residual add that follows it."""
+
+    layer: int
+    sdpa: fx.Node
+    query: fx.Node  # [B, H, S, D], post-RoPE
+    key: fx.Node  # [B, H or Hkv, S_kv, D], post-RoPE, includes the cache
+    attn_mask: fx.Node | None  # [B|1, 1|H, S, S_kv] bool or additive float, or None
+    is_causal: bool
+    scale: float | None
+    residual_add: fx.Node  # residual + o_proj(attention)
+    residual: fx.Node  # the residual stream entering the layer
+
+
+@dataclass(eq=False)
+class PerTokenTensor:
+    """A tensor made outside the decoder layers, consumed by them, with token dims to compact."""
+
+    node: fx.Node
+    token_dims: tuple[int, ...]
+    role: str  # "rope" or "attention_mask"
+
+
+@dataclass
+class DecoderGraph:
+    """What the pass needs to know about a decoder graph."""
+
+    sites: dict[int, AttentionSite]
+    merge: fx.Node  # masked_scatter(inputs_embeds, image_mask, image_features)
+    image_mask: fx.Node  # [B, S, 1 or D] bool
+    batch_size: int
+    seq_len: int | torch.SymInt
+    visual_per_example: int
+    per_token: list[PerTokenTensor] = field(default_factory=list)
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path of a node, e.g. "L['self'].language_model.layers.3.self_attn"."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return str(list(stack.values())[-1][0])
+
+
+def layer_index(node: fx.Node) -> int | None:
+    """Decoder layer a node belongs to, or None outside the decoder layers."""
+    m = _LAYER_RE.search(module_path(node))
+    return int(m.group(1)) if m else None
+
+
+def example_value(node: fx.Node):
+    """The fake value Dynamo recorded for a node (tensor, SymInt, ...), or None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def has_decoder_layers(gm: fx.GraphModule) -> bool:
+    return any(layer_index(n) is not None for n in gm.graph.nodes)
+
+
+def locate_layers(gm: fx.GraphModule) -> list[int]:
+    """Sorted decoder layer indices present in the graph."""
+    return sorted({i for n in gm.graph.nodes if (i := layer_index(n)) is not None})
+
+
+def locate_hidden_size(gm: fx.GraphModule) -> int | None:
+    """Hidden size of the decoder: last dim of the residual stream at a layer's own scope."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _ADD_TARGETS and _LAYER_SCOPE_RE.search(module_path(n)):
+            value = example_value(n)
+            if isinstance(value, torch.Tensor) and value.dim() == 3:
+                return int(value.shape[-1])
+    return None
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """The FX graph as a networkx DiGraph (edge producer -> consumer)."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+def _sdpa_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, bool, float | None]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    mask = bound.get("attn_mask")
+    if mask is not None and not isinstance(mask, fx.Node):
+        raise UnsupportedGraph(f"attention mask of {node.name} is a constant, not a tensor")
+    if bound.get("dropout_p", 0.0) not in (0, 0.0):
+        raise UnsupportedGraph(f"{node.name} uses attention dropout; run the model in eval mode")
+    return bound["query"], bound["key"], mask, bool(bound.get("is_causal", False)), bound.get("scale")
+
+
+def _find_residual_add(graph: nx.DiGraph, layer: int, sdpa: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The first add in the layer's own scope that consumes the attention output.
+
+    Its other operand is the residual stream entering the layer; it must not depend on the
+    attention itself (that would not be a pre-norm residual block).
+    """
+    downstream = nx.descendants(graph, sdpa)
+    candidates = [
+        n
+        for n in downstream
+        if n.op == "call_function"
+        and n.target in _ADD_TARGETS
+        and layer_index(n) == layer
+        and _LAYER_SCOPE_RE.search(module_path(n))  # the layer's own scope, not a submodule
+    ]
+    order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
+    for add in sorted(candidates, key=order.__getitem__):
+        for a, b in ((0, 1), (1, 0)):
+            x, y = add.args[a], add.args[b]
+            if isinstance(x, fx.Node) and isinstance(y, fx.Node) and y in downstream and x not in downstream:
+                return add, x
+    raise UnsupportedGraph(f"layer {layer}: no residual add after the attention found")
+
+
+def _find_image_merge(gm: fx.GraphModule) -> fx.Node:
+    merges = [
+        n
+        for n in gm.graph.nodes
+        if (n.op == "call_method" and n.target == "masked_scatter")
+        or (n.op == "call_function" and n.target in (torch.masked_scatter, torch.Tensor.masked_scatter))
+    ]
+    if not merges:
+        raise NoVisualTokens("no image merge in this decoder graph (decode step or text-only prompt)")
+    if len(merges) > 1:
+        raise UnsupportedGraph(f"{len(merges)} masked_scatter nodes; expected one image merge")
+    return merges[0]
+
+
+def _per_token_tensors(gm: fx.GraphModule, sites: dict[int, AttentionSite], seq_len) -> list[PerTokenTensor]:
+    """Tensors created outside the layers and read by them that carry the sequence dimension."""
+    masks = {s.attn_mask for s in sites.values() if s.attn_mask is not None}
+    found: list[PerTokenTensor] = []
+    for node in gm.graph.nodes:
+        if layer_index(node) is not None or node.op in ("output", "get_attr"):
+            continue
+        users_in_layers = [u for u in node.users if layer_index(u) is not None]
+        if not users_in_layers:
+            continue
+        value = example_value(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        shape = tuple(value.shape)
+        if not any(_same(d, seq_len) for d in shape):
+            continue
+        if node in masks:
+            if value.dim() != 4:
+                raise UnsupportedGraph(f"attention mask {node.name} has shape {shape}, expected 4-D")
+            found.append(PerTokenTensor(node, (2, 3), "attention_mask"))
+        elif module_path(node).endswith("rotary_emb") and value.dim() == 3 and _same(shape[1], seq_len):
+            found.append(PerTokenTensor(node, (1,), "rope"))
+        elif node.op == "call_method" and node.target == "masked_scatter":
+            continue  # the embeddings: layer 0's input, before any pruning
+        else:
+            raise UnsupportedGraph(
+                f"{node.name} (shape {shape}, from {module_path(node) or 'the model'}) is a per-token "
+                "tensor read by the decoder layers that the pass does not know how to compact"
+            )
+    return found
+
+
+def _same(a, b) -> bool:
+    """Equal sizes, static or symbolic."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return a == b
+
+
+def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
+    """Analyse a Dynamo graph holding a LLaVA decoder; raise UnsupportedGraph when it is not one."""
+    merge = _find_image_merge(gm)
+    image_mask = merge.args[1] if len(merge.args) > 1 else merge.kwargs.get("mask")
+    embeds = example_value(merge)
+    features = example_value(merge.args[2] if len(merge.args) > 2 else merge.kwargs["source"])
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+        raise UnsupportedGraph("image merge output is not [batch, seq, hidden]")
+    batch, seq_len, hidden = embeds.shape
+    if isinstance(batch, torch.SymInt):
+        raise UnsupportedGraph("symbolic batch size; compile with a fixed batch size")
+    num_visual = features.numel() // hidden
+    if isinstance(num_visual, torch.SymInt):
+        raise UnsupportedGraph("the number of visual tokens is symbolic (image count varies)")
+    if num_visual % batch:
+        raise UnsupportedGraph(
+            f"{num_visual} visual tokens do not split evenly over a batch of {batch}: every example "
+            "must carry the same number of images; batch prompts with equal image counts"
+        )
+
+    graph = to_networkx(gm.graph)
+    sites: dict[int, AttentionSite] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SDPA_TARGETS:
+            continue
+        layer = layer_index(node)
+        if layer is None:
+            continue
+        if layer in sites:
+            raise UnsupportedGraph(f"layer {layer} has more than one attention call")
+        query, key, mask, is_causal, scale = _sdpa_args(node)
+        add, residual = _find_residual_add(graph, layer, node)
+        sites[layer] = AttentionSite(layer, node, query, key, mask, is_causal, scale, add, residual)
+    if not sites:
+        raise UnsupportedGraph("no scaled_dot_product_attention in the decoder layers (eager attention?)")
+    layers = sorted(sites)
+    if layers != list(range(layers[0], layers[-1] + 1)):
+        raise UnsupportedGraph(f"decoder layers {layers} are not contiguous in this graph")
+    for site in sites.values():
+        q = example_value(site.query)
+        if q is None or q.dim() != 4 or not _same(q.shape[2], seq_len):
+            raise UnsupportedGraph(f"layer {site.layer}: query is not [B, H, {seq_len}, D] (a decode step?)")
+
+    return DecoderGraph(
+        sites=sites,
+        merge=merge,
+        image_mask=image_mask,
+        batch_size=int(batch),
+        seq_len=seq_len,
+        visual_per_example=int(num_visual) // int(batch),
+        per_token=_per_token_tensors(gm, sites, seq_len),
+    )

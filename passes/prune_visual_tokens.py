@@ -1,0 +1,84 @@
+"""The FitPrune pass: score and delete visual tokens after the recipe's decoder layers.
+
+Driver only: locating (`locate`), scoring (`insert_scoring`), compaction (`insert_compaction`)
+and size rewriting (`sequence_length`) live in their own modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from .insert_compaction import insert_token_compaction
+from .insert_scoring import insert_importance_scoring
+from .locate import UnsupportedGraph, locate_decoder
+from .sequence_length import propagate_compaction
+from .token_ops import visual_token_mask
+
+
+@dataclass
+class PruneResult:
+    """What the pass did to one graph."""
+
+    deletions: dict[int, int]  # layer -> visual tokens deleted per example
+    visual_tokens: int  # visual tokens per example entering the decoder
+    seq_len: str  # sequence length entering the decoder ("s29" when symbolic)
+    tokens_per_layer: list[str] = field(default_factory=list)  # at each layer's input, then output
+    size_rewrites: int = 0
+    scorer: str = "fitprune"
+
+
+def prune_visual_tokens(
+    gm: fx.GraphModule,
+    deletions_for,
+    fake_mode,
+    *,
+    scorer: str = "fitprune",
+    seed: int = 0,
+) -> PruneResult:
+    """Rewrite `gm` in place. `deletions_for(n_visual) -> {layer: count}` gives the static plan.
+
+    Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
+    not fit it.
+    """
+    dec = locate_decoder(gm)
+    n = dec.visual_per_example
+    plan = {layer: d for layer, d in sorted(deletions_for(n).items()) if d > 0}
+    missing = [layer for layer in plan if layer not in dec.sites]
+    if missing:
+        raise UnsupportedGraph(
+            f"recipe prunes after layers {missing}, but this graph holds decoder layers "
+            f"{min(dec.sites)}..{max(dec.sites)}"
+        )
+    if sum(plan.values()) > n:
+        raise UnsupportedGraph(f"recipe deletes {sum(plan.values())} visual tokens of {n}")
+
+    graph = gm.graph
+    with graph.inserting_after(dec.merge):
+        visual = graph.call_function(visual_token_mask, (dec.image_mask,))
+    inserted = [visual]
+    shared = {t: t.node for t in dec.per_token}
+    present = n
+    for layer, d in plan.items():
+        site = dec.sites[layer]
+        current_mask = next((shared[t] for t in shared if t.node is site.attn_mask), site.attn_mask)
+        site = dataclasses.replace(site, attn_mask=current_mask)
+        kept, nodes = insert_importance_scoring(
+            graph, site, visual, scorer=scorer, num_delete=d, visual_count=present, seed=seed
+        )
+        visual, more = insert_token_compaction(graph, site, kept, shared, visual)
+        inserted += nodes + more
+        present -= d
+
+    rewrites = propagate_compaction(gm, set(inserted), fake_mode)
+    graph.lint()
+    gm.recompile()
+
+    tokens, s = [], dec.seq_len
+    for layer in sorted(dec.sites):
+        tokens.append(str(s))
+        s = s - plan.get(layer, 0)
+    tokens.append(str(s))
+    return PruneResult(plan, n, str(dec.seq_len), tokens, rewrites, scorer)

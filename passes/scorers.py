@@ -1,0 +1,150 @@
+"""Importance scorers: functions of one layer's attention inputs that rate every token.
+
+A scorer returns a float tensor [B, S]; lower means "delete first". Only the entries of visual
+tokens are used. The functions run inside the compiled graph: the pass inserts a call to
+`score_tokens`, and Inductor traces through it, so everything here must be plain tensor code
+with static control flow. Register your own with `register_scorer` and name it in the recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ScoringInputs:
+    """What a scorer sees at one pruning layer (tensors are already compacted by earlier layers)."""
+
+    query: torch.Tensor  # [B, H, S, D] post-RoPE
+    key: torch.Tensor  # [B, Hkv, S, D] post-RoPE (Hkv divides H)
+    attn_mask: torch.Tensor | None  # [B|1, 1|H, S, S] bool (True = attend) or additive float
+    is_causal: bool
+    scale: float
+    visual: torch.Tensor  # [B, S] bool, visual tokens present
+    layer: int
+    num_delete: int
+    options: dict
+
+
+Scorer = Callable[[ScoringInputs], torch.Tensor]
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str, fn: Scorer | None = None):
+    """Register `fn(inputs: ScoringInputs) -> scores [B, S]` under `name` (usable as a decorator)."""
+
+    def wrap(f: Scorer) -> Scorer:
+        SCORERS[name] = f
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def allowed_keys(inputs: ScoringInputs) -> torch.Tensor:
+    """[B, 1|H, S, S] bool: which keys each query may attend to (mask and causality combined)."""
+    s = inputs.query.shape[2]
+    if inputs.attn_mask is None:
+        allowed = torch.ones((1, 1, s, s), dtype=torch.bool, device=inputs.query.device)
+    elif inputs.attn_mask.dtype == torch.bool:
+        allowed = inputs.attn_mask
+    else:  # additive mask: transformers uses dtype-min (not -inf) for "masked"
+        allowed = inputs.attn_mask > torch.finfo(inputs.attn_mask.dtype).min / 2
+    if inputs.is_causal:
+        allowed = allowed & torch.ones((s, s), dtype=torch.bool, device=allowed.device).tril()
+    return allowed
+
+
+def attention_probs(inputs: ScoringInputs, rows: slice = slice(None)) -> torch.Tensor:
+    """Softmax attention probabilities [B, H, R, S] in fp32 for the query rows `rows`."""
+    q = inputs.query[:, :, rows].float()
+    k = inputs.key.float()
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves H/Hkv query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q @ k.transpose(-1, -2)) * inputs.scale  # [B, H, R, S]
+    allowed = allowed_keys(inputs)[:, :, rows]
+    if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
+        logits = logits + inputs.attn_mask[:, :, rows].float()
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # Fully masked rows (padding queries) give NaN; they carry no weight in any score.
+    return torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+
+
+def token_validity(inputs: ScoringInputs) -> torch.Tensor:
+    """[B, S] bool: non-padding tokens, read off the mask diagonal (a token always sees itself)."""
+    allowed = allowed_keys(inputs)
+    diag = allowed[:, 0].diagonal(dim1=-2, dim2=-1)  # [B|1, S]
+    return diag.expand(inputs.visual.shape[0], -1)
+
+
+@register_scorer("fitprune")
+def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
+    """FitPrune: (attention from instruction tokens) x (mean attention from visual tokens).
+
+    M = max over heads of the attention probabilities; for visual token j,
+    c_j = sum over instruction rows i of M[i, j], s_j = (1/n) sum over visual rows i of M[i, j].
+    Instruction tokens are the non-visual, non-padding tokens after the last visual token.
+    """
+    visual = inputs.visual
+    b, s = visual.shape
+    head_max = attention_probs(inputs).amax(dim=1)  # [B, S(query i), S(key j)]
+    pos = torch.arange(s, device=visual.device).expand(b, s)
+    last_visual = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)  # [B, 1]
+    instruction = token_validity(inputs) & ~visual & (pos > last_visual)  # [B, S]
+    cross = (head_max * instruction.unsqueeze(-1)).sum(dim=1)  # [B, S]
+    n = visual.sum(dim=1, keepdim=True).clamp(min=1)
+    self_ = (head_max * visual.unsqueeze(-1)).sum(dim=1) / n  # [B, S]
+    return cross * self_
+
+
+@register_scorer("fastv")
+def fastv_score(inputs: ScoringInputs) -> torch.Tensor:
+    """FastV: attention the last token gives to each token, averaged over heads."""
+    last_row = attention_probs(inputs, rows=slice(-1, None))  # [B, H, 1, S]
+    return last_row.mean(dim=1)[:, 0]
+
+
+@register_scorer("random")
+def random_score(inputs: ScoringInputs) -> torch.Tensor:
+    """Seeded uniform choice: the visual tokens whose ordinals `random_constants` drew score 0.
+
+    Ties go to the lower position, so exactly those `num_delete` tokens are deleted.
+    """
+    doomed = torch.zeros(int(inputs.options["visual_count"]), device=inputs.visual.device)
+    doomed[list(inputs.options["doomed"])] = 1.0
+    ordinal = (inputs.visual.cumsum(dim=1) - 1).clamp(min=0)  # [B, S] ordinal of each visual token
+    return 1.0 - doomed[ordinal]
+
+
+def random_constants(layer: int, visual_count: int, num_delete: int, seed: int) -> tuple[int, ...]:
+    """Ordinals (among the visual tokens present) that `random` deletes at `layer`.
+
+    `torch.randperm(n, generator=manual_seed(seed + layer))[:d]`, the same for every example.
+    Drawn when the pass runs, outside tracing, so the compiled graph holds them as constants.
+    """
+    g = torch.Generator().manual_seed(seed + layer)
+    return tuple(sorted(torch.randperm(visual_count, generator=g)[:num_delete].tolist()))
+
+
+def score_tokens(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    visual: torch.Tensor,
+    *,
+    scorer: str,
+    is_causal: bool,
+    scale: float,
+    layer: int,
+    num_delete: int,
+    visual_count: int,
+    doomed: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """Graph entry point: dispatch to the named scorer; returns fp32 scores [B, S]."""
+    if scorer not in SCORERS:
+        raise KeyError(f"unknown scorer {scorer!r}; registered: {sorted(SCORERS)}")
+    options = {"visual_count": visual_count, "doomed": doomed}
+    inputs = ScoringInputs(query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options)
+    return SCORERS[scorer](inputs).float()

@@ -1,0 +1,128 @@
+"""Re-derive shapes after compaction and rewrite sizes that Dynamo baked into the graph.
+
+Dynamo records the sequence length S as a literal (or a SymInt placeholder) in the arguments of
+`view` / `reshape` / `expand` calls: `view(x, (1, 23, -1, 16))`. Once tokens are deleted those
+calls must use the shorter length. Which argument is the sequence length is decided from shapes,
+not by value: we re-run every affected node on fake tensors, find the input dimension that
+changed, and map it to the output position with the same prefix of elements (view/reshape) or
+the same right-aligned position (expand). If that mapping is ambiguous or an op fails on the new
+shapes, we refuse (`UnsupportedGraph`) instead of guessing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+from torch.fx.node import map_arg
+
+from .locate import UnsupportedGraph, example_value
+from .token_ops import gather_tokens
+
+_VIEW_METHODS = {"view", "reshape", "expand"}
+_VIEW_FUNCTIONS = {torch.reshape: "reshape"}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return a == b
+
+
+def _view_kind(node: fx.Node) -> str | None:
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return node.target
+    if node.op == "call_function":
+        return _VIEW_FUNCTIONS.get(node.target)
+    return None
+
+
+def _output_position(kind: str, dim: int, old_in: tuple, old_out: tuple) -> int:
+    """Where input dimension `dim` of a view/reshape/expand lands in the output."""
+    if kind == "expand":
+        return dim + len(old_out) - len(old_in)
+    prefix = math.prod(old_in[:dim])
+    hits = [
+        p
+        for p in range(len(old_out))
+        if _same(math.prod(old_out[:p]), prefix) and _same(old_out[p], old_in[dim])
+    ]
+    if len(hits) != 1:
+        raise UnsupportedGraph(
+            f"cannot tell which output dim of a {kind} from {old_in} to {old_out} is dim {dim}"
+        )
+    return hits[0]
+
+
+def _rewrite_view(node: fx.Node, old_in: tuple, new_in: tuple, old_out: tuple) -> None:
+    kind = _view_kind(node)
+    packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1] if packed else node.args[1:])
+    if len(sizes) != len(old_out):
+        raise UnsupportedGraph(f"{node.name}: {len(sizes)} sizes for a {len(old_out)}-d result")
+    for dim in range(len(old_in)):
+        if _same(old_in[dim], new_in[dim]):
+            continue
+        p = _output_position(kind, dim, old_in, old_out)
+        if isinstance(sizes[p], int) and sizes[p] == -1:
+            continue  # inferred from the element count
+        old = example_value(sizes[p]) if isinstance(sizes[p], fx.Node) else sizes[p]
+        if not _same(old, old_in[dim]):
+            raise UnsupportedGraph(f"{node.name}: size argument {p} is {old}, expected {old_in[dim]}")
+        new = new_in[dim]
+        if isinstance(new, torch.SymInt):
+            with node.graph.inserting_before(node):
+                size = node.graph.call_function(torch.ops.aten.sym_size.int, (node.args[0], dim))
+            size.meta["example_value"] = new
+            new = size
+        sizes[p] = int(new) if not isinstance(new, fx.Node) else new
+    node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+
+
+def _run_fake(gm: fx.GraphModule, node: fx.Node, fake_mode):
+    args = map_arg(node.args, example_value)
+    kwargs = map_arg(node.kwargs, example_value)
+    with fake_mode:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return gm.get_submodule(node.target)(*args, **kwargs)
+    raise UnsupportedGraph(f"cannot re-run {node.op} node {node.name}")
+
+
+def propagate_compaction(gm: fx.GraphModule, inserted: set[fx.Node], fake_mode) -> int:
+    """Re-run fake shapes for every node downstream of `inserted`, fixing baked sizes.
+
+    Returns the number of size arguments rewritten. Raises UnsupportedGraph when a node cannot
+    be made consistent with the shorter sequence.
+    """
+    original = {n: example_value(n) for n in gm.graph.nodes}
+    dirty = set(inserted)
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node not in dirty and not any(i in dirty for i in node.all_input_nodes):
+            continue
+        kind = _view_kind(node)
+        if kind is not None and node.args[0] in dirty:
+            src = node.args[0]
+            while original.get(src) is None and src.target is gather_tokens:
+                src = src.args[0]  # a compaction stands in for the tensor it compacts
+            old_in, new_in = tuple(original[src].shape), tuple(example_value(node.args[0]).shape)
+            before = node.args
+            _rewrite_view(node, old_in, new_in, tuple(original[node].shape))
+            rewrites += before != node.args
+        try:
+            node.meta["example_value"] = _run_fake(gm, node, fake_mode)
+        except UnsupportedGraph:
+            raise
+        except Exception as e:  # shape errors: a size we could not account for
+            raise UnsupportedGraph(
+                f"{node.name} ({node.format_node()}) fails on the compacted shapes: {e}"
+            ) from e
+        dirty.add(node)
+    return rewrites

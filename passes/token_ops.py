@@ -1,0 +1,42 @@
+"""Token selection and compaction as plain tensor functions, called from the rewritten graph.
+
+Shapes stay static: the number of kept tokens is S - d with d a constant of the recipe, so
+selection is a sort, never boolean-mask indexing (which would make the length data-dependent).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_kept_tokens(scores: torch.Tensor, visual: torch.Tensor, num_delete: int) -> torch.Tensor:
+    """Original-order indices [B, S - num_delete] of the tokens that survive.
+
+    The `num_delete` visual tokens with the lowest scores are deleted; ties go to the lower
+    position first (stable sort). Non-visual tokens rank after every visual token, so text is
+    never deleted while an example has at least `num_delete` visual tokens, which is asserted.
+    """
+    torch._assert_async(
+        (visual.sum(dim=1) >= num_delete).all(),
+        "fitprune: an example has fewer visual tokens than the recipe deletes at this layer",
+    )
+    key = torch.where(visual, torch.nan_to_num(scores.float(), nan=0.0), float("inf"))
+    order = torch.sort(key, dim=1, stable=True).indices  # [B, S], lowest score first
+    return torch.sort(order[:, num_delete:], dim=1).values  # [B, S - d], original order
+
+
+def gather_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
+    """Keep positions `kept` [B, K] of `x` along `dim`; a batch dim of 1 is broadcast to B."""
+    b, k = kept.shape
+    if x.shape[0] != b:
+        x = x.expand(b, *x.shape[1:])
+    index_shape = [b] + [1] * (x.dim() - 1)
+    index_shape[dim] = k
+    out_shape = list(x.shape)
+    out_shape[dim] = k
+    return torch.gather(x, dim, kept.reshape(index_shape).expand(out_shape))
+
+
+def visual_token_mask(image_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool visual-token mask from the image merge's mask ([B, S, 1] or [B, S, D])."""
+    return (image_mask[..., 0] if image_mask.dim() == 3 else image_mask).bool()
