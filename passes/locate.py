@@ -119,7 +119,7 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
 
 def _sdpa_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, bool, float | None]:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    bound = dict(zip(names, node.args))
+    bound = dict(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     mask = bound.get("attn_mask")
     if mask is not None and not isinstance(mask, fx.Node):
