@@ -1,0 +1,639 @@
+"""Fit a FitPrune recipe: per-layer visual-token deletions that meet a FLOPs budget.
+
+Algorithm (DESIGN.md section 2), as implemented here:
+
+1. *Statistics.* The calibration set runs once without pruning. For every example and layer we
+   keep the cross score ``c_j = (1/|T|) sum_{i in T} M[i, j]`` and the self score
+   ``s_j = (1/n) sum_{i in V} M[i, j]`` of each visual token ``j`` (``M`` = max over heads of the
+   fp32 softmax attention), their sums (the layer's *original* cross and self masses) and the
+   layer's output hidden states (the "root" cache, shared by every alpha).
+2. *Walk* for one ``alpha``: layers in order; at layer ``l`` each example deletes the
+   intersection of (a) the largest set of lowest-cross tokens whose removal keeps at least
+   ``(1 - alpha)`` of the layer's original cross mass and (b) the same for self mass. The
+   scores are those of the *pruned* model (earlier deletions change later attention). The
+   walk stops after the first layer at which the projected reference FLOPs reduction meets
+   the budget.
+3. *Search.* Bisection on alpha in [0, 1] until the interval is <= ``tolerance`` (0.01);
+   the smallest alpha whose walk meets the budget wins.
+
+Interpretations of the spec (documented choices):
+
+- *Removable mass.* Tokens are removed lowest-first while the removed mass is <= ``r =
+  current_mass - (1 - alpha) * original_mass``; if ``r <= 0`` (alpha = 0, or earlier
+  deletions already cost that much mass) nothing is removed. Hence alpha = 0 deletes nothing.
+- *Ties.* A stable ascending sort over tokens in position order: among equal scores the lower
+  position is removed first (the rule of ``fitprune_fx.reference``).
+- *Keep one.* At least ``min_keep`` (default 1) visual tokens survive in every example.
+- *Positions.* Each example is scored as if it were alone and unpadded: RoPE positions are
+  ``cumsum(attention_mask) - 1`` (what ``generate`` uses), so the recipe does not depend on
+  how the calibration set was batched or padded.
+- *Several images / other token counts.* An example with ``n_e`` visual tokens contributes
+  ``d * N / n_e`` to a layer's mean, ``N`` = the model's visual tokens per image.
+- *Projected FLOPs.* After layer ``l`` the per-layer means (real numbers) so far form a
+  partial recipe; its reference FLOPs (layers <= l as pruned, every later layer at the current
+  token count, DESIGN.md's visual-only model) give the projected reduction checked against
+  the budget.
+- *Rounding.* Cumulative deletions are rounded up (``ceil`` of the running sum of means), so
+  every layer sees at most as many tokens as the real-valued means imply: the rounded recipe's
+  reduction is >= the walk's projected reduction >= budget. The total overshoots by < 1 token.
+
+Speed (vs. the reference that reruns the whole model per alpha): the vision tower, projector
+and embeddings run once; layer outputs of the unpruned pass are cached, so a walk recomputes a
+layer only for examples that already deleted something; everything per token is batched
+tensor code; attention probabilities are computed in fp32 only for instruction and visual
+query rows, and only at the layers a walk visits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fitprune_fx.calibration import as_batches
+
+# Token kinds in the walk state.
+PAD, VISUAL, INSTRUCTION, OTHER = 0, 1, 2, 3
+
+_STATS_ATTENTION = "fitprune_fit_stats"
+
+# select(layer, cross [B, w], self [B, w], is_visual [B, w]) -> drop mask [B, w]
+Selector = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- model access
+def _text_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (``LlamaModel``-like) of a LLaVA model."""
+    inner = getattr(model, "model", model)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "layers"):
+        raise TypeError(
+            f"{type(model).__name__} does not look like a LLaVA model: expected "
+            ".model.language_model.layers (a transformers LlavaForConditionalGeneration)"
+        )
+    return lm
+
+
+def _image_token_id(config) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return int(value)
+    raise TypeError("model config has no image_token_id: is this a LLaVA model?")
+
+
+class _Embedded(Exception):
+    """Raised by a hook to stop the LLaVA forward once the decoder inputs exist."""
+
+    def __init__(self, embeds: Tensor) -> None:
+        super().__init__()
+        self.embeds = embeds
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Decoder input embeddings (text + projected image features): vision tower runs once."""
+    lm = _text_model(model)
+
+    def hook(_module, args, kwargs):
+        raise _Embedded(kwargs["inputs_embeds"])
+
+    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        inner = getattr(model, "model", model)
+        inner(
+            input_ids=batch["input_ids"],
+            pixel_values=batch.get("pixel_values"),
+            attention_mask=batch.get("attention_mask"),
+            **{k: v for k, v in batch.items() if k == "image_sizes"},
+        )
+    except _Embedded as e:
+        return e.embeds
+    finally:
+        handle.remove()
+    raise RuntimeError("the language model was never called; cannot capture its inputs")
+
+
+# --------------------------------------------------------------------- attention statistics
+@dataclass
+class _StatsRequest:
+    """What the patched attention needs to score one batch, and where it writes the result."""
+
+    rows: Tensor  # [b, R] long: sequence index of each scored query row (T and V rows)
+    row_t: Tensor  # [b, R] fp32: 1/|T| on instruction rows, else 0
+    row_v: Tensor  # [b, R] fp32: 1/n on visual rows, else 0
+    cross: Tensor | None = None  # [b, w] fp32 output: c_j on visual columns, 0 elsewhere
+    self_: Tensor | None = None  # [b, w] fp32 output: s_j
+
+
+_local = threading.local()
+
+
+def _stats_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA for the output, plus fp32 head-max probabilities for the scored rows only.
+
+    query [b, H, w, D], key/value [b, Hkv, w, D] (post-RoPE), attention_mask [b, 1, w, w] bool.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    req: _StatsRequest | None = getattr(_local, "request", None)
+    if req is not None:
+        b, heads, w, dim = query.shape
+        kv_heads = key.shape[1]
+        rows = req.rows.shape[1]
+        scale = scaling if scaling is not None else dim**-0.5
+        idx = req.rows[:, None, :, None].expand(b, heads, rows, dim)
+        q = query.gather(2, idx).float().view(b, kv_heads, heads // kv_heads, rows, dim)
+        logits = torch.einsum("bkgrd,bksd->bkgrs", q, key.float()) * scale  # [b,Hkv,G,R,w]
+        allowed = attention_mask[:, 0].gather(1, req.rows[:, :, None].expand(b, rows, w))
+        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        m = logits.softmax(-1).amax(dim=(1, 2))  # [b, R, w] head-max map
+        req.cross = torch.einsum("br,brw->bw", req.row_t, m)
+        req.self_ = torch.einsum("br,brw->bw", req.row_v, m)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_STATS_ATTENTION, _stats_attention)
+
+
+@contextmanager
+def _stats_attention_on(layers: nn.ModuleList) -> Iterator[None]:
+    """Route the layers' attention through `_stats_attention` without touching the user config.
+
+    Each attention module gets a shallow copy of its config naming our implementation; the
+    original config objects are put back on exit.
+    """
+    _register_attention()
+    saved = []
+    for layer in layers:
+        attn = layer.self_attn
+        cfg = copy.copy(attn.config)
+        cfg._attn_implementation_internal = _STATS_ATTENTION
+        saved.append((attn, attn.config))
+        attn.config = cfg
+    try:
+        yield
+    finally:
+        for attn, cfg in saved:
+            attn.config = cfg
+
+
+# ------------------------------------------------------------------------------- the state
+@dataclass
+class _State:
+    """Left-padded batch of all examples at one layer's input (width w = longest example)."""
+
+    hidden: Tensor  # [B, w, h] model dtype
+    kind: Tensor  # [B, w] int8: PAD / VISUAL / INSTRUCTION / OTHER
+    pos: Tensor  # [B, w] long RoPE position ids (original, never renumbered)
+
+    @property
+    def valid(self) -> Tensor:
+        return self.kind != PAD
+
+
+def _kinds(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
+    """[b, S] token kinds; instruction = non-visual, non-pad tokens after the last visual one."""
+    valid = attention_mask.bool()
+    visual = (input_ids == image_token_id) & valid
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    last_visual = torch.where(visual, idx, -1).amax(dim=1, keepdim=True)  # [b, 1]
+    kind = torch.full_like(input_ids, OTHER, dtype=torch.int8)
+    kind[idx > last_visual] = INSTRUCTION
+    kind[visual] = VISUAL
+    kind[~valid] = PAD
+    return kind
+
+
+def _left_pack(keep: Tensor) -> tuple[Tensor, int]:
+    """Gather index [B, w'] that moves the kept entries of each row to the right, in order."""
+    order = torch.sort(keep.to(torch.int32), dim=1, stable=True).indices  # dropped first
+    width = int(keep.sum(dim=1).max().item()) if keep.numel() else 0
+    return order[:, order.shape[1] - width :], width
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, w, ...] gathered along dim 1 by index [B, w']."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _compact(state: _State, keep: Tensor) -> _State:
+    """Drop the tokens where keep is False (and surplus padding), preserving order."""
+    index, _ = _left_pack(keep)
+    kind = _gather_rows(state.kind, index)
+    kind = torch.where(_gather_rows(keep, index), kind, torch.zeros_like(kind))
+    return _State(_gather_rows(state.hidden, index), kind, _gather_rows(state.pos, index))
+
+
+# ------------------------------------------------------------------------------ FLOPs model
+def projected_reduction(
+    cumulative: list[float], num_layers: int, num_visual: int, hidden: int, intermediate: int
+) -> float:
+    """Reference-model reduction for real-valued cumulative deletions after layers 0..k-1.
+
+    Layers after the last entry keep the last token count. Same formula as
+    ``fitprune_fx.flops.reference_flops_reduction`` but for fractional counts.
+    """
+    h, m, n0 = hidden, intermediate, float(num_visual)
+
+    def layer(nb: float, na: float) -> float:
+        return 3 * nb * h * h + 2 * nb * nb * h + na * h * h + 3 * na * h * m
+
+    total, before = 0.0, n0
+    for i in range(num_layers):
+        after = n0 - cumulative[i] if i < len(cumulative) else before
+        total += layer(before, after)
+        before = after
+    return 1.0 - total / (num_layers * layer(n0, n0))
+
+
+def round_cumulative(
+    means: list[float], num_visual: int, min_keep: int = 1, slack: float = 1e-6
+) -> dict[int, int]:
+    """Integer per-layer deletions whose running sums are ceil of the real running sums.
+
+    Every layer then sees no more tokens than the real-valued means imply (so FLOPs can only
+    drop); `slack` absorbs float noise such as 2.0000000001 (pass 0 for a strict ceiling).
+    """
+    prune: dict[int, int] = {}
+    done, running = 0, 0.0
+    cap = max(num_visual - min_keep, 0)
+    for layer, mean in enumerate(means):
+        running += mean
+        target = min(math.ceil(running - slack), cap)
+        if target > done:
+            prune[layer] = target - done
+            done = target
+    return prune
+
+
+# -------------------------------------------------------------------------------- selection
+def _removable(scores: Tensor, is_vis: Tensor, original: Tensor, alpha: float, cap: Tensor):
+    """Per example, a [B, w] mask of the lowest-score tokens whose removal keeps mass.
+
+    scores [B, w] fp32 (only visual entries matter), original [B] float64 original mass,
+    cap [B] max removable count. Returns (mask, current mass [B] float64).
+    """
+    masked = torch.where(is_vis, scores, torch.full_like(scores, float("inf")))
+    values, order = torch.sort(masked, dim=1, stable=True)  # visual lowest-first, pads last
+    finite = torch.isfinite(values)
+    cum = torch.where(finite, values, 0).double().cumsum(dim=1)
+    current = cum[:, -1]
+    allowance = current - (1.0 - alpha) * original  # removable mass
+    ok = finite & (cum <= allowance[:, None]) & (allowance > 0)[:, None]
+    count = torch.minimum(ok.sum(dim=1), cap)  # cum is monotone: ok is a prefix
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return (rank < count[:, None]) & is_vis, current
+
+
+# ------------------------------------------------------------------------------ the session
+@dataclass
+class Walk:
+    """One alpha's layer walk."""
+
+    alpha: float
+    deleted: Tensor  # [B, L] long raw deletions per example and layer (0 after the stop)
+    means: list[float]  # per layer walked: mean deletions normalised to num_visual tokens
+    reduction: float  # projected reference FLOPs reduction at the end of the walk
+    met: bool  # reduction >= budget (False when no budget was given)
+    kept_cross: Tensor  # [B, L] fraction of the layer's original cross mass kept
+    kept_self: Tensor  # [B, L] fraction of the layer's original self mass kept
+    layers_run: int = 0  # example-layers recomputed (not served from the unpruned cache)
+
+
+@dataclass
+class SearchResult:
+    alpha: float
+    walk: Walk
+    walks: list[Walk] = field(default_factory=list)
+
+
+class FitSession:
+    """Calibration statistics of one model, ready to walk any alpha or search any budget.
+
+    Building it runs the unpruned pass (vision tower, projector and all decoder layers once).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: Iterable[Mapping[str, Tensor]],
+        *,
+        batch_size: int = 8,
+        min_keep: int = 1,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        from fitprune_fx.recipe import ModelInfo
+
+        t0 = time.perf_counter()
+        self.model = model
+        self.lm = _text_model(model)
+        self.layers = self.lm.layers
+        self.config = self.lm.config
+        self.info = ModelInfo.from_config(model.config)
+        self.num_layers = len(self.layers)
+        self.batch_size = batch_size
+        self.min_keep = min_keep
+        self._progress = progress or (lambda n: None)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.image_token_id = _image_token_id(model.config)
+        with torch.no_grad():
+            self.start = self._embed_all(calibration)
+            self.num_examples = self.start.hidden.shape[0]
+            self.n_visual = (self.start.kind == VISUAL).sum(dim=1)  # [B]
+            if int(self.n_visual.min()) == 0:
+                raise ValueError("every calibration example needs at least one image token")
+            self._root_pass()
+        self.stats_seconds = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------------- unpruned pass
+    def _embed_all(self, calibration: Iterable[Mapping[str, Tensor]]) -> _State:
+        """Embed every batch, then re-pad all examples into one left-padded state."""
+        hidden, kinds = [], []
+        for batch in as_batches(calibration):
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(ids)
+            emb = _embed(self.model, batch)
+            kind = _kinds(ids, mask, self.image_token_id)
+            for b in range(ids.shape[0]):
+                keep = mask[b].bool()
+                hidden.append(emb[b][keep])
+                kinds.append(kind[b][keep])
+            self._progress(ids.shape[0])
+        if not hidden:
+            raise ValueError("the calibration set is empty")
+        width = max(x.shape[0] for x in hidden)
+        count = len(hidden)
+        h = hidden[0].shape[-1]
+        state_h = torch.zeros(count, width, h, dtype=self.dtype, device=self.device)
+        state_k = torch.zeros(count, width, dtype=torch.int8, device=self.device)
+        for b, (x, k) in enumerate(zip(hidden, kinds, strict=True)):
+            state_h[b, width - x.shape[0] :] = x
+            state_k[b, width - x.shape[0] :] = k
+        # Positions as if unpadded: 0..len-1 right-aligned (pads get 0).
+        pos = (state_k != PAD).long().cumsum(dim=1) - 1
+        return _State(state_h, state_k, pos.clamp(min=0))
+
+    def _root_pass(self) -> None:
+        """All layers without pruning; cache outputs, scores and original masses."""
+        self.root_out: list[Tensor] = []
+        self.root_cross: list[Tensor] = []
+        self.root_self: list[Tensor] = []
+        self.orig_cross: list[Tensor] = []
+        self.orig_self: list[Tensor] = []
+        state = self.start
+        is_vis = state.kind == VISUAL
+        no_cap = torch.zeros(self.num_examples, dtype=torch.long, device=self.device)
+        everyone = torch.arange(self.num_examples, device=self.device)
+        for layer in range(self.num_layers):
+            out, cross, self_ = self._run(layer, state, everyone)
+            self.root_out.append(out)
+            self.root_cross.append(cross)
+            self.root_self.append(self_)
+            # Masses computed exactly as the walk computes its current masses (bitwise equal).
+            _, c_mass = _removable(cross, is_vis, torch.zeros_like(no_cap).double(), 0.0, no_cap)
+            _, s_mass = _removable(self_, is_vis, torch.zeros_like(no_cap).double(), 0.0, no_cap)
+            self.orig_cross.append(c_mass)
+            self.orig_self.append(s_mass)
+            state = _State(out, state.kind, state.pos)
+            self._progress(1)
+
+    # ---------------------------------------------------------------------- one layer
+    def _run(self, layer: int, state: _State, which: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run decoder layer on examples `which`; returns output [k, w, h], cross, self [k, w].
+
+        Examples go in chunks of `batch_size`; each chunk is trimmed to its longest example.
+        """
+        width = state.hidden.shape[1]
+        out = torch.empty(len(which), width, state.hidden.shape[2], dtype=self.dtype, device=self.device)
+        cross = torch.zeros(len(which), width, dtype=torch.float32, device=self.device)
+        self_ = torch.zeros_like(cross)
+        for start in range(0, len(which), self.batch_size):
+            sel = which[start : start + self.batch_size]
+            kind = state.kind[sel]
+            w = int((kind != PAD).sum(dim=1).max())
+            o, c, s = self._run_chunk(
+                layer,
+                state.hidden[sel, width - w :],
+                kind[:, width - w :],
+                state.pos[sel, width - w :],
+            )
+            k = slice(start, start + len(sel))
+            out[k, : width - w] = 0
+            out[k, width - w :] = o
+            cross[k, width - w :] = c
+            self_[k, width - w :] = s
+        return out, cross, self_
+
+    def _mask(self, layer: int, kind: Tensor, pos: Tensor) -> Tensor:
+        """[b, 1, w, w] bool: causal by sequence order, pads never attended (pad rows see self)."""
+        w = kind.shape[1]
+        ar = torch.arange(w, device=kind.device)
+        causal = ar[None, :] <= ar[:, None]  # [w, w] key j <= query i
+        allowed = causal[None] & (kind != PAD)[:, None, :]
+        window = getattr(self.config, "sliding_window", None)
+        types = getattr(self.config, "layer_types", None)
+        if window and (types is None or types[layer] == "sliding_attention"):
+            allowed &= (pos[:, :, None] - pos[:, None, :]) < window
+        allowed |= torch.eye(w, dtype=torch.bool, device=kind.device)[None]
+        return allowed[:, None]
+
+    def _run_chunk(self, layer: int, hidden: Tensor, kind: Tensor, pos: Tensor):
+        """One decoder layer on a trimmed left-padded chunk, with FitPrune statistics."""
+        is_vis, is_txt = kind == VISUAL, kind == INSTRUCTION
+        scored = is_vis | is_txt
+        rows, _ = _left_pack(scored)  # [b, R] indices of T and V rows (right-aligned)
+        row_scored = scored.gather(1, rows)
+        n = is_vis.sum(dim=1, keepdim=True).clamp(min=1).float()
+        t = is_txt.sum(dim=1, keepdim=True).clamp(min=1).float()
+        row_t = torch.where(is_txt.gather(1, rows) & row_scored, 1.0 / t, 0.0)
+        row_v = torch.where(is_vis.gather(1, rows) & row_scored, 1.0 / n, 0.0)
+        req = _StatsRequest(rows=rows, row_t=row_t, row_v=row_v)
+        mask = self._mask(layer, kind, pos)
+        cos_sin = self.lm.rotary_emb(hidden, pos)
+        _local.request = req
+        try:
+            with _stats_attention_on(self.layers[layer : layer + 1]):
+                out = self.layers[layer](
+                    hidden, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin
+                )
+        finally:
+            _local.request = None
+        if isinstance(out, tuple):  # older transformers layers return (hidden, ...)
+            out = out[0]
+        zero = torch.zeros_like(req.cross)
+        return out, torch.where(is_vis, req.cross, zero), torch.where(is_vis, req.self_, zero)
+
+    # ---------------------------------------------------------------------- the walk
+    def _layer_scores(self, layer: int, state: _State, root: Tensor):
+        """Layer output and scores for the walk state: cached rows for unpruned examples."""
+        width = state.hidden.shape[1]
+        out = self.root_out[layer][:, -width:]
+        cross = self.root_cross[layer][:, -width:]
+        self_ = self.root_self[layer][:, -width:]
+        todo = (~root).nonzero().flatten()
+        if len(todo):
+            out, cross, self_ = out.clone(), cross.clone(), self_.clone()
+            out[todo], cross[todo], self_[todo] = self._run(layer, state, todo)
+        return out, cross, self_, len(todo)
+
+    @torch.no_grad()
+    def walk(
+        self,
+        alpha: float,
+        budget: float | None = None,
+        select: Selector | None = None,
+        trace: list | None = None,
+    ) -> Walk:
+        """Walk the layers for one alpha (stop once `budget` is met; all layers if None).
+
+        `select(layer, cross, self, is_visual) -> drop mask` replaces the FitPrune rule (tests
+        use it to replay a fixed recipe); `trace` collects (layer, kind, pos, cross, self).
+        """
+        B, L = self.num_examples, self.num_layers
+        info = self.info
+        state = self.start
+        root = torch.ones(B, dtype=torch.bool, device=self.device)  # nothing deleted yet
+        deleted = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        kept_c = torch.ones(B, L, dtype=torch.float64, device=self.device)
+        kept_s = torch.ones_like(kept_c)
+        weight = info.num_visual_tokens / self.n_visual.double()  # normalise multi-image
+        cumulative: list[float] = []
+        reduction, met, runs = 0.0, False, 0
+        for layer in range(L):
+            out, cross, self_, ran = self._layer_scores(layer, state, root)
+            runs += ran
+            is_vis = state.kind == VISUAL
+            if trace is not None:
+                trace.append((layer, state.kind, state.pos, cross, self_))
+            cap = (is_vis.sum(dim=1) - self.min_keep).clamp(min=0)
+            del_c, mass_c = _removable(cross, is_vis, self.orig_cross[layer], alpha, cap)
+            del_s, mass_s = _removable(self_, is_vis, self.orig_self[layer], alpha, cap)
+            drop = del_c & del_s if select is None else select(layer, cross, self_, is_vis)
+            count = drop.sum(dim=1)
+            deleted[:, layer] = count
+            kept_c[:, layer] = (mass_c - (cross * drop).double().sum(1)) / self.orig_cross[layer]
+            kept_s[:, layer] = (mass_s - (self_ * drop).double().sum(1)) / self.orig_self[layer]
+            done = cumulative[-1] if cumulative else 0.0
+            cumulative.append(done + float((count * weight).mean()))
+            state = _State(out, state.kind, state.pos)
+            if bool(count.any()):
+                state = _compact(state, state.valid & ~drop)
+                root &= count == 0
+            reduction = projected_reduction(
+                cumulative, L, info.num_visual_tokens, info.hidden_size, info.intermediate_size
+            )
+            if budget is not None and reduction >= budget:
+                met = True
+                break
+        means = [b - a for a, b in zip([0.0, *cumulative], cumulative, strict=False)]
+        return Walk(alpha, deleted, means, reduction, met, kept_c, kept_s, runs)
+
+    # ---------------------------------------------------------------------- the search
+    def search(self, budget: float, tolerance: float = 0.01) -> SearchResult:
+        """Bisection on alpha: smallest alpha (to `tolerance`) whose walk meets `budget`."""
+        if not 0.0 < budget < 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1) such as 0.6, got {budget!r}")
+        lo, hi = 0.0, 1.0
+        best: Walk | None = None
+        walks: list[Walk] = []
+        while hi - lo > tolerance:
+            mid = (lo + hi) / 2
+            w = self.walk(mid, budget)
+            walks.append(w)
+            self._progress(1)
+            if w.met:
+                hi, best = mid, w
+            else:
+                lo = mid
+        if best is None:
+            best = self.walk(hi, budget)
+            walks.append(best)
+            if not best.met:
+                raise ValueError(
+                    f"budget {budget:.3f} is out of reach: even alpha = {hi:g} only gives a "
+                    f"{best.reduction:.3f} reference FLOPs reduction on this model"
+                )
+        return SearchResult(hi, best, walks)
+
+    def recipe(self, budget: float, tolerance: float = 0.01, name: str | None = None):
+        """Search `budget` and turn the winning walk into a `Recipe`."""
+        from fitprune_fx.recipe import ModelInfo, Recipe
+
+        t0 = time.perf_counter()
+        result = self.search(budget, tolerance)
+        info = self.info if name is None else ModelInfo.from_config(self.model.config, name=name)
+        prune = round_cumulative(result.walk.means, info.num_visual_tokens, self.min_keep)
+        recipe = Recipe(model=info, prune=prune, scorer="fitprune", budget=budget)
+        if recipe.reference_reduction() < budget:  # float noise in the slack: strict ceiling
+            recipe.prune = round_cumulative(
+                result.walk.means, info.num_visual_tokens, self.min_keep, slack=0.0
+            )
+        seconds = self.stats_seconds + time.perf_counter() - t0
+        recipe.flops_reduction = round(recipe.reference_reduction(), 4)
+        recipe.fit = {
+            "alpha": round(result.alpha, 6),
+            "samples": self.num_examples,
+            "seconds": round(seconds, 3),
+            "walks": len(result.walks),
+            "tolerance": tolerance,
+        }
+        return recipe
+
+
+def fit(
+    model: nn.Module,
+    calibration: Iterable[Mapping[str, Tensor]],
+    budget: float,
+    *,
+    tolerance: float = 0.01,
+    batch_size: int = 8,
+    min_keep: int = 1,
+    name: str | None = None,
+    progress: bool = False,
+):
+    """Fit a FitPrune recipe for `model` meeting a reference FLOPs `budget` (0.6 = 60 %).
+
+    `calibration` is an iterable of processor outputs (dicts with ``input_ids``,
+    ``attention_mask``, ``pixel_values``; any batch size), e.g. from
+    :func:`fitprune_fx.calibration.load_question_file`. The model's device and dtype are used.
+    Returns a validated :class:`fitprune_fx.recipe.Recipe` with ``fit`` = {alpha, samples,
+    seconds, ...}.
+    """
+    if not 0.0 < budget < 1.0:
+        raise ValueError(f"budget must be a fraction in (0, 1) such as 0.6, got {budget!r}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="fit", unit="step")
+    try:
+        session = FitSession(
+            model,
+            calibration,
+            batch_size=batch_size,
+            min_keep=min_keep,
+            progress=bar.update if bar is not None else None,
+        )
+        return session.recipe(budget, tolerance, name=name)
+    finally:
+        if bar is not None:
+            bar.close()
