@@ -34,9 +34,7 @@ def reference_layer_flops(n_before: int, n_after: int, hidden: int, intermediate
     return float(attention + rest)
 
 
-def visual_tokens_per_layer(
-    prune: Mapping[int, int], num_layers: int, num_visual: int
-) -> list[int]:
+def visual_tokens_per_layer(prune: Mapping[int, int], num_layers: int, num_visual: int) -> list[int]:
     """Visual tokens at the input of layers 0..L-1 plus one entry after the last layer (len L+1).
 
     ``prune`` maps a layer to the tokens deleted after it; counts are clamped at zero so a
@@ -56,8 +54,7 @@ def reference_flops_reduction(
     """``1 - pruned / unpruned`` over all layers with the reference model (visual tokens only)."""
     counts = visual_tokens_per_layer(prune, num_layers, num_visual)
     pruned = sum(
-        reference_layer_flops(counts[i], counts[i + 1], hidden, intermediate)
-        for i in range(num_layers)
+        reference_layer_flops(counts[i], counts[i + 1], hidden, intermediate) for i in range(num_layers)
     )
     unpruned = num_layers * reference_layer_flops(num_visual, num_visual, hidden, intermediate)
     return 1.0 - pruned / unpruned if unpruned else 0.0
@@ -117,8 +114,7 @@ def full_flops_reduction(
     counts = visual_tokens_per_layer(prune, num_layers, num_visual)
     kw = dict(num_text=num_text, num_heads=num_heads, num_kv_heads=num_kv_heads, causal=causal)
     pruned = sum(
-        full_layer_flops(counts[i], counts[i + 1], hidden, intermediate, **kw)
-        for i in range(num_layers)
+        full_layer_flops(counts[i], counts[i + 1], hidden, intermediate, **kw) for i in range(num_layers)
     )
     unpruned = num_layers * full_layer_flops(num_visual, num_visual, hidden, intermediate, **kw)
     return 1.0 - pruned / unpruned if unpruned else 0.0
@@ -180,9 +176,7 @@ class FlopsReport:
                 layer=i,
                 tokens_in=counts[i],
                 tokens_out=counts[i + 1],
-                reference_flops=reference_layer_flops(
-                    counts[i], counts[i + 1], hidden, intermediate
-                ),
+                reference_flops=reference_layer_flops(counts[i], counts[i + 1], hidden, intermediate),
                 full_flops=full_layer_flops(counts[i], counts[i + 1], hidden, intermediate, **kw),
             )
             for i in range(num_layers)
@@ -195,15 +189,12 @@ class FlopsReport:
             reference_unpruned=num_layers
             * reference_layer_flops(num_visual, num_visual, hidden, intermediate),
             full_total=sum(r.full_flops for r in rows),
-            full_unpruned=num_layers
-            * full_layer_flops(num_visual, num_visual, hidden, intermediate, **kw),
+            full_unpruned=num_layers * full_layer_flops(num_visual, num_visual, hidden, intermediate, **kw),
         )
 
     def __str__(self) -> str:
         """A fixed-width table, one line per layer, then totals and both reductions."""
-        lines = [
-            f"{'layer':>5} {'vis in':>6} {'vis out':>7} {'ref GFLOPs':>11} {'full GFLOPs':>11}"
-        ]
+        lines = [f"{'layer':>5} {'vis in':>6} {'vis out':>7} {'ref GFLOPs':>11} {'full GFLOPs':>11}"]
         for r in self.rows:
             lines.append(
                 f"{r.layer:>5} {r.tokens_in:>6} {r.tokens_out:>7} "

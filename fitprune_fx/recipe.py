@@ -83,9 +83,7 @@ class ModelInfo:
         for key in _MODEL_OPTIONAL:
             value = getattr(self, key)
             if value is not None and (not _is_int(value) or value < 1):
-                raise RecipeError(
-                    f'model "{key}" must be a positive integer or absent, got {value!r}'
-                )
+                raise RecipeError(f'model "{key}" must be a positive integer or absent, got {value!r}')
         heads, kv = self.num_attention_heads, self.num_key_value_heads
         if heads is not None and kv is not None and heads % kv:
             raise RecipeError(
@@ -127,8 +125,7 @@ class ModelInfo:
         """Build from the recipe JSON ``"model"`` object, rejecting missing or unknown keys."""
         if not isinstance(d, dict):
             raise RecipeError(
-                f'recipe "model" must be an object with {", ".join(_MODEL_REQUIRED)}, '
-                f"got {type(d).__name__}"
+                f'recipe "model" must be an object with {", ".join(_MODEL_REQUIRED)}, got {type(d).__name__}'
             )
         missing = [k for k in _MODEL_REQUIRED if k not in d]
         if missing:
@@ -186,9 +183,7 @@ def shipped_recipes() -> list[str]:
     names = []
     for folder in root.iterdir():
         if folder.is_dir() and not folder.name.startswith(("_", ".")):
-            names += [
-                f"{folder.name}/{f.name}" for f in folder.iterdir() if f.name.endswith(".json")
-            ]
+            names += [f"{folder.name}/{f.name}" for f in folder.iterdir() if f.name.endswith(".json")]
 
     def order(name: str) -> tuple:
         folder, _, stem = name.rpartition("/")
@@ -288,13 +283,11 @@ class Recipe:
                 )
         if self.fit is not None and not isinstance(self.fit, dict):
             raise RecipeError(
-                f'recipe "fit" must be an object (e.g. {{"alpha": 0.4}}) or absent, '
-                f"got {self.fit!r}"
+                f'recipe "fit" must be an object (e.g. {{"alpha": 0.4}}) or absent, got {self.fit!r}'
             )
         if not isinstance(self.scorer_options, dict):
             raise RecipeError(
-                f'recipe "scorer_options" must be an object (e.g. {{"seed": 0}}), '
-                f"got {self.scorer_options!r}"
+                f'recipe "scorer_options" must be an object (e.g. {{"seed": 0}}), got {self.scorer_options!r}'
             )
 
     def check_model(self, config: Any) -> None:
@@ -443,9 +436,7 @@ class Recipe:
         for layer, count in self.prune.items():
             target = layer * info.num_layers // self.model.num_layers
             merged[target] = merged.get(target, 0) + count
-        prune = _scale_cumulative(
-            list(merged.items()), self.model.num_visual_tokens, info.num_visual_tokens
-        )
+        prune = _scale_cumulative(list(merged.items()), self.model.num_visual_tokens, info.num_visual_tokens)
         fit: dict[str, Any] = {"rescaled_from": self.model.name}
         if self.fit:
             fit["original_fit"] = self.fit
@@ -488,13 +479,9 @@ class Recipe:
         m = self.model
         tokens = self.tokens_per_layer()
         h, inter = m.hidden_size, m.intermediate_size
-        unpruned = m.num_layers * reference_layer_flops(
-            m.num_visual_tokens, m.num_visual_tokens, h, inter
-        )
+        unpruned = m.num_layers * reference_layer_flops(m.num_visual_tokens, m.num_visual_tokens, h, inter)
         budget = "-" if self.budget is None else f"{100 * self.budget:g}%"
-        recorded = (
-            "" if self.flops_reduction is None else f", recorded {100 * self.flops_reduction:.2f}%"
-        )
+        recorded = "" if self.flops_reduction is None else f", recorded {100 * self.flops_reduction:.2f}%"
         lines = [
             f"recipe for {m.name}: {m.num_layers} layers, {m.num_visual_tokens} visual tokens, "
             f"hidden {h}, MLP {inter}",
@@ -504,14 +491,8 @@ class Recipe:
         ]
         total_share = 0.0
         for layer in range(m.num_layers):
-            share = (
-                100 * reference_layer_flops(tokens[layer], tokens[layer + 1], h, inter) / unpruned
-            )
+            share = 100 * reference_layer_flops(tokens[layer], tokens[layer + 1], h, inter) / unpruned
             total_share += share
-            lines.append(
-                f"{layer:>5} {self.prune.get(layer, 0):>7} {tokens[layer + 1]:>11} {share:>19.2f}"
-            )
-        lines.append(
-            f"{'total':>5} {sum(self.prune.values()):>7} {tokens[-1]:>11} {total_share:>19.2f}"
-        )
+            lines.append(f"{layer:>5} {self.prune.get(layer, 0):>7} {tokens[layer + 1]:>11} {share:>19.2f}")
+        lines.append(f"{'total':>5} {sum(self.prune.values()):>7} {tokens[-1]:>11} {total_share:>19.2f}")
         return "\n".join(lines)

@@ -39,9 +39,7 @@ def test_reference_layer_flops_by_hand():
 def test_reference_layer_charges_rest_after_deletion():
     # Deleting tokens after a layer must lower that layer's own o_proj/MLP cost, not its attention.
     h, m = 16, 40
-    assert reference_layer_flops(10, 10, h, m) - reference_layer_flops(10, 7, h, m) == 3 * (
-        h * h + 3 * h * m
-    )
+    assert reference_layer_flops(10, 10, h, m) - reference_layer_flops(10, 7, h, m) == 3 * (h * h + 3 * h * m)
 
 
 @FAST
@@ -97,9 +95,7 @@ def test_full_reduction_below_reference_with_text_no_mask(shape, num_text):
     # Text tokens add cost nothing can remove and cross terms that shrink only linearly.
     prune, num_layers, num_visual, h, m = shape
     ref = reference_flops_reduction(prune, num_layers, num_visual, h, m)
-    full = full_flops_reduction(
-        prune, num_layers, num_visual, h, m, num_text=num_text, causal=False
-    )
+    full = full_flops_reduction(prune, num_layers, num_visual, h, m, num_text=num_text, causal=False)
     assert full <= ref + 1e-12
     if sum(prune.values()) > 0:
         assert full < ref
@@ -154,12 +150,12 @@ def test_one_more_deleted_token_costs_less(shape, t):
     more = dict(prune)
     layer = num_layers - 1
     more[layer] = more.get(layer, 0) + 1
-    assert reference_flops_reduction(
-        more, num_layers, num_visual, h, m
-    ) > reference_flops_reduction(prune, num_layers, num_visual, h, m)
-    assert full_flops_reduction(
-        more, num_layers, num_visual, h, m, num_text=t
-    ) > full_flops_reduction(prune, num_layers, num_visual, h, m, num_text=t)
+    assert reference_flops_reduction(more, num_layers, num_visual, h, m) > reference_flops_reduction(
+        prune, num_layers, num_visual, h, m
+    )
+    assert full_flops_reduction(more, num_layers, num_visual, h, m, num_text=t) > full_flops_reduction(
+        prune, num_layers, num_visual, h, m, num_text=t
+    )
 
 
 @FAST

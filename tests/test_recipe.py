@@ -49,11 +49,7 @@ def _message(d: dict) -> str:
 @st.composite
 def model_infos(draw):
     heads = draw(st.none() | st.sampled_from([1, 2, 4, 8, 32]))
-    kv = (
-        None
-        if heads is None
-        else draw(st.sampled_from([k for k in (1, 2, 4, 8, 32) if k <= heads]))
-    )
+    kv = None if heads is None else draw(st.sampled_from([k for k in (1, 2, 4, 8, 32) if k <= heads]))
     return ModelInfo(
         name=draw(st.text(min_size=1, max_size=20)),
         num_layers=draw(st.integers(1, 48)),
@@ -68,9 +64,7 @@ def model_infos(draw):
 @st.composite
 def recipes(draw, info=None):
     info = info or draw(model_infos())
-    layers = draw(
-        st.lists(st.integers(0, info.num_layers - 1), unique=True, max_size=info.num_layers)
-    )
+    layers = draw(st.lists(st.integers(0, info.num_layers - 1), unique=True, max_size=info.num_layers))
     prune, left = {}, info.num_visual_tokens
     for layer in layers:
         prune[layer] = draw(st.integers(0, min(left, info.num_visual_tokens // 3 + 1)))
@@ -231,9 +225,7 @@ def _llava_config(num_layers=3, hidden=64, intermediate=128, image=32, patch=8, 
         image_size=image,
         patch_size=patch,
     )
-    return LlavaConfig(
-        text_config=text, vision_config=vision, vision_feature_select_strategy=strategy
-    )
+    return LlavaConfig(text_config=text, vision_config=vision, vision_feature_select_strategy=strategy)
 
 
 @pytest.mark.parametrize("strategy,extra", [("default", 0), ("full", 1)])
