@@ -113,9 +113,7 @@ def _embed_prompt(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | No
     features = features.reshape(-1, embeds.shape[-1]).to(embeds.device, embeds.dtype)
     image_mask = input_ids == config.image_token_id  # [B, S]
     if int(image_mask.sum()) != features.shape[0]:
-        raise ValueError(
-            f"{int(image_mask.sum())} image tokens but {features.shape[0]} image feature rows"
-        )
+        raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image feature rows")
     return embeds.masked_scatter(image_mask[..., None], features)
 
 
@@ -260,9 +258,7 @@ def _prefill(
             # key j visible to query i: j is not padding and j is not after i (original order)
             allowed = valid[:, None, :] & (index[:, None, :] <= index[:, :, None])  # [B, L, L]
             cos, sin = text.rotary_emb(h, pos)  # [B, L, D] each
-            heads, probs, k, v = _attend(
-                layer.self_attn, layer.input_layernorm(h), cos, sin, allowed
-            )
+            heads, probs, k, v = _attend(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
             caches.append(_LayerKV(k, v, valid))  # this layer holds every token at its input
 
             if li in prune:
@@ -273,8 +269,7 @@ def _prefill(
                     vis = visual[b].nonzero().squeeze(1)  # [n] rows of visual tokens
                     if vis.numel() < d:
                         raise ValueError(
-                            f"layer {li}: cannot delete {d} of {vis.numel()} visual tokens "
-                            f"(example {b})"
+                            f"layer {li}: cannot delete {d} of {vis.numel()} visual tokens (example {b})"
                         )
                     if vis.numel() == 0:
                         score = torch.zeros(0, device=device)
@@ -356,7 +351,8 @@ def reference_generate(
     scorer: str = "fitprune",
     scorer_options: dict | None = None,
     eos_token_id: int | None = None,
-) -> torch.LongTensor:
+    output_logits: bool = False,
+) -> torch.LongTensor | tuple[torch.LongTensor, Tensor]:
     """Greedy decoding after a pruned prefill, with its own decode loop: [B, S + max_new_tokens].
 
     Each decode step runs every layer against that layer's own cache (layers up to and
@@ -364,6 +360,7 @@ def reference_generate(
     prompt uses generate's position ids; new tokens continue from the last prompt position.
     With eos_token_id, finished rows are filled with the pad token and decoding stops early
     once every row has finished (then the output is shorter), as generate does.
+    With output_logits, also returns the logits each new token was chosen from: [B, new, V].
     """
     B, S = input_ids.shape
     if attention_mask is None:
@@ -377,6 +374,7 @@ def reference_generate(
     pad = 0 if pad is None else pad
 
     tokens = [input_ids]
+    step_logits: list[Tensor] = []
     pos = prompt_pos[:, -1:]  # [B, 1]
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     with torch.no_grad():
@@ -386,6 +384,7 @@ def reference_generate(
                 next_token = next_token.masked_fill(finished, pad)
                 finished = finished | (next_token == eos_token_id)
             tokens.append(next_token[:, None])
+            step_logits.append(last_logits)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             # one decode step for the new token, [B, 1, C], at the next position
@@ -398,10 +397,9 @@ def reference_generate(
                 heads, _, k, v = _attend(
                     layer.self_attn, layer.input_layernorm(h), cos, sin, valid[:, None, :], c
                 )
-                caches[li] = _LayerKV(
-                    torch.cat([c.keys, k], dim=2), torch.cat([c.values, v], dim=2), valid
-                )
+                caches[li] = _LayerKV(torch.cat([c.keys, k], dim=2), torch.cat([c.values, v], dim=2), valid)
                 h = h + layer.self_attn.o_proj(heads)
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             last_logits = model.lm_head(text.norm(h))[:, -1]  # [B, V]
-    return torch.cat(tokens, dim=1)
+    output = torch.cat(tokens, dim=1)
+    return (output, torch.stack(step_logits, dim=1)) if output_logits else output

@@ -75,9 +75,7 @@ def test_zero_pruning_matches_model(text_model, prompts):
             (ours_layer.values, theirs_layer.values),
         ):
             for b in range(len(prompts)):
-                torch.testing.assert_close(
-                    ours[b][:, real[b]], theirs[b][:, real[b]], atol=ATOL, rtol=0
-                )
+                torch.testing.assert_close(ours[b][:, real[b]], theirs[b][:, real[b]], atol=ATOL, rtol=0)
 
 
 def test_zero_pruning_explicit_positions():
@@ -160,9 +158,7 @@ def test_delete_all_visual_equals_text_only_tail(text_model, layer):
 
     # text rows (padding included) of every example: S - n of them in each row
     B, S = inputs["input_ids"].shape
-    rows = torch.stack(
-        [(ids != IMAGE_TOKEN_ID).nonzero().squeeze(1) for ids in inputs["input_ids"]]
-    )
+    rows = torch.stack([(ids != IMAGE_TOKEN_ID).nonzero().squeeze(1) for ids in inputs["input_ids"]])
     batch = torch.arange(B)[:, None]
     tail = copy.deepcopy(text_model_)  # the decoder with layers 0..k removed
     tail.layers = tail.layers[layer + 1 :]
@@ -187,15 +183,21 @@ def test_delete_all_visual_equals_text_only_tail(text_model, layer):
 def test_random_generate_equals_repeated_prefill():
     """The decode loop (per-layer caches of different lengths, padding) equals re-running the
     pruned prefill on prompt + generated tokens: the random scorer deletes the same visual
-    tokens whatever the text is, so the two must agree token for token."""
+    tokens whatever the text is, so the two must agree token for token and in the logits."""
     model = _model("llama", 4)
     inputs = make_inputs(model, PADDED, seed=5)
     prune, options = {0: 5, 2: 4}, {"seed": 7}
-    ours = reference_generate(
-        model, **inputs, prune=prune, max_new_tokens=5, scorer="random", scorer_options=options
+    ours, our_logits = reference_generate(
+        model,
+        **inputs,
+        prune=prune,
+        max_new_tokens=5,
+        scorer="random",
+        scorer_options=options,
+        output_logits=True,
     )
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(5):
+    for step in range(5):
         ref = reference_prefill(
             model,
             ids,
@@ -206,16 +208,15 @@ def test_random_generate_equals_repeated_prefill():
             scorer_options=options,
             position_ids=generate_position_ids(mask),
         )
+        torch.testing.assert_close(our_logits[:, step], ref.logits[:, -1], atol=ATOL, rtol=0)
+        if step == 0:
+            # pruning really changed the model's output (so this test can fail)
+            plain = reference_prefill(model, **inputs)
+            assert not torch.allclose(ref.logits[:, -1], plain.logits[:, -1], atol=1e-3)
         next_token = ref.logits[:, -1].argmax(dim=-1, keepdim=True)
         ids = torch.cat([ids, next_token], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
     assert torch.equal(ours, ids)
-    # pruning really changed the model's output compared with no pruning
-    pruned = reference_prefill(
-        model, **inputs, prune=prune, scorer="random", scorer_options=options
-    )
-    plain = reference_prefill(model, **inputs)
-    assert not torch.allclose(pruned.logits[:, -1], plain.logits[:, -1], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +318,7 @@ def test_random_rule():
     model = _model("llama", 4)
     inputs = make_inputs(model, PADDED)
     prune, seed = {1: 5, 3: 7}, 11
-    ref = reference_prefill(
-        model, **inputs, prune=prune, scorer="random", scorer_options={"seed": seed}
-    )
+    ref = reference_prefill(model, **inputs, prune=prune, scorer="random", scorer_options={"seed": seed})
     for b in range(len(PADDED)):
         before = set(range(inputs["input_ids"].shape[1]))
         for i, (layer, d) in enumerate(sorted(prune.items())):
