@@ -402,4 +402,9 @@ def reference_generate(
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             last_logits = model.lm_head(text.norm(h))[:, -1]  # [B, V]
     output = torch.cat(tokens, dim=1)
-    return (output, torch.stack(step_logits, dim=1)) if output_logits else output
+    if not output_logits:
+        return output
+    chosen_from = (
+        torch.stack(step_logits, dim=1) if step_logits else last_logits.new_empty(B, 0, last_logits.shape[-1])
+    )
+    return output, chosen_from
