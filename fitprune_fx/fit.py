@@ -127,37 +127,64 @@ class _StatsRequest:
     """What the patched attention needs to score one batch, and where it writes the result."""
 
     rows: Tensor  # [b, R] long: sequence index of each scored query row (T and V rows)
+    rest: Tensor | None  # [b, R2] long: the other rows (system prompt, padding), or None
     row_t: Tensor  # [b, R] fp32: 1/|T| on instruction rows, else 0
     row_v: Tensor  # [b, R] fp32: 1/n on visual rows, else 0
-    cross: Tensor | None = None  # [b, w] fp32 output: c_j on visual columns, 0 elsewhere
-    self_: Tensor | None = None  # [b, w] fp32 output: s_j
+    cross: Tensor | None = None  # [b, w] fp32 output: c_j for every column j (0 on padding)
+    self_: Tensor | None = None  # [b, w] fp32 output: s_j for every column j
 
 
 _local = threading.local()
 
 
 def _stats_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """SDPA for the output, plus fp32 head-max probabilities for the scored rows only.
+    """Attention that also yields FitPrune statistics (an AttentionInterface function).
 
     query [b, H, w, D], key/value [b, Hkv, w, D] (post-RoPE), attention_mask [b, 1, w, w] bool.
+    Scored rows (instruction and visual) get fp32 probabilities, which give both the head-max
+    statistics and their output (``P @ V``, like eager attention); the few other rows use SDPA.
+    Returns ([b, w, H, D], None) like transformers' attention functions.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     req: _StatsRequest | None = getattr(_local, "request", None)
-    if req is not None:
-        b, heads, w, dim = query.shape
-        kv_heads = key.shape[1]
-        rows = req.rows.shape[1]
-        scale = scaling if scaling is not None else dim**-0.5
-        idx = req.rows[:, None, :, None].expand(b, heads, rows, dim)
-        q = query.gather(2, idx).float().view(b, kv_heads, heads // kv_heads, rows, dim)
-        logits = torch.einsum("bkgrd,bksd->bkgrs", q, key.float()) * scale  # [b,Hkv,G,R,w]
-        allowed = attention_mask[:, 0].gather(1, req.rows[:, :, None].expand(b, rows, w))
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        m = logits.softmax(-1).amax(dim=(1, 2))  # [b, R, w] head-max map
-        req.cross = torch.einsum("br,brw->bw", req.row_t, m)
-        req.self_ = torch.einsum("br,brw->bw", req.row_v, m)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if req is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    b, heads, w, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    out = torch.empty(b, heads, w, value.shape[-1], dtype=value.dtype, device=value.device)
+    if req.rest is not None:  # rows no statistic needs: plain SDPA on just those rows
+        r2 = req.rest.shape[1]
+        idx = req.rest[:, None, :, None].expand(b, heads, r2, dim)
+        mask = attention_mask.gather(2, req.rest[:, None, :, None].expand(b, 1, r2, w))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query.gather(2, idx),
+            key,
+            value,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=groups > 1,
+        )
+        out.scatter_(2, req.rest[:, None, :, None].expand_as(o), o)
+    rows = req.rows.shape[1]
+    idx = req.rows[:, None, :, None].expand(b, heads, rows, dim)
+    q = query.gather(2, idx).float().mul_(scale)  # [b, H, R, D], a fresh tensor
+    # Head h = k * G + g shares kv head k: fold (G, R) into one matmul dimension.
+    q = q.view(b, kv_heads, groups * rows, dim)
+    logits = torch.matmul(q, key.float().transpose(-1, -2))  # [b, Hkv, G*R, w]
+    allowed = attention_mask[:, 0].gather(1, req.rows[:, :, None].expand(b, rows, w))
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=query.device)
+    bias.masked_fill_(~allowed, float("-inf"))  # [b, R, w]
+    logits = logits.view(b, kv_heads, groups, rows, w).add_(bias[:, None, None])
+    probs = torch.softmax(logits, dim=-1)  # fp32, as the model does
+    m = probs.amax(dim=(1, 2))  # [b, R, w] head-max map
+    req.cross = torch.bmm(req.row_t[:, None, :], m)[:, 0]  # [b, w]
+    req.self_ = torch.bmm(req.row_v[:, None, :], m)[:, 0]
+    o = torch.matmul(probs.view(b, kv_heads, groups * rows, w).to(value.dtype), value)
+    out.scatter_(2, idx[..., : value.shape[-1]], o.view(b, heads, rows, -1))
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:
@@ -466,7 +493,10 @@ class FitSession:
         t = is_txt.sum(dim=1, keepdim=True).clamp(min=1).float()
         row_t = torch.where(is_txt.gather(1, rows) & row_scored, 1.0 / t, 0.0)
         row_v = torch.where(is_vis.gather(1, rows) & row_scored, 1.0 / n, 0.0)
-        req = _StatsRequest(rows=rows, row_t=row_t, row_v=row_v)
+        rest = None
+        if not bool(scored.all()):
+            rest, _ = _left_pack(~scored)  # [b, R2] rows outside T and V
+        req = _StatsRequest(rows=rows, rest=rest, row_t=row_t, row_v=row_v)
         mask = self._mask(layer, kind, pos)
         cos_sin = self.lm.rotary_emb(hidden, pos)
         _local.request = req
@@ -479,8 +509,7 @@ class FitSession:
             _local.request = None
         if isinstance(out, tuple):  # older transformers layers return (hidden, ...)
             out = out[0]
-        zero = torch.zeros_like(req.cross)
-        return out, torch.where(is_vis, req.cross, zero), torch.where(is_vis, req.self_, zero)
+        return out, req.cross, req.self_  # scores of every column; callers mask to visual
 
     # ---------------------------------------------------------------------- the walk
     def _layer_scores(self, layer: int, state: _State, root: Tensor):
@@ -548,38 +577,152 @@ class FitSession:
         return Walk(alpha, deleted, means, reduction, met, kept_c, kept_s, runs)
 
     # ---------------------------------------------------------------------- the search
-    def search(self, budget: float, tolerance: float = 0.01) -> SearchResult:
-        """Bisection on alpha: smallest alpha (to `tolerance`) whose walk meets `budget`."""
-        if not 0.0 < budget < 1.0:
-            raise ValueError(f"budget must be a fraction in (0, 1) such as 0.6, got {budget!r}")
-        lo, hi = 0.0, 1.0
-        best: Walk | None = None
-        walks: list[Walk] = []
-        while hi - lo > tolerance:
+    @torch.no_grad()
+    def static_walk(self, alpha: float) -> list[float]:
+        """Cheap approximate walk on the unpruned statistics (no layer is recomputed).
+
+        Returns the cumulative mean deletions after every layer. Scores of surviving tokens
+        are the unpruned ones, rescaled for the softmax renormalisation (attention that
+        deleted tokens received goes to the others); other effects of earlier deletions are
+        ignored. Only used to steer the exact search.
+        """
+        present = self.start.kind == VISUAL  # [B, S0] in the original layout
+        gone = torch.zeros_like(present)
+        weight = self.info.num_visual_tokens / self.n_visual.double()
+        cumulative: list[float] = []
+        for layer in range(self.num_layers):
+            cap = (present.sum(dim=1) - self.min_keep).clamp(min=0)
+            c, s = self.root_cross[layer], self.root_self[layer]
+            c = c * self._renormalise(c, gone)
+            s = s * self._renormalise(s, gone)
+            del_c, _ = _removable(c, present, self.orig_cross[layer], alpha, cap)
+            del_s, _ = _removable(s, present, self.orig_self[layer], alpha, cap)
+            drop = del_c & del_s
+            present, gone = present & ~drop, gone | drop
+            done = cumulative[-1] if cumulative else 0.0
+            cumulative.append(done + float((drop.sum(dim=1) * weight).mean()))
+        return cumulative
+
+    @staticmethod
+    def _renormalise(scores: Tensor, gone: Tensor) -> Tensor:
+        """[B, 1] factor total / (total - mass of deleted columns) of unpruned scores."""
+        total = scores.double().sum(dim=1)
+        lost = torch.where(gone, scores, 0).double().sum(dim=1)
+        return (total / (total - lost).clamp(min=1e-30)).float()[:, None]
+
+    def _meets(self, cumulative: list[float], budget: float) -> bool:
+        """Whether some prefix of a walk's cumulative deletions meets the budget."""
+        info = self.info
+        return any(
+            projected_reduction(
+                cumulative[: k + 1],
+                self.num_layers,
+                info.num_visual_tokens,
+                info.hidden_size,
+                info.intermediate_size,
+            )
+            >= budget
+            for k in range(len(cumulative))
+        )
+
+    @staticmethod
+    def _bisect(test: Callable[[float], bool], lo: float, hi: float, tol: float) -> float:
+        """Bisection for the smallest passing alpha: `lo` fails, `hi` passes (or is 1)."""
+        while hi - lo > tol * (1 + 1e-9):
             mid = (lo + hi) / 2
-            w = self.walk(mid, budget)
-            walks.append(w)
-            self._progress(1)
-            if w.met:
-                hi, best = mid, w
+            if test(mid):
+                hi = mid
             else:
                 lo = mid
-        if best is None:
-            best = self.walk(hi, budget)
-            walks.append(best)
-            if not best.met:
-                raise ValueError(
-                    f"budget {budget:.3f} is out of reach: even alpha = {hi:g} only gives a "
-                    f"{best.reduction:.3f} reference FLOPs reduction on this model"
-                )
-        return SearchResult(hi, best, walks)
+        return hi
 
-    def recipe(self, budget: float, tolerance: float = 0.01, name: str | None = None):
+    def _reduction(self, cumulative: list[float]) -> float:
+        info = self.info
+        return projected_reduction(
+            cumulative,
+            self.num_layers,
+            info.num_visual_tokens,
+            info.hidden_size,
+            info.intermediate_size,
+        )
+
+    def _static_equivalent(self, walk: Walk, tol: float) -> float:
+        """Alpha at which the static walk, cut at the same layer, saves as much as `walk`."""
+        k = len(walk.means)
+        return self._bisect(
+            lambda a: self._reduction(self.static_walk(a)[:k]) >= walk.reduction, 0.0, 1.0, tol
+        )
+
+    def search(self, budget: float, tolerance: float = 0.01, strategy: str = "guided") -> SearchResult:
+        """Smallest alpha (to `tolerance`) whose exact walk meets `budget`.
+
+        Both strategies return an alpha whose walk meets the budget while a walk at most
+        `tolerance` lower does not (or is alpha 0, which deletes nothing).
+        ``"bisect"`` is the reference's bisection on [0, 1] (7 exact walks for 0.01).
+        ``"guided"`` (default) needs fewer exact walks: the cheap :meth:`static_walk` predicts
+        the answer; each exact walk then measures how far the static model is off (the alpha
+        at which the static walk deletes as much) and corrects the next prediction; probes
+        are placed to close a bracket of width `tolerance` (a prediction plus/minus half the
+        tolerance), with plain bisection after four probes as a safeguard.
+        """
+        if not 0.0 < budget < 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1) such as 0.6, got {budget!r}")
+        if strategy not in ("guided", "bisect"):
+            raise ValueError(f"strategy must be 'guided' or 'bisect', not {strategy!r}")
+        walks: dict[float, Walk] = {}
+
+        def exact(alpha: float) -> bool:
+            if alpha not in walks:
+                walks[alpha] = self.walk(alpha, budget)
+                self._progress(1)
+            return walks[alpha].met
+
+        lo, hi = 0.0, 1.0  # alpha = 0 deletes nothing, so it fails any budget > 0
+        width = tolerance * (1 + 1e-9)
+        if strategy == "guided":
+            fine = tolerance / 8
+            predicted = self._bisect(lambda a: self._meets(self.static_walk(a), budget), 0.0, 1.0, fine)
+            shift = 0.0
+            for _ in range(4):
+                if hi - lo <= width:
+                    break
+                target = predicted + shift
+                if hi == 1.0 and 1.0 not in walks:  # no passing walk yet: aim just above
+                    probe = target + tolerance / 2
+                else:
+                    probe = target
+                if probe - lo < tolerance:
+                    probe = lo + tolerance
+                if hi - probe < tolerance:
+                    probe = hi - tolerance
+                if not lo < probe < hi:
+                    probe = (lo + hi) / 2
+                if exact(probe):
+                    hi = probe
+                else:
+                    lo = probe
+                # The exact walk deleted what the static one deletes at a lower alpha.
+                shift = probe - self._static_equivalent(walks[probe], fine)
+        alpha = self._bisect(exact, lo, hi, tolerance)
+        if not exact(alpha):  # only when nothing below 1 passed: alpha is 1
+            raise ValueError(
+                f"budget {budget:.3f} is out of reach: even alpha = {alpha:g} only gives a "
+                f"{walks[alpha].reduction:.3f} reference FLOPs reduction on this model"
+            )
+        return SearchResult(alpha, walks[alpha], list(walks.values()))
+
+    def recipe(
+        self,
+        budget: float,
+        tolerance: float = 0.01,
+        name: str | None = None,
+        strategy: str = "guided",
+    ):
         """Search `budget` and turn the winning walk into a `Recipe`."""
         from fitprune_fx.recipe import ModelInfo, Recipe
 
         t0 = time.perf_counter()
-        result = self.search(budget, tolerance)
+        result = self.search(budget, tolerance, strategy)
         info = self.info if name is None else ModelInfo.from_config(self.model.config, name=name)
         prune = round_cumulative(result.walk.means, info.num_visual_tokens, self.min_keep)
         recipe = Recipe(model=info, prune=prune, scorer="fitprune", budget=budget)
@@ -595,6 +738,7 @@ class FitSession:
             "seconds": round(seconds, 3),
             "walks": len(result.walks),
             "tolerance": tolerance,
+            "search": strategy,
         }
         return recipe
 

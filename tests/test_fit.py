@@ -267,3 +267,17 @@ def test_fitted_recipe_compiles_in_backend(model, recipes):
     )
     torch.testing.assert_close(logits[:, -1], ref.logits[:, -1], rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.6])
+def test_guided_search_agrees_with_bisection(session, budget):
+    """Both strategies bracket the answer to the tolerance; guided needs fewer exact walks."""
+    guided = session.search(budget, strategy="guided")
+    bisect = session.search(budget, strategy="bisect")
+    for result in (guided, bisect):
+        assert result.walk.met and result.walk.alpha == result.alpha
+        failing = [w.alpha for w in result.walks if not w.met and w.alpha < result.alpha]
+        assert result.alpha <= 0.01 + 1e-9 or max(failing) >= result.alpha - 0.01 - 1e-9
+    assert abs(guided.alpha - bisect.alpha) <= 0.02
+    assert len(bisect.walks) == 7
+    assert len(guided.walks) <= len(bisect.walks)
