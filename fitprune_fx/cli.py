@@ -1,0 +1,221 @@
+"""The ``fitprune-fx`` command line: ``fit`` a recipe, ``inspect`` one (and ``demo``, if present).
+
+    fitprune-fx fit --model PATH --data questions.jsonl --images DIR --budget 0.6 -o recipe.json
+    fitprune-fx inspect recipe.json [--plot tokens.png] [--visual-tokens N]
+
+Other subcommands plug in through :func:`main`: a module ``fitprune_fx.demo`` that defines
+``add_demo_parser(subparsers)`` gets its parser added (see the hook in :func:`build_parser`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PLOT_HINT = "pip install fitprune-fx[plot]"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------ fit
+def add_fit_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit",
+        help="fit a FitPrune recipe for a FLOPs budget on a calibration set",
+        description="Fit per-layer visual-token deletions that meet a reference FLOPs budget.",
+    )
+    p.add_argument("--model", required=True, help="LLaVA model folder (save_pretrained layout)")
+    p.add_argument("--data", required=True, help="LLaVA question file (JSON lines)")
+    p.add_argument("--images", required=True, help="folder the question file's images are in")
+    p.add_argument("--budget", required=True, type=float, help="FLOPs reduction, e.g. 0.6")
+    p.add_argument("-o", "--output", required=True, help="recipe JSON to write")
+    p.add_argument("--samples", type=int, default=None, help="use the first N questions")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per layer call")
+    p.add_argument("--tolerance", type=float, default=0.01, help="alpha search interval")
+    p.add_argument("--search", choices=["guided", "bisect"], default="guided")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--name", default=None, help="model name recorded in the recipe")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_fit)
+
+
+def _load_model(path: str, device: str, dtype: str):
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if not Path(path).is_dir():
+        raise CLIError(f"--model {path}: not a folder (expected a save_pretrained model folder)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    return model.to(device).eval(), processor
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from fitprune_fx.calibration import has_chat_template, load_question_file
+    from fitprune_fx.fit import FitSession
+
+    if not 0.0 < args.budget < 1.0:
+        raise CLIError(f"--budget {args.budget}: give a fraction in (0, 1), e.g. 0.6 for 60%")
+    for flag, path, kind in (("--data", args.data, "file"), ("--images", args.images, "dir")):
+        ok = Path(path).is_file() if kind == "file" else Path(path).is_dir()
+        if not ok:
+            raise CLIError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, processor = _load_model(args.model, args.device, args.dtype)
+    if not has_chat_template(processor):
+        print(
+            'note: the processor has no chat template; prompts use "USER: <image>\\n{text} ASSISTANT:"',
+            file=sys.stderr,
+        )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the chat-template note above says it once
+        calibration = load_question_file(args.data, args.images, processor, limit=args.samples)
+    layers = model.config.text_config.num_hidden_layers
+    # Steps: one per example (embedding), one per layer (statistics), one per exact walk.
+    bar = tqdm(total=len(calibration) + layers, desc="fit", unit="step", disable=args.no_progress)
+
+    def progress(n: int) -> None:
+        if bar.n + n > bar.total:
+            bar.total = bar.n + n
+        bar.update(n)
+
+    try:
+        session = FitSession(model, calibration, batch_size=args.batch_size, progress=progress)
+        bar.set_description("fit: alpha search")
+        name = args.name or Path(args.model).name
+        recipe = session.recipe(args.budget, args.tolerance, name=name, strategy=args.search)
+    finally:
+        bar.close()
+    recipe.to_json(args.output)
+    print(recipe.describe())
+    fit = recipe.fit or {}
+    print(
+        f"alpha {fit.get('alpha')}, {fit.get('samples')} samples, {fit.get('walks')} exact walks, "
+        f"{fit.get('seconds')} s; wrote {args.output}"
+    )
+    return 0
+
+
+# -------------------------------------------------------------------------------- inspect
+def add_inspect_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="print a recipe's per-layer deletions, tokens left and FLOPs; optionally plot it",
+        description="Show a recipe: per-layer deletions, visual tokens left and FLOPs.",
+    )
+    p.add_argument("recipe", help="recipe JSON file or a shipped name like llava-1.5-7b/60.json")
+    p.add_argument("--plot", metavar="PNG", help="draw visual tokens kept per layer to a PNG")
+    p.add_argument(
+        "--visual-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="show counts scaled to an example with N visual tokens",
+    )
+    p.add_argument(
+        "--text-tokens", type=int, default=0, metavar="T", help="text tokens for the full FLOPs model"
+    )
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from fitprune_fx.recipe import Recipe, RecipeError
+
+    try:
+        recipe = Recipe.load(args.recipe)
+    except (RecipeError, OSError) as e:
+        raise CLIError(f"cannot load recipe {args.recipe}: {e}") from e
+    n = args.visual_tokens
+    if n is not None and n < 1:
+        raise CLIError(f"--visual-tokens {n}: give a positive number of visual tokens")
+    print(recipe.describe())
+    if recipe.fit:
+        print("fit: " + ", ".join(f"{k} {v}" for k, v in recipe.fit.items()))
+    print()
+    if n is not None:
+        print(f"scaled to {n} visual tokens (deletions scaled proportionally):")
+    print(recipe.flops_report(num_text_tokens=args.text_tokens, num_visual=n))
+    if args.plot:
+        plot_tokens(recipe, args.plot, n)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def plot_tokens(recipe, path: str, num_visual: int | None = None) -> None:
+    """PNG bar chart of the visual tokens kept after each decoder layer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise CLIError(f"--plot needs matplotlib: {PLOT_HINT}") from e
+    tokens = recipe.tokens_per_layer(num_visual)  # [input, after layer 0, ..., after L-1]
+    layers = list(range(len(tokens) - 1))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(layers) + 3), 3.5), dpi=100)
+    ax.bar(layers, tokens[1:], color="tab:blue", alpha=0.7, label="kept after layer")
+    ax.axhline(tokens[0], color="gray", linestyle="--", linewidth=1, label=f"input: {tokens[0]}")
+    budget = "" if recipe.budget is None else f", budget {100 * recipe.budget:g}%"
+    ax.set_title(
+        f"{recipe.model.name}: {recipe.scorer}{budget}, "
+        f"{100 * recipe.reference_reduction():.1f}% FLOPs saved (reference model)"
+    )
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("visual tokens kept")
+    ax.set_ylim(0, tokens[0] * 1.08)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fitprune-fx", description="FitPrune visual-token pruning for LLaVA models."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    add_fit_parser(subparsers)
+    add_inspect_parser(subparsers)
+    # --- HOOK: further subcommands -------------------------------------------------------
+    # `fitprune_fx.demo` (owned elsewhere) adds `demo` by defining add_demo_parser(subparsers);
+    # its parser must set_defaults(func=callable(args) -> exit status).
+    if importlib.util.find_spec("fitprune_fx.demo") is not None:
+        from fitprune_fx.demo import add_demo_parser
+
+        add_demo_parser(subparsers)
+    # --------------------------------------------------------------------------------------
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fitprune-fx`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"fitprune-fx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
