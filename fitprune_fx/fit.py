@@ -13,8 +13,11 @@ Algorithm (DESIGN.md section 2), as implemented here:
    scores are those of the *pruned* model (earlier deletions change later attention). The
    walk stops after the first layer at which the projected reference FLOPs reduction meets
    the budget.
-3. *Search.* Bisection on alpha in [0, 1] until the interval is <= ``tolerance`` (0.01);
-   the smallest alpha whose walk meets the budget wins.
+3. *Search.* The smallest alpha whose walk meets the budget, to ``tolerance`` (0.01): the
+   result passes and an alpha at most ``tolerance`` lower fails. ``strategy="bisect"`` is the
+   reference's bisection on [0, 1] (7 exact walks); the default ``"guided"`` predicts the
+   answer with a cheap walk on the cached unpruned statistics, corrects that prediction with
+   each exact walk and places exact walks to close the bracket (typically 2-3 exact walks).
 
 Interpretations of the spec (documented choices):
 
@@ -40,8 +43,10 @@ Interpretations of the spec (documented choices):
 Speed (vs. the reference that reruns the whole model per alpha): the vision tower, projector
 and embeddings run once; layer outputs of the unpruned pass are cached, so a walk recomputes a
 layer only for examples that already deleted something; everything per token is batched
-tensor code; attention probabilities are computed in fp32 only for instruction and visual
-query rows, and only at the layers a walk visits.
+tensor code (no Python loop over tokens); attention probabilities are computed in fp32 only for
+instruction and visual query rows (which then also give those rows' attention output, so no
+second attention is run for them), and only at the layers a walk visits; fewer exact walks
+(guided search). ``benchmarks/fit_speed.py`` measures fit time against one plain forward pass.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ from fitprune_fx.calibration import as_batches
 PAD, VISUAL, INSTRUCTION, OTHER = 0, 1, 2, 3
 
 _STATS_ATTENTION = "fitprune_fit_stats"
+
+# Decoder layers known to be `h += attn(norm1(h)); h += mlp(norm2(h))`.
+_SPLIT_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 
 # select(layer, cross [B, w], self [B, w], is_visual [B, w]) -> drop mask [B, w]
 Selector = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -379,6 +387,14 @@ class FitSession:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.image_token_id = _image_token_id(model.config)
+        # Llama-style layers run as attention half + MLP half: deleted rows skip the MLP and a
+        # walk's last layer skips it entirely (checked numerically on layer 0 before use).
+        self._split = all(
+            type(layer).__name__ in _SPLIT_LAYERS
+            and all(hasattr(layer, a) for a in ("input_layernorm", "self_attn", "mlp"))
+            and hasattr(layer, "post_attention_layernorm")
+            for layer in self.layers
+        )
         with torch.no_grad():
             self.start = self._embed_all(calibration)
             self.num_examples = self.start.hidden.shape[0]
@@ -431,8 +447,12 @@ class FitSession:
         no_cap = torch.zeros(self.num_examples, dtype=torch.long, device=self.device)
         everyone = torch.arange(self.num_examples, device=self.device)
         for layer in range(self.num_layers):
-            out, cross, self_ = self._run(layer, state, everyone)
-            self.root_out.append(out)
+            last = layer == self.num_layers - 1
+            if layer == 0:
+                self._split = self._split and self._check_split(state)
+            # The last layer's output feeds nothing: its attention (for the scores) is enough.
+            out, cross, self_ = self._run(layer, state, everyone, attention_only=last)
+            self.root_out.append(None if last and self._split else out)
             self.root_cross.append(cross)
             self.root_self.append(self_)
             # Masses computed exactly as the walk computes its current masses (bitwise equal).
@@ -444,10 +464,14 @@ class FitSession:
             self._progress(1)
 
     # ---------------------------------------------------------------------- one layer
-    def _run(self, layer: int, state: _State, which: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _run(
+        self, layer: int, state: _State, which: Tensor, attention_only: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Run decoder layer on examples `which`; returns output [k, w, h], cross, self [k, w].
 
         Examples go in chunks of `batch_size`; each chunk is trimmed to its longest example.
+        With `attention_only` (and a splittable layer) the output is the residual stream
+        after attention, before the MLP (see :meth:`_mlp`).
         """
         width = state.hidden.shape[1]
         out = torch.empty(len(which), width, state.hidden.shape[2], dtype=self.dtype, device=self.device)
@@ -462,6 +486,7 @@ class FitSession:
                 state.hidden[sel, width - w :],
                 kind[:, width - w :],
                 state.pos[sel, width - w :],
+                attention_only and self._split,
             )
             k = slice(start, start + len(sel))
             out[k, : width - w] = 0
@@ -469,6 +494,27 @@ class FitSession:
             cross[k, width - w :] = c
             self_[k, width - w :] = s
         return out, cross, self_
+
+    def _mlp(self, layer: int, state: _State, which: Tensor) -> None:
+        """Finish split layer `layer` in place: MLP half on the rows of examples `which`."""
+        module = self.layers[layer]
+        width = state.hidden.shape[1]
+        for start in range(0, len(which), self.batch_size):
+            sel = which[start : start + self.batch_size]
+            w = int((state.kind[sel] != PAD).sum(dim=1).max())
+            h = state.hidden[sel, width - w :]
+            state.hidden[sel, width - w :] = h + module.mlp(module.post_attention_layernorm(h))
+
+    def _check_split(self, state: _State) -> bool:
+        """Whether attention half + MLP half reproduces layer 0 on the first examples."""
+        first = torch.arange(min(2, self.num_examples), device=self.device)
+        full, _, _ = self._run(0, state, first)
+        half, _, _ = self._run(0, state, first, attention_only=True)
+        part = _State(half, state.kind[first], state.pos[first])
+        self._mlp(0, part, torch.arange(len(first), device=self.device))
+        valid = (part.kind != PAD)[..., None]
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        return bool(torch.allclose(full * valid, part.hidden * valid, rtol=tol, atol=tol))
 
     def _mask(self, layer: int, kind: Tensor, pos: Tensor) -> Tensor:
         """[b, 1, w, w] bool: causal by sequence order, pads never attended (pad rows see self)."""
@@ -483,8 +529,8 @@ class FitSession:
         allowed |= torch.eye(w, dtype=torch.bool, device=kind.device)[None]
         return allowed[:, None]
 
-    def _run_chunk(self, layer: int, hidden: Tensor, kind: Tensor, pos: Tensor):
-        """One decoder layer on a trimmed left-padded chunk, with FitPrune statistics."""
+    def _run_chunk(self, layer: int, hidden: Tensor, kind: Tensor, pos: Tensor, attention_only: bool = False):
+        """One decoder layer (or its attention half) on a trimmed chunk, with statistics."""
         is_vis, is_txt = kind == VISUAL, kind == INSTRUCTION
         scored = is_vis | is_txt
         rows, _ = _left_pack(scored)  # [b, R] indices of T and V rows (right-aligned)
@@ -502,9 +548,13 @@ class FitSession:
         _local.request = req
         try:
             with _stats_attention_on(self.layers[layer : layer + 1]):
-                out = self.layers[layer](
-                    hidden, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin
-                )
+                module = self.layers[layer]
+                kwargs = dict(attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+                if attention_only:
+                    attn = module.self_attn(module.input_layernorm(hidden), **kwargs)[0]
+                    out = hidden + attn
+                else:
+                    out = module(hidden, **kwargs)
         finally:
             _local.request = None
         if isinstance(out, tuple):  # older transformers layers return (hidden, ...)
@@ -512,17 +562,21 @@ class FitSession:
         return out, req.cross, req.self_  # scores of every column; callers mask to visual
 
     # ---------------------------------------------------------------------- the walk
-    def _layer_scores(self, layer: int, state: _State, root: Tensor):
-        """Layer output and scores for the walk state: cached rows for unpruned examples."""
+    def _layer_scores(self, layer: int, state: _State, todo: Tensor):
+        """Layer output and scores for the walk state: cached rows for unpruned examples.
+
+        Examples `todo` are recomputed; with a split layer their output rows are the
+        attention half only (the caller applies the MLP to the rows it keeps).
+        """
         width = state.hidden.shape[1]
-        out = self.root_out[layer][:, -width:]
+        cached = self.root_out[layer]
+        out = cached[:, -width:] if cached is not None else state.hidden
         cross = self.root_cross[layer][:, -width:]
         self_ = self.root_self[layer][:, -width:]
-        todo = (~root).nonzero().flatten()
         if len(todo):
             out, cross, self_ = out.clone(), cross.clone(), self_.clone()
-            out[todo], cross[todo], self_[todo] = self._run(layer, state, todo)
-        return out, cross, self_, len(todo)
+            out[todo], cross[todo], self_[todo] = self._run(layer, state, todo, attention_only=True)
+        return out, cross, self_
 
     @torch.no_grad()
     def walk(
@@ -548,8 +602,9 @@ class FitSession:
         cumulative: list[float] = []
         reduction, met, runs = 0.0, False, 0
         for layer in range(L):
-            out, cross, self_, ran = self._layer_scores(layer, state, root)
-            runs += ran
+            todo = (~root).nonzero().flatten()  # examples that deleted something already
+            out, cross, self_ = self._layer_scores(layer, state, todo)
+            runs += len(todo)
             is_vis = state.kind == VISUAL
             if trace is not None:
                 trace.append((layer, state.kind, state.pos, cross, self_))
@@ -563,16 +618,20 @@ class FitSession:
             kept_s[:, layer] = (mass_s - (self_ * drop).double().sum(1)) / self.orig_self[layer]
             done = cumulative[-1] if cumulative else 0.0
             cumulative.append(done + float((count * weight).mean()))
-            state = _State(out, state.kind, state.pos)
-            if bool(count.any()):
-                state = _compact(state, state.valid & ~drop)
-                root &= count == 0
             reduction = projected_reduction(
                 cumulative, L, info.num_visual_tokens, info.hidden_size, info.intermediate_size
             )
             if budget is not None and reduction >= budget:
                 met = True
                 break
+            if layer == L - 1:
+                break
+            state = _State(out, state.kind, state.pos)
+            if bool(count.any()):
+                state = _compact(state, state.valid & ~drop)
+                root &= count == 0
+            if self._split and len(todo):
+                self._mlp(layer, state, todo)  # kept rows only
         means = [b - a for a, b in zip([0.0, *cumulative], cumulative, strict=False)]
         return Walk(alpha, deleted, means, reduction, met, kept_c, kept_s, runs)
 
@@ -752,6 +811,7 @@ def fit(
     batch_size: int = 8,
     min_keep: int = 1,
     name: str | None = None,
+    strategy: str = "guided",
     progress: bool = False,
 ):
     """Fit a FitPrune recipe for `model` meeting a reference FLOPs `budget` (0.6 = 60 %).
@@ -759,8 +819,11 @@ def fit(
     `calibration` is an iterable of processor outputs (dicts with ``input_ids``,
     ``attention_mask``, ``pixel_values``; any batch size), e.g. from
     :func:`fitprune_fx.calibration.load_question_file`. The model's device and dtype are used.
-    Returns a validated :class:`fitprune_fx.recipe.Recipe` with ``fit`` = {alpha, samples,
-    seconds, ...}.
+    `strategy` is the alpha search (``"guided"`` or the reference's ``"bisect"``, see
+    :meth:`FitSession.search`); `progress` shows a tqdm bar. Returns a validated
+    :class:`fitprune_fx.recipe.Recipe` with ``fit`` = {alpha, samples, seconds, walks, ...}.
+    To fit several budgets on one calibration set, build a :class:`FitSession` once and call
+    its ``recipe(budget)`` per budget (the unpruned pass is then shared).
     """
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget must be a fraction in (0, 1) such as 0.6, got {budget!r}")
@@ -777,7 +840,7 @@ def fit(
             min_keep=min_keep,
             progress=bar.update if bar is not None else None,
         )
-        return session.recipe(budget, tolerance, name=name)
+        return session.recipe(budget, tolerance, name=name, strategy=strategy)
     finally:
         if bar is not None:
             bar.close()
