@@ -73,7 +73,7 @@ class FitpruneBackend:
         try:
             report.result = prune_visual_tokens(
                 candidate,
-                self.recipe.deletions_for,
+                self._deletions_for,
                 _fake_mode(gm),
                 scorer=self.recipe.scorer,
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
@@ -96,6 +96,10 @@ class FitpruneBackend:
         report.action = "pruned"
         log.info("fitprune: %s", report)
         return self._compile(candidate, example_inputs)
+
+    def _deletions_for(self, num_visual: int) -> dict[int, int]:
+        """The recipe scaled to `num_visual`; layers the recipe lists with 0 still score."""
+        return {**dict.fromkeys(self.recipe.prune, 0), **self.recipe.deletions_for(num_visual)}
 
     def _check_recipe_fits(self, gm: fx.GraphModule) -> None:
         """Refuse a recipe made for another model (a user error, so it raises)."""

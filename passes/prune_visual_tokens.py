@@ -40,12 +40,15 @@ def prune_visual_tokens(
 ) -> PruneResult:
     """Rewrite `gm` in place. `deletions_for(n_visual) -> {layer: count}` gives the static plan.
 
+    A layer listed with count 0 still gets scoring and (identity) compaction: that is how the
+    scoring overhead is measured and how tests check that the machinery itself is exact.
+
     Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
     not fit it.
     """
     dec = locate_decoder(gm)
     n = dec.visual_per_example
-    plan = {layer: d for layer, d in sorted(deletions_for(n).items()) if d > 0}
+    plan = dict(sorted(deletions_for(n).items()))
     missing = [layer for layer in plan if layer not in dec.sites]
     if missing:
         raise UnsupportedGraph(

@@ -1,0 +1,58 @@
+"""Run the pass on a captured decoder graph many times without re-tracing the model.
+
+Dynamo tracing a tiny LLaVA costs seconds; property tests need hundreds of recipes. So each
+(model, batch, images, sequence length) is traced once with static shapes (`dynamic=False`: no
+automatic-dynamic cross-talk between captures that share LLaVA's code objects), the original
+decoder graph is kept, and every run applies the current backend to a fresh copy of it. The
+compiled model still goes through Dynamo's calling path (guards, cache write-back, lm_head graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from fitprune_fx.backend import _copy_graph_module
+from fitprune_fx.passes.locate import has_decoder_layers
+
+
+class CapturedDecoder:
+    """A model compiled once whose decoder graph is re-transformed by the backend given to `run`."""
+
+    def __init__(self, model: torch.nn.Module, dynamic: bool | None = False):
+        self.model = model
+        self.backend: Callable | None = None
+        self.version = 0
+        self.calls = 0
+        self.compiled = torch.compile(model, backend=self._capture, dynamic=dynamic)
+
+    def _capture(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        if not has_decoder_layers(gm):
+            return gm.forward
+        entry = {"version": -1, "impl": None}
+
+        def dispatch(*args):
+            if entry["version"] != self.version:  # a new backend: transform a fresh copy
+                entry["impl"] = self.backend(_copy_graph_module(gm), example_inputs)
+                entry["version"] = self.version
+            self.calls += 1
+            return entry["impl"](*args)
+
+        return dispatch
+
+    def run(self, backend: Callable, **inputs):
+        """Run the compiled model with `backend` applied to its decoder graph."""
+        self.backend = backend
+        self.version += 1
+        calls = self.calls
+        with torch.no_grad():
+            out = self.compiled(**inputs)
+        assert self.calls == calls + 1, "the compiled decoder graph did not run (Dynamo fell back?)"
+        return out
+
+
+def plain_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """The unchanged graph, as a backend-shaped callable (the 'original outputs' of a test)."""
+    return gm.forward
