@@ -14,8 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from fitprune_fx.backend import _copy_graph_module
+from fitprune_fx.backend import FitpruneBackend, _copy_graph_module
 from fitprune_fx.passes.locate import has_decoder_layers
+from fitprune_fx.passes.token_ops import select_kept_tokens
 
 
 class CapturedDecoder:
@@ -56,3 +57,25 @@ class CapturedDecoder:
 def plain_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
     """The unchanged graph, as a backend-shaped callable (the 'original outputs' of a test)."""
     return gm.forward
+
+
+class KeptRecorder:
+    """Backend wrapper that records each pruning layer's kept indices (eager graphs only)."""
+
+    def __init__(self, backend: FitpruneBackend):
+        self.backend = backend
+        self.kept: list[torch.Tensor] = []
+
+    def __call__(self, gm, example_inputs):
+        fn = self.backend(gm, example_inputs)
+        graph_module = fn.__self__
+        for node in graph_module.graph.nodes:
+            if node.target is select_kept_tokens:
+                node.target = self._record
+        graph_module.recompile()
+        return graph_module.forward
+
+    def _record(self, scores, visual, num_delete):
+        kept = select_kept_tokens(scores, visual, num_delete)
+        self.kept.append(kept)
+        return kept

@@ -9,12 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fitprune_fx.backend import FitpruneBackend, fitprune_backend
-from fitprune_fx.passes.token_ops import select_kept_tokens
+from fitprune_fx.backend import fitprune_backend
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
-from graph_harness import CapturedDecoder, plain_graph
+from graph_harness import CapturedDecoder, KeptRecorder, plain_graph
 
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
@@ -39,28 +38,6 @@ def captured(name: str, batch: int, images: int, dtype: torch.dtype = torch.floa
 
 
 TEXT = 8  # text tokens around the image(s) in the longest prompt of a batch: fixes the length
-
-
-class KeptRecorder:
-    """Backend wrapper that records each pruning layer's kept indices (eager graphs only)."""
-
-    def __init__(self, backend: FitpruneBackend):
-        self.backend = backend
-        self.kept: list[torch.Tensor] = []
-
-    def __call__(self, gm, example_inputs):
-        fn = self.backend(gm, example_inputs)
-        graph_module = fn.__self__
-        for node in graph_module.graph.nodes:
-            if node.target is select_kept_tokens:
-                node.target = self._record
-        graph_module.recompile()
-        return graph_module.forward
-
-    def _record(self, scores, visual, num_delete):
-        kept = select_kept_tokens(scores, visual, num_delete)
-        self.kept.append(kept)
-        return kept
 
 
 def recipe_for(m, prune: dict[int, int], scorer: str = "fitprune", seed: int = 0) -> Recipe:

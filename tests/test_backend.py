@@ -1,0 +1,166 @@
+"""The backend end to end: Inductor output vs the reference, dynamic lengths, errors and fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from fitprune_fx import ModelInfo, Recipe, RecipeError, fitprune_backend, register_scorer
+from fitprune_fx.reference import reference_prefill
+from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
+from graph_harness import KeptRecorder
+
+
+def recipe_for(m, prune, **kw) -> Recipe:
+    return Recipe(model=ModelInfo.from_config(m.config), prune=prune, **kw)
+
+
+def fresh_compile(m, backend, **kw):
+    torch._dynamo.reset()
+    return torch.compile(m, backend=backend, **kw)
+
+
+def assert_matches_reference(m, inputs, out, prune, **kw):
+    ref = reference_prefill(
+        m, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], prune=prune, **kw
+    )
+    for b in range(inputs["input_ids"].shape[0]):
+        torch.testing.assert_close(out.logits[b], ref.logits[b, ref.kept_final[b]], atol=1e-4, rtol=1e-4)
+    return ref
+
+
+@pytest.mark.parametrize("text_model", ["llama", "qwen2"])
+def test_inductor_output_matches_reference_and_code_compacts(text_model):
+    m = tiny_llava(text_model, seed=1)
+    prune = {0: 4, 1: 6}
+    backend = fitprune_backend(recipe_for(m, prune))
+    inputs = make_inputs(m, [PromptSpec(3, 5), PromptSpec(1, 2)], seed=2)
+    compiled = fresh_compile(m, backend)
+    with torch.no_grad():
+        out, code = run_and_get_code(lambda: compiled(**inputs))
+    assert [r.result.tokens_per_layer for r in backend.pruned_graphs] == [["25", "21", "15", "15"]]
+    assert out.logits.shape[:2] == (2, 15)
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [25, 21, 15]
+    assert_matches_reference(m, inputs, out, prune)
+    decoder_code = "\n".join(c for c in code if "select_kept_tokens" in c)
+    assert "aten.sort.stable" in decoder_code  # selection
+    assert "gather_tokens" in decoder_code  # compaction, fused into the kernels that read it
+
+
+def test_second_prompt_length_goes_symbolic_and_still_prunes():
+    """Dynamo recompiles with a symbolic sequence length; the pass handles it (no fallback)."""
+    m = tiny_llava("llama", seed=3)
+    prune = {1: 5}
+    backend = fitprune_backend(recipe_for(m, prune), compiler="eager")
+    compiled = fresh_compile(m, backend)
+    lengths = []
+    for after in (2, 5, 9):
+        inputs = make_inputs(m, [PromptSpec(2, after), PromptSpec(4, 1)], seed=after)
+        lengths.append(inputs["input_ids"].shape[1])
+        with torch.no_grad():
+            out = compiled(**inputs)
+        assert_matches_reference(m, inputs, out, prune)
+    pruned = backend.pruned_graphs
+    assert len(pruned) == 2, backend.summary()  # static first, then one symbolic recompile
+    assert pruned[0].result.seq_len == str(lengths[0]) and not pruned[1].result.seq_len.isdigit()
+    assert pruned[1].result.tokens_per_layer[2] == f"{pruned[1].result.seq_len} - 5"
+
+
+def test_two_images_scale_recipe_and_image_anywhere():
+    m = tiny_llava("mistral", seed=4)
+    backend = fitprune_backend(recipe_for(m, {0: 3, 2: 5}), compiler="eager")  # counts per 16 tokens
+    prompts = [PromptSpec(0, 3, images=2), PromptSpec(5, 1, images=2, between=4)]
+    inputs = make_inputs(m, prompts, seed=5)
+    with torch.no_grad():
+        out = fresh_compile(m, backend)(**inputs)
+    assert backend.pruned_graphs[0].result.deletions == {0: 6, 2: 10}  # scaled to 32 visual tokens
+    assert_matches_reference(m, inputs, out, {0: 6, 2: 10})
+
+
+def test_named_backend_with_options():
+    m = tiny_llava("llama", seed=5)
+    inputs = make_inputs(m, [PromptSpec(2, 3)], seed=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        m, backend="fitprune", options={"recipe": recipe_for(m, {0: 7}), "compiler": "eager"}
+    )
+    with torch.no_grad():
+        out = compiled(**inputs)
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 7
+    assert_matches_reference(m, inputs, out, {0: 7})
+
+
+def test_user_scorer_function():
+    """A user scorer ranks tokens; this one deletes the visual tokens nearest the end of the image."""
+
+    def prefer_early(inputs):
+        return -torch.arange(inputs.visual.shape[1], dtype=torch.float32).expand_as(inputs.visual)
+
+    m = tiny_llava("llama", seed=6)
+    inputs = make_inputs(m, [PromptSpec(2, 3), PromptSpec(0, 1)], seed=1)
+    recorder = KeptRecorder(fitprune_backend(recipe_for(m, {0: 5}), scorer=prefer_early, compiler="eager"))
+    with torch.no_grad():
+        fresh_compile(m, recorder)(**inputs)
+    for b in range(2):
+        visual = (inputs["input_ids"][b] == IMAGE_TOKEN_ID).nonzero().flatten()
+        expected = sorted(set(range(inputs["input_ids"].shape[1])) - set(visual[-5:].tolist()))
+        assert recorder.kept[0][b].tolist() == expected
+    register_scorer("prefer-early", prefer_early)
+    named = fitprune_backend(recipe_for(m, {0: 5}, scorer="prefer-early"), compiler="eager")
+    assert named.recipe.scorer == "prefer-early"
+
+
+def test_recipe_for_another_model_is_refused_at_compile():
+    m = tiny_llava("llama", seed=0)
+    inputs = make_inputs(m, [PromptSpec(2, 3)], seed=1)
+    backend = fitprune_backend("llava-1.5-7b/60.json", compiler="eager")
+    with pytest.raises(Exception, match=r"hidden size 4096.*hidden size 64.*rescale"):
+        fresh_compile(m, backend)(**inputs)
+
+    other = ModelInfo.from_config(m.config)
+    other.num_layers = 5
+    backend = fitprune_backend(Recipe(model=other, prune={4: 2}), compiler="eager")
+    with pytest.raises(Exception, match=r"5 decoder layers.*has 3"):
+        fresh_compile(m, backend)(**inputs)
+
+
+def test_unknown_scorer_is_refused():
+    m = tiny_llava("llama", seed=0)
+    with pytest.raises(RecipeError, match="not registered"):
+        fitprune_backend(recipe_for(m, {0: 1}, scorer="no-such-scorer"))
+
+
+def test_unsupported_model_compiles_unchanged_with_one_warning():
+    """Eager attention has no sdpa node: the pass refuses, output is the model's, one warning."""
+    m = tiny_llava("llama", seed=8)
+    m.set_attn_implementation("eager")
+    inputs = make_inputs(m, [PromptSpec(2, 3), PromptSpec(0, 1)], seed=1)
+    with torch.no_grad():
+        expected = m(**inputs).logits
+    backend = fitprune_backend(recipe_for(m, {0: 4}), compiler="eager")
+    compiled = fresh_compile(m, backend)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = compiled(**inputs)
+        compiled(**make_inputs(m, [PromptSpec(4, 3), PromptSpec(0, 1)], seed=2))
+    ours = [w for w in caught if "fitprune" in str(w.message)]
+    assert len(ours) == 1 and "WITHOUT pruning" in str(ours[0].message)
+    assert "scaled_dot_product_attention" in str(ours[0].message)
+    torch.testing.assert_close(out.logits, expected)
+    assert not backend.pruned_graphs and "not understood" in backend.summary()
+
+
+def test_decode_graph_is_left_alone():
+    """A graph with decoder layers but no image merge (text-only prompt) compiles unchanged, no warning."""
+    m = tiny_llava("llama", seed=9)
+    ids = torch.randint(4, 100, (1, 7))
+    backend = fitprune_backend(recipe_for(m, {0: 4}), compiler="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            out = fresh_compile(m, backend)(input_ids=ids)
+    assert out.logits.shape[1] == 7
+    assert "no image merge" in backend.summary()
