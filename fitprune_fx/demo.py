@@ -62,7 +62,9 @@ def check_against_reference(model, processor, recipe: Recipe, examples, compiler
     out = torch.compile(model, backend=backend)(**batch)
     n = int((batch["input_ids"][0] == model.config.image_token_id).sum())
     prune = {**dict.fromkeys(recipe.prune, 0), **recipe.deletions_for(n)}
-    ref = reference_prefill(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], prune=prune)
+    ref = reference_prefill(
+        model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], prune=prune
+    )
     err = 0.0
     for b in range(batch["input_ids"].shape[0]):
         real = batch["attention_mask"][b, ref.kept_final[b]].bool()  # padding rows are not compared
@@ -76,8 +78,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_shapes_llava()
-    info_tokens = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    print(f"shapes-llava: {model.config.text_config.num_hidden_layers} decoder layers, {info_tokens**2} visual tokens")
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    layers = model.config.text_config.num_hidden_layers
+    print(f"shapes-llava: {layers} decoder layers, {grid * grid} visual tokens per image")
 
     calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib")
     calib_batches = [b for b, _ in _batches(processor, calibration, args.batch_size)]
@@ -94,7 +97,9 @@ def run_demo(args: argparse.Namespace) -> int:
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=fitprune_backend(r, compiler=args.compiler))
         acc, times = evaluate(compiled, processor, held_out, args.batch_size, label)
-        rows.append((label, acc, statistics.median(times) if times else float("nan"), r.reference_reduction()))
+        rows.append(
+            (label, acc, statistics.median(times) if times else float("nan"), r.reference_reduction())
+        )
 
     base_ms = rows[0][2]
     print(f"\n{'':<16}{'accuracy':>10}{'prefill ms/batch':>18}{'speed-up':>10}{'FLOPs cut':>11}")
