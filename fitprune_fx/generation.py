@@ -23,6 +23,12 @@ columns a pruned layer lacks are pruned prompt tokens, all of which allow attent
 padding columns (which forbid it) come first, so dropping the pruned columns from a decode-mask
 row gives the same row as keeping its first `kv_len` entries. With right padding it would not,
 so pruned `generate` refuses right-padded batches.
+
+Caches: only `DynamicCache` (the default) can hold a different length per layer. The generate
+wrapper refuses `cache_implementation="static"` and any other cache with `UnsupportedCacheError`;
+a direct forward call with a StaticCache is compiled unpruned by the backend, with a warning.
+Decode positions come from layer 0's cache, which always holds the whole prompt, so they
+continue from the original prompt length.
 """
 
 from __future__ import annotations

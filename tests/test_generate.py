@@ -129,6 +129,16 @@ def test_second_generate_reuses_compiled_graphs():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(out.sequences, _reference(model, second, PRUNE))
 
+    # A new prompt length: one prefill recompile with a symbolic length, still pruned; decode reused.
+    third = make_inputs(model, [PromptSpec(6, 4), PromptSpec(1, 2), PromptSpec(0, 9)], seed=6)
+    assert third["input_ids"].shape[1] != first["input_ids"].shape[1]
+    out = _generate(model, third)
+    new = backend.reports[compiled:]
+    assert [r for r in new if r.action == "pruned"] == backend.pruned_graphs[1:]
+    assert len(backend.pruned_graphs) == 2
+    assert not [r for r in new if "no image merge" in r.reason], backend.summary()
+    assert torch.equal(out.sequences, _reference(model, third, PRUNE))
+
 
 def test_static_cache_and_right_padding_are_rejected():
     model = _model()
