@@ -1,0 +1,8 @@
+"""Custom operators used inside compiled graphs (PyTorch reference implementations + Triton kernels).
+
+Importing this package registers `torch.ops.fitprune.visual_attention_mass`.
+"""
+
+from .attention_mass import reduce_mask, torch_attention_mass, visual_attention_mass
+
+__all__ = ["reduce_mask", "torch_attention_mass", "visual_attention_mass"]

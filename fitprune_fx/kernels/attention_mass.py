@@ -1,0 +1,169 @@
+"""`fitprune::visual_attention_mass`: FitPrune's per-token attention mass without the [H, S, S] matrix.
+
+For each example b and key token j, with P[b, h, i, j] the softmax attention probabilities
+(fp32 softmax of `scale * q_h k_{h // G}^T`, masked; G = H / Hkv for grouped-query attention):
+
+    cross[b, j]   = sum over i with instruction[b, i] of  max_h P[b, h, i, j]
+    selfsum[b, j] = sum over i with visual[b, i]      of  max_h P[b, h, i, j]
+
+(the FitPrune score of DESIGN.md section 2 is `cross * selfsum / n`). The max over heads is
+taken before the sum over rows, so neither can be split into per-head matmuls.
+
+The op is one node for Inductor (a fake implementation gives its shapes). Implementations:
+
+* PyTorch (CPU, and the reference): the exact `attention_probs` computation of
+  `passes/scorers.py`, chunked over query rows so that only [B, H, R, S] lives at a time;
+  chunks without a weighted row are skipped (they would add exact zeros).
+* Triton (CUDA, `triton_mass.py`): a log-sum-exp pass, then a tiled pass that recomputes
+  probabilities as exp(logit - lse) per (query block, key block) tile, keeps the running max
+  over heads in registers and reduces rows with the weights. It needs the mask in the form
+  "causal (or none) & per-key validity [B, S]", which `reduce_mask` checks at run time; any
+  other mask falls back to the PyTorch implementation.
+"""
+
+import torch
+from torch import Tensor
+
+# Chunk size of the PyTorch implementation: about this many fp32 elements per [B, H, R, S] temporary.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device: torch.device) -> Tensor:
+    """[B|1, 1|H, S, S] bool: which keys each query may attend to (mask and causality combined).
+
+    Same rule as `passes.scorers.allowed_keys`: an additive float mask masks entries at or below
+    half the dtype minimum (transformers writes dtype-min, not -inf).
+    """
+    if attn_mask is None:
+        allowed = torch.ones((1, 1, seq_len, seq_len), dtype=torch.bool, device=device)
+    elif attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    else:
+        allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    if is_causal:
+        allowed = allowed & torch.ones((seq_len, seq_len), dtype=torch.bool, device=device).tril()
+    return allowed
+
+
+def torch_attention_mass(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    instruction: Tensor,
+    visual: Tensor,
+    scale: float,
+    is_causal: bool,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """PyTorch implementation: (cross [B, S], selfsum [B, S]) fp32, chunked over query rows.
+
+    query [B, H, S, D], key [B, Hkv, S, D]; instruction / visual [B, S] bool row weights.
+    With a single chunk the result is bit-identical to materialising all probabilities.
+    """
+    b, h, s, _ = query.shape
+    batch = instruction.shape[0]
+    k = key.float()
+    if k.shape[1] != h:  # grouped-query attention: each kv head serves h / hkv query heads
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+    k_t = k.transpose(-1, -2)  # [B, H, D, S]
+    allowed = allowed_mask(attn_mask, is_causal, s, query.device)  # [B|1, 1|H, S, S]
+    additive = attn_mask is not None and attn_mask.dtype != torch.bool
+    rows_used = (instruction | visual).any(dim=0)  # [S]: rows that carry weight in some example
+    rows_per_chunk = max(1, chunk_elements // max(1, b * h * s))
+    cross = torch.zeros((batch, s), dtype=torch.float32, device=query.device)
+    selfsum = torch.zeros((batch, s), dtype=torch.float32, device=query.device)
+    for r0 in range(0, s, rows_per_chunk):
+        rows = slice(r0, min(s, r0 + rows_per_chunk))
+        if not bool(rows_used[rows].any()):
+            continue  # every row of this chunk has weight 0: it would add exact zeros
+        logits = (query[:, :, rows].float() @ k_t) * scale  # [B, H, R, S]
+        if additive:
+            logits = logits + attn_mask[:, :, rows].float()
+        logits = logits.masked_fill(~allowed[:, :, rows], float("-inf"))
+        # Fully masked rows (padding queries) give NaN; they carry no weight.
+        probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+        head_max = probs.amax(dim=1)  # [B, R, S]: max over heads first, then rows are summed
+        cross = cross + (head_max * instruction[:, rows].unsqueeze(-1)).sum(dim=1)
+        selfsum = selfsum + (head_max * visual[:, rows].unsqueeze(-1)).sum(dim=1)
+    return cross, selfsum
+
+
+def reduce_mask(
+    attn_mask: Tensor | None, is_causal: bool, rows_used: Tensor, seq_len: int
+) -> tuple[bool, Tensor | None] | None:
+    """(causal, key_valid [B, S] bool or None) equivalent to the mask on the weighted rows, or None.
+
+    Equivalence is only needed on rows that carry weight (`rows_used` [B, S]): a LLaVA prefill
+    mask is `causal & key_valid` there (left padding masks the padded keys; the rows of padding
+    queries, whatever transformers puts in them, have weight 0). Per-head masks, additive masks
+    with values other than 0 / "masked", and any other pattern return None (use PyTorch).
+    """
+    if attn_mask is None:
+        return is_causal, None
+    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or tuple(attn_mask.shape[-2:]) != (seq_len, seq_len):
+        return None
+    allowed = allowed_mask(attn_mask, is_causal, seq_len, attn_mask.device)[:, 0]  # [B|1, S, S]
+    if attn_mask.dtype != torch.bool and bool(torch.where(allowed, attn_mask[:, 0], 0).ne(0).any()):
+        return None  # a real additive bias (e.g. ALiBi) on some allowed entry
+    # Only entries of weighted rows matter: key j is valid if some weighted row may see it (not
+    # the diagonal: old transformers let fully masked padding rows attend everywhere).
+    unused = ~rows_used[:, :, None]  # [B, S, 1]
+    key_valid = (allowed & ~unused).any(dim=1)  # [B, S]
+    tril = torch.ones((seq_len, seq_len), dtype=torch.bool, device=allowed.device).tril()
+    for causal in (True, False):
+        expected = key_valid[:, None, :] & tril if causal else key_valid[:, None, :].expand_as(allowed)
+        if bool(((allowed == expected) | unused).all()):
+            return causal, key_valid
+    return None
+
+
+_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor? attn_mask, Tensor instruction, Tensor visual, "
+    "float scale, bool is_causal) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("fitprune::visual_attention_mass", mutates_args=(), schema=_SCHEMA)
+def visual_attention_mass(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    instruction: Tensor,
+    visual: Tensor,
+    scale: float,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """(cross [B, S], selfsum [B, S]) fp32 attention mass from instruction / visual rows to each key."""
+    return torch_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
+
+
+@visual_attention_mass.register_kernel("cuda")
+def _visual_attention_mass_cuda(query, key, attn_mask, instruction, visual, scale, is_causal):
+    try:
+        from .triton_mass import triton_attention_mass
+    except ImportError:  # triton is an optional dependency
+        return torch_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
+    reduced = reduce_mask(attn_mask, is_causal, instruction | visual, query.shape[2])
+    if reduced is None:
+        return torch_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
+    causal, key_valid = reduced
+    return triton_attention_mass(query, key, key_valid, instruction, visual, scale, causal)
+
+
+@visual_attention_mass.register_fake
+def _visual_attention_mass_fake(query, key, attn_mask, instruction, visual, scale, is_causal):
+    shape = (instruction.shape[0], query.shape[2])
+    return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output)
+
+
+def _backward(ctx, grad_cross, grad_self):
+    return (None,) * 7
+
+
+# The scores only choose which tokens to keep (through a sort), so the op is non-differentiable:
+# its outputs never require grad, which lets AOTAutograd trace models whose weights require grad.
+visual_attention_mass.register_autograd(_backward, setup_context=_setup_context)
