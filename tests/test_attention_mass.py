@@ -218,6 +218,9 @@ def test_reduce_mask_rejects_what_the_kernel_cannot_express():
     assert reduce_mask(hole[None, None], False, rows, s) is None
     rows[0, 4] = False  # ... unless that row carries no weight
     assert reduce_mask(hole[None, None], False, rows, s) is not None
+    full = torch.ones(1, 1, s, s, dtype=torch.bool)  # bidirectional, shared by a batch of 2
+    causal, key_valid = reduce_mask(full, False, torch.ones(2, s, dtype=torch.bool), s)
+    assert not causal and key_valid.shape == (2, s) and key_valid.all()
 
 
 # ---------------------------------------------------------------------------------------------

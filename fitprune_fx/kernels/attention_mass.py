@@ -111,7 +111,7 @@ def reduce_mask(
     key_valid = (allowed & ~unused).any(dim=1)  # [B, S]
     tril = torch.ones((seq_len, seq_len), dtype=torch.bool, device=allowed.device).tril()
     for causal in (True, False):
-        expected = key_valid[:, None, :] & tril if causal else key_valid[:, None, :].expand_as(allowed)
+        expected = key_valid[:, None, :] & tril if causal else key_valid[:, None, :]  # [B, S|1, S]
         if bool(((allowed == expected) | unused).all()):
             return causal, key_valid
     return None
