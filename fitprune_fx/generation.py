@@ -37,13 +37,17 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .backend import FitpruneBackend, fitprune_backend
+from fitprune_fx.passes.locate import layer_index
+
 from .recipe import Recipe
+
+if TYPE_CHECKING:  # backend.py may import this module; import it lazily here
+    from .backend import FitpruneBackend
 
 ATTENTION_NAME = "fitprune_sdpa"
 """Name under which the mask-slicing SDPA wrapper is registered in transformers' interfaces."""
@@ -138,6 +142,31 @@ def check_generate_path(model: nn.Module) -> bool:
     return False
 
 
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+def padded_decode_hint(gm: fx.GraphModule) -> str | None:
+    """A warning for a decoder graph whose decode steps will fail after pruning, else None.
+
+    That is a graph with a padding mask (a left-padded batch) whose attention is not the
+    mask-slicing wrapper: Dynamo's trace of the next decode step will fail on the mask. Found
+    from the stack traces Dynamo records on the attention nodes.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SDPA or layer_index(node) is None:
+            continue
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        trace = node.meta.get("stack_trace")
+        if mask is not None and trace and kv_sliced_sdpa_attention.__name__ not in trace:
+            return (
+                "fitprune: pruned a padded batch, but the model's attention does not cut decode masks to "
+                "each layer's (shorter) cache, so a decode step (generate) will fail in Dynamo's trace; use "
+                "fitprune_fx.compile(model, recipe), or call "
+                "fitprune_fx.generation.enable_pruned_decode(model) before model.compile"
+            )
+    return None
+
+
 def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
     model: nn.Module,
     recipe: Recipe | dict | str | os.PathLike,
@@ -156,6 +185,8 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
             "fitprune_fx.compile needs the model itself, not torch.compile's wrapper (whose .generate "
             "is never compiled): pass wrapper._orig_mod, or the model before torch.compile"
         )
+    from .backend import fitprune_backend
+
     backend = fitprune_backend(recipe, **backend_options)
     enable_pruned_decode(model)
     model.compile(backend=backend)
