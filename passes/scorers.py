@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+import fitprune_fx.kernels  # noqa: F401  (registers torch.ops.fitprune.visual_attention_mass)
+
 
 @dataclass
 class ScoringInputs:
@@ -89,13 +91,16 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
     """
     visual = inputs.visual
     b, s = visual.shape
-    head_max = attention_probs(inputs).amax(dim=1)  # [B, S(query i), S(key j)]
     pos = torch.arange(s, device=visual.device).expand(b, s)
     last_visual = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)  # [B, 1]
     instruction = token_validity(inputs) & ~visual & (pos > last_visual)  # [B, S]
-    cross = (head_max * instruction.unsqueeze(-1)).sum(dim=1)  # [B, S]
+    # One graph node that never holds the [B, H, S, S] probabilities (chunked PyTorch on CPU,
+    # Triton on CUDA): per key j, the head-max probabilities summed over instruction / visual rows.
+    cross, self_sum = torch.ops.fitprune.visual_attention_mass(
+        inputs.query, inputs.key, inputs.attn_mask, instruction, visual, inputs.scale, inputs.is_causal
+    )  # [B, S] each, fp32
     n = visual.sum(dim=1, keepdim=True).clamp(min=1)
-    self_ = (head_max * visual.unsqueeze(-1)).sum(dim=1) / n  # [B, S]
+    self_ = self_sum / n  # [B, S]
     return cross * self_
 
 
