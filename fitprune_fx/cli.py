@@ -2,6 +2,7 @@
 
     fitprune-fx fit --model PATH --data questions.jsonl --images DIR --budget 0.6 -o recipe.json
     fitprune-fx inspect recipe.json [--plot tokens.png] [--visual-tokens N]
+    fitprune-fx inspect recipe.json --config MODEL_DIR --image-size 672x336 [--image-size ...]
 
 Other subcommands plug in through :func:`main`: a module ``fitprune_fx.demo`` that defines
 ``add_demo_parser(subparsers)`` gets its parser added (see the hook in :func:`build_parser`).
@@ -130,9 +131,50 @@ def add_inspect_parser(subparsers) -> None:
         help="show counts scaled to an example with N visual tokens",
     )
     p.add_argument(
+        "--image-size",
+        action="append",
+        default=[],
+        metavar="HxW",
+        help="LLaVA-NeXT: show counts for an image of HEIGHTxWIDTH pixels (repeatable; needs --config)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="model folder or config.json of a LLaVA-NeXT model (for --image-size)",
+    )
+    p.add_argument(
         "--text-tokens", type=int, default=0, metavar="T", help="text tokens for the full FLOPs model"
     )
     p.set_defaults(func=run_inspect)
+
+
+def _parse_image_size(text: str) -> tuple[int, int]:
+    """Parse "672x336" to (672, 336): height x width in pixels."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise CLIError(f"--image-size {text}: give HEIGHTxWIDTH in pixels, e.g. 672x336")
+    return int(parts[0]), int(parts[1])
+
+
+def _next_config(path: str | None):
+    """A LlavaNextConfig from a model folder or a config.json, for --image-size."""
+    if path is None:
+        raise CLIError("--image-size needs --config MODEL_DIR (or config.json) of the LLaVA-NeXT model")
+    from transformers import AutoConfig, LlavaNextConfig
+
+    p = Path(path)
+    if p.is_dir():
+        config = AutoConfig.from_pretrained(p)
+    elif p.is_file():
+        config = LlavaNextConfig.from_json_file(str(p))
+    else:
+        raise CLIError(f"--config {path}: no such folder or file")
+    if getattr(config, "image_grid_pinpoints", None) is None:
+        raise CLIError(
+            f"--config {path}: {type(config).__name__} has no image_grid_pinpoints (not LLaVA-NeXT): its "
+            "visual count does not depend on the image size; use --visual-tokens N instead"
+        )
+    return config
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -145,13 +187,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     n = args.visual_tokens
     if n is not None and n < 1:
         raise CLIError(f"--visual-tokens {n}: give a positive number of visual tokens")
+    sizes = [_parse_image_size(t) for t in args.image_size]
+    if sizes and n is not None:
+        raise CLIError("give --visual-tokens or --image-size, not both")
+    counts: list[tuple[str, int | None]] = [("", n)]
+    if sizes:
+        from fitprune_fx.tiny import next_image_tokens
+
+        config = _next_config(args.config)
+        counts = [(f"image {h}x{w} (height x width)", next_image_tokens(config, h, w)) for h, w in sizes]
     print(recipe.describe())
     if recipe.fit:
         print("fit: " + ", ".join(f"{k} {v}" for k, v in recipe.fit.items()))
-    print()
-    if n is not None:
-        print(f"scaled to {n} visual tokens (deletions scaled proportionally):")
-    print(recipe.flops_report(num_text_tokens=args.text_tokens, num_visual=n))
+    how = "fractions of the tokens present" if recipe.units == "fraction" else "counts scaled proportionally"
+    for label, count in counts:
+        print()
+        if count is not None:
+            where = f"{label}: " if label else ""
+            print(f"{where}{count} visual tokens; deleted per layer {recipe.deletions_for(count)} ({how}):")
+        print(recipe.flops_report(num_text_tokens=args.text_tokens, num_visual=count))
+    n = counts[0][1]
     if args.plot:
         plot_tokens(recipe, args.plot, n)
         print(f"wrote {args.plot}")

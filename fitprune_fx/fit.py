@@ -32,6 +32,12 @@ Interpretations of the spec (documented choices):
   how the calibration set was batched or padded.
 - *Several images / other token counts.* An example with ``n_e`` visual tokens contributes
   ``d * N / n_e`` to a layer's mean, ``N`` = the model's visual tokens per image.
+- *LLaVA-NeXT* (``config.image_grid_pinpoints``): the visual count depends on the image size
+  (base tile + unpadded grid + one newline token per row; the newline tokens are visual tokens
+  here as in the pass). ``N`` is then the mean visual count of the calibration set (recorded as
+  the recipe's ``num_visual_tokens``) and the recipe states fractions (format 2,
+  ``prune_fraction``): ``d_l / N`` of the rounded counts, i.e. per layer the mean share of each
+  example's visual tokens; ``units=`` overrides the choice.
 - *Projected FLOPs.* After layer ``l`` the per-layer means (real numbers) so far form a
   partial recipe; its reference FLOPs (layers <= l as pruned, every later layer at the current
   token count, DESIGN.md's visual-only model) give the projected reduction checked against
@@ -52,6 +58,7 @@ second attention is run for them), and only at the layers a walk visits; fewer e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import threading
 import time
@@ -87,6 +94,11 @@ def _text_model(model: nn.Module) -> nn.Module:
             ".model.language_model.layers (a transformers LlavaForConditionalGeneration)"
         )
     return lm
+
+
+def is_llava_next(model: nn.Module) -> bool:
+    """Whether the model tiles images at any resolution (LLaVA-NeXT): visual counts vary per image."""
+    return getattr(getattr(model, "config", None), "image_grid_pinpoints", None) is not None
 
 
 def _image_token_id(config) -> int:
@@ -401,6 +413,9 @@ class FitSession:
             self.n_visual = (self.start.kind == VISUAL).sum(dim=1)  # [B]
             if int(self.n_visual.min()) == 0:
                 raise ValueError("every calibration example needs at least one image token")
+            if is_llava_next(model):  # no fixed count per image: normalise to the mean count
+                mean = max(1, round(float(self.n_visual.double().mean())))
+                self.info = dataclasses.replace(self.info, num_visual_tokens=mean)
             self._root_pass()
         self.stats_seconds = time.perf_counter() - t0
 
@@ -776,19 +791,30 @@ class FitSession:
         tolerance: float = 0.01,
         name: str | None = None,
         strategy: str = "guided",
+        units: str = "auto",
     ):
-        """Search `budget` and turn the winning walk into a `Recipe`."""
-        from fitprune_fx.recipe import ModelInfo, Recipe
+        """Search `budget` and turn the winning walk into a `Recipe`.
 
+        `units`: ``"count"`` (format 1, ``prune``), ``"fraction"`` (format 2,
+        ``prune_fraction``) or ``"auto"`` (fractions for LLaVA-NeXT, counts otherwise).
+        """
+        from fitprune_fx.recipe import Recipe
+
+        if units not in ("auto", "count", "fraction"):
+            raise ValueError(f"units must be 'auto', 'count' or 'fraction', not {units!r}")
         t0 = time.perf_counter()
         result = self.search(budget, tolerance, strategy)
-        info = self.info if name is None else ModelInfo.from_config(self.model.config, name=name)
+        info = self.info if name is None else dataclasses.replace(self.info, name=name)
         prune = round_cumulative(result.walk.means, info.num_visual_tokens, self.min_keep)
-        recipe = Recipe(model=info, prune=prune, scorer="fitprune", budget=budget)
-        if recipe.reference_reduction() < budget:  # float noise in the slack: strict ceiling
-            recipe.prune = round_cumulative(
-                result.walk.means, info.num_visual_tokens, self.min_keep, slack=0.0
+        if Recipe(model=info, prune=prune).reference_reduction() < budget:  # float noise in the slack
+            prune = round_cumulative(result.walk.means, info.num_visual_tokens, self.min_keep, slack=0.0)
+        fractions = units == "fraction" or (units == "auto" and is_llava_next(self.model))
+        if fractions:
+            recipe = Recipe.from_fractions(
+                info, _as_fractions(prune, info.num_visual_tokens), scorer="fitprune", budget=budget
             )
+        else:
+            recipe = Recipe(model=info, prune=prune, scorer="fitprune", budget=budget)
         seconds = self.stats_seconds + time.perf_counter() - t0
         recipe.flops_reduction = round(recipe.reference_reduction(), 4)
         recipe.fit = {
@@ -802,6 +828,19 @@ class FitSession:
         return recipe
 
 
+def _as_fractions(prune: dict[int, int], num_visual: int) -> dict[int, float]:
+    """Fractions ``d / N`` (6 decimals when that still gives the same counts at ``N``)."""
+    from fitprune_fx.recipe import _fraction_counts
+
+    for digits in (6, None):
+        out = {
+            k: (d / num_visual if digits is None else round(d / num_visual, digits)) for k, d in prune.items()
+        }
+        if _fraction_counts(out, num_visual) == prune:
+            return out
+    raise AssertionError("fractions d / N do not reproduce the counts")  # pragma: no cover
+
+
 def fit(
     model: nn.Module,
     calibration: Iterable[Mapping[str, Tensor]],
@@ -813,6 +852,7 @@ def fit(
     name: str | None = None,
     strategy: str = "guided",
     progress: bool = False,
+    units: str = "auto",
 ):
     """Fit a FitPrune recipe for `model` meeting a reference FLOPs `budget` (0.6 = 60 %).
 
@@ -820,7 +860,9 @@ def fit(
     ``attention_mask``, ``pixel_values``; any batch size), e.g. from
     :func:`fitprune_fx.calibration.load_question_file`. The model's device and dtype are used.
     `strategy` is the alpha search (``"guided"`` or the reference's ``"bisect"``, see
-    :meth:`FitSession.search`); `progress` shows a tqdm bar. Returns a validated
+    :meth:`FitSession.search`); `progress` shows a tqdm bar. `units` picks counts (format 1) or
+    fractions of the visual tokens present (format 2; the default for LLaVA-NeXT, whose visual
+    count depends on the image size; calibration items then carry ``image_sizes``). Returns a validated
     :class:`fitprune_fx.recipe.Recipe` with ``fit`` = {alpha, samples, seconds, walks, ...}.
     To fit several budgets on one calibration set, build a :class:`FitSession` once and call
     its ``recipe(budget)`` per budget (the unpruned pass is then shared).
@@ -840,7 +882,7 @@ def fit(
             min_keep=min_keep,
             progress=bar.update if bar is not None else None,
         )
-        return session.recipe(budget, tolerance, name=name, strategy=strategy)
+        return session.recipe(budget, tolerance, name=name, strategy=strategy, units=units)
     finally:
         if bar is not None:
             bar.close()

@@ -1,9 +1,20 @@
 """Pruning recipes: how many visual tokens to delete after each decoder layer.
 
 A recipe is fitted once per model and FLOPs budget and stored as versioned JSON (DESIGN.md
-section 3). Counts are given for an example with ``model.num_visual_tokens`` visual tokens; an
-example with a different count (several images, another resolution) gets the counts scaled
-proportionally by :meth:`Recipe.deletions_for`. Every problem with a recipe raises
+section 3). Two ways to state the deletions:
+
+- ``"prune"`` (formats 1 and 2): counts for an example with ``model.num_visual_tokens`` visual
+  tokens; an example with a different count (several images, another resolution) gets the
+  counts scaled proportionally by :meth:`Recipe.deletions_for`.
+- ``"prune_fraction"`` (format ``fitprune-recipe/2`` only): per layer, the fraction of the
+  visual tokens the example *entered the decoder with* that is deleted after that layer. Made for
+  LLaVA-NeXT, whose visual count depends on the image size. The pass turns fractions into static
+  counts for the count it finds in the graph: ``D_l = floor(F_l * n + 1/2)`` with ``F_l`` the
+  running sum of the fractions (exact decimal arithmetic on the JSON numbers), ``d_l = D_l -
+  D_(l-1)``; so the total never exceeds ``n`` and a layer may get 0 for a small ``n``.
+
+A recipe is written with the lowest format that can express it (counts: version 1, fractions:
+version 2), so version-1 files round-trip unchanged. Every problem with a recipe raises
 :class:`RecipeError`, whose message says what is wrong and how to fix it.
 """
 
@@ -14,6 +25,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,7 +37,8 @@ from fitprune_fx.flops import (
 )
 
 FORMAT = "fitprune-recipe/1"
-SUPPORTED_FORMATS = (FORMAT,)
+FORMAT_V2 = "fitprune-recipe/2"  # adds "prune_fraction"
+SUPPORTED_FORMATS = (FORMAT, FORMAT_V2)
 SHIPPED_PACKAGE = "fitprune_fx.recipes"
 
 _MODEL_REQUIRED = ("name", "num_layers", "num_visual_tokens", "hidden_size", "intermediate_size")
@@ -36,6 +49,7 @@ _RECIPE_KEYS = (
     "scorer",
     "scorer_options",
     "prune",
+    "prune_fraction",
     "budget",
     "flops_reduction",
     "fit",
@@ -166,6 +180,21 @@ def _scale_cumulative(items: list[tuple[int, int]], old: int, new: int) -> dict[
     return out
 
 
+def _fraction_counts(fractions: dict[int, float], num_visual: int) -> dict[int, int]:
+    """Per-layer counts for ``num_visual`` tokens from per-layer fractions (every layer kept).
+
+    ``D_l = floor(F_l * n + 1/2)`` on the exact decimal values of the running sums ``F_l``.
+    """
+    out: dict[int, int] = {}
+    running, prev = Fraction(0), 0
+    for layer in sorted(fractions):
+        running += Fraction(str(fractions[layer]))
+        total = int(running * num_visual + Fraction(1, 2))  # floor: non-negative operand
+        out[layer] = total - prev
+        prev = total
+    return out
+
+
 def _parse_layer_key(key: Any) -> int:
     """A JSON layer key ("2") or an int; anything else is a RecipeError."""
     if _is_int(key):
@@ -223,9 +252,55 @@ class Recipe:
     flops_reduction: float | None = None
     fit: dict | None = None
     scorer_options: dict = field(default_factory=dict)
+    prune_fraction: dict[int, float] | None = None  # format 2: fractions; `prune` is then derived
 
     def __post_init__(self) -> None:
+        if self.prune_fraction is not None:
+            self._validate_fractions()
+            derived = _fraction_counts(self.prune_fraction, self.model.num_visual_tokens)
+            if self.prune and self.prune != derived:
+                raise RecipeError(
+                    "a recipe states deletions either as counts (prune) or as fractions "
+                    "(prune_fraction), not both: drop prune, it is derived from prune_fraction"
+                )
+            self.prune = derived  # counts at model.num_visual_tokens (describe, FLOPs)
         self.validate()
+
+    @classmethod
+    def from_fractions(cls, model: ModelInfo, fractions: dict[int, float], **fields: Any) -> Recipe:
+        """A format-2 recipe deleting ``fractions[l]`` of the visual tokens present after layer l."""
+        return cls(model=model, prune={}, prune_fraction=dict(fractions), **fields)
+
+    @property
+    def units(self) -> str:
+        """``"fraction"`` for a prune_fraction recipe, else ``"count"``."""
+        return "count" if self.prune_fraction is None else "fraction"
+
+    def _validate_fractions(self) -> None:
+        fractions = self.prune_fraction
+        if not isinstance(fractions, dict):
+            raise RecipeError(
+                f'recipe "prune_fraction" must map layer -> fraction, got {type(fractions).__name__}: '
+                'write it as {"2": 0.15, "3": 0.1}'
+            )
+        num_layers = self.model.num_layers
+        for layer, value in fractions.items():
+            if not _is_int(layer) or not 0 <= layer < num_layers:
+                raise RecipeError(
+                    f"prune_fraction layer {layer!r} is not a decoder layer: use 0-based layer "
+                    f"numbers 0..{num_layers - 1}"
+                )
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise RecipeError(
+                    f"prune_fraction for layer {layer} is {value!r}: give the fraction in [0, 1] of the "
+                    "visual tokens present at the decoder input that is deleted after that layer"
+                )
+        total = sum((Fraction(str(v)) for v in fractions.values()), Fraction(0))
+        if total > 1:
+            raise RecipeError(
+                f"prune_fraction deletes {float(total):.4g} of the visual tokens in total: the "
+                "fractions must sum to at most 1"
+            )
 
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -329,6 +404,8 @@ class Recipe:
                 f"recipe has unknown keys {unknown}: allowed are {', '.join(_RECIPE_KEYS)} "
                 '(free-form provenance belongs in "fit")'
             )
+        if "prune_fraction" in d:
+            return cls._from_fraction_dict(d)
         for key in ("model", "prune"):
             if key not in d:
                 example = '{"2": 89, "3": 36}' if key == "prune" else "{...}"
@@ -348,6 +425,40 @@ class Recipe:
         return cls(
             model=ModelInfo.from_dict(d["model"]),
             prune=parsed,
+            scorer=d.get("scorer", "fitprune"),
+            budget=d.get("budget"),
+            flops_reduction=d.get("flops_reduction"),
+            fit=d.get("fit"),
+            scorer_options=d.get("scorer_options", {}),
+        )
+
+    @classmethod
+    def _from_fraction_dict(cls, d: dict) -> Recipe:
+        """A ``prune_fraction`` recipe (format 2 only, no ``prune`` beside it)."""
+        if d["format"] != FORMAT_V2:
+            raise RecipeError(
+                f'"prune_fraction" needs "format": "{FORMAT_V2}" (this recipe says {d["format"]!r}): '
+                'change the format, or state counts in "prune" instead'
+            )
+        if "prune" in d:
+            raise RecipeError('recipe has both "prune" and "prune_fraction": keep one (counts or fractions)')
+        if "model" not in d:
+            raise RecipeError('recipe has no "model" field: add "model": {...}')
+        fractions = d["prune_fraction"]
+        if not isinstance(fractions, dict):
+            raise RecipeError(
+                f'recipe "prune_fraction" must map layer -> fraction, got {type(fractions).__name__}: '
+                'write it as {"2": 0.15, "3": 0.1}'
+            )
+        parsed: dict[int, float] = {}
+        for key, value in fractions.items():
+            layer = _parse_layer_key(key)
+            if layer in parsed:
+                raise RecipeError(f"prune_fraction layer {layer} appears twice: keep one entry per layer")
+            parsed[layer] = value
+        return cls.from_fractions(
+            ModelInfo.from_dict(d["model"]),
+            parsed,
             scorer=d.get("scorer", "fitprune"),
             budget=d.get("budget"),
             flops_reduction=d.get("flops_reduction"),
@@ -389,13 +500,16 @@ class Recipe:
     def to_dict(self) -> dict:
         """The JSON layout; layer keys as strings in numeric order, absent fields omitted."""
         out: dict[str, Any] = {
-            "format": FORMAT,
+            "format": FORMAT if self.prune_fraction is None else FORMAT_V2,
             "model": self.model.to_dict(),
             "scorer": self.scorer,
         }
         if self.scorer_options:
             out["scorer_options"] = dict(self.scorer_options)
-        out["prune"] = {str(layer): self.prune[layer] for layer in sorted(self.prune)}
+        if self.prune_fraction is None:
+            out["prune"] = {str(layer): self.prune[layer] for layer in sorted(self.prune)}
+        else:
+            out["prune_fraction"] = {str(k): self.prune_fraction[k] for k in sorted(self.prune_fraction)}
         for key in ("budget", "flops_reduction", "fit"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -414,10 +528,14 @@ class Recipe:
         """Per-layer deletions for an example with ``num_visual`` visual tokens.
 
         Proportional scaling with cumulative rounding: the total never exceeds ``num_visual``,
-        and at the native count the recipe comes back unchanged (zero entries dropped).
+        and at the native count the recipe comes back unchanged (zero entries dropped). A
+        fraction recipe rounds its running fractions of ``num_visual`` (module docstring).
         """
         if not _is_int(num_visual) or num_visual < 0:
             raise RecipeError(f"num_visual must be an integer >= 0, got {num_visual!r}")
+        if self.prune_fraction is not None:
+            counts = _fraction_counts(self.prune_fraction, num_visual)
+            return {layer: d for layer, d in counts.items() if d}
         return _scale_cumulative(list(self.prune.items()), self.model.num_visual_tokens, num_visual)
 
     def tokens_per_layer(self, num_visual: int | None = None) -> list[int]:
@@ -432,22 +550,25 @@ class Recipe:
         then counts are scaled to ``info.num_visual_tokens`` by cumulative rounding. The
         reference FLOPs reduction is recomputed for the new model; the budget is kept as intent.
         """
+        fit: dict[str, Any] = {"rescaled_from": self.model.name}
+        if self.fit:
+            fit["original_fit"] = self.fit
+        options = dict(self.scorer_options)
+        common = dict(scorer=self.scorer, budget=self.budget, fit=fit, scorer_options=options)
+        if self.prune_fraction is not None:  # fractions need no count scaling: only layers move
+            fractions: dict[int, Fraction] = {}
+            for layer, value in self.prune_fraction.items():
+                target = layer * info.num_layers // self.model.num_layers
+                fractions[target] = fractions.get(target, Fraction(0)) + Fraction(str(value))
+            out = Recipe.from_fractions(info, {k: float(v) for k, v in fractions.items()}, **common)
+            out.flops_reduction = round(out.reference_reduction(), 4)
+            return out
         merged: dict[int, int] = {}
         for layer, count in self.prune.items():
             target = layer * info.num_layers // self.model.num_layers
             merged[target] = merged.get(target, 0) + count
         prune = _scale_cumulative(list(merged.items()), self.model.num_visual_tokens, info.num_visual_tokens)
-        fit: dict[str, Any] = {"rescaled_from": self.model.name}
-        if self.fit:
-            fit["original_fit"] = self.fit
-        out = Recipe(
-            model=info,
-            prune=prune,
-            scorer=self.scorer,
-            budget=self.budget,
-            fit=fit,
-            scorer_options=dict(self.scorer_options),
-        )
+        out = Recipe(model=info, prune=prune, **common)
         out.flops_reduction = round(out.reference_reduction(), 4)
         return out
 
@@ -487,8 +608,13 @@ class Recipe:
             f"hidden {h}, MLP {inter}",
             f"scorer {self.scorer}, budget {budget}, FLOPs reduction "
             f"{100 * self.reference_reduction():.2f}% (reference model, visual tokens){recorded}",
-            f"{'layer':>5} {'deleted':>7} {'visual left':>11} {'FLOPs % of unpruned':>19}",
         ]
+        if self.prune_fraction is not None:
+            lines.append(
+                "deletions are fractions of the visual tokens present at the decoder input "
+                f"(format 2); counts below are for {m.num_visual_tokens} visual tokens"
+            )
+        lines.append(f"{'layer':>5} {'deleted':>7} {'visual left':>11} {'FLOPs % of unpruned':>19}")
         total_share = 0.0
         for layer in range(m.num_layers):
             share = 100 * reference_layer_flops(tokens[layer], tokens[layer + 1], h, inter) / unpruned

@@ -91,21 +91,30 @@ def _rope_function(attn: nn.Module) -> Callable:
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
-def _embed_prompt(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+def _embed_prompt(
+    model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None = None
+) -> Tensor:
     """Token embeddings with the image features scattered into the image-token rows: [B, S, C].
 
     Same steps as LlavaModel.forward: vision tower + projector via get_image_features, then
     masked_scatter of the features (in order) into the positions holding image_token_id.
+    LLaVA-NeXT (`image_sizes` given): the model's own get_image_features tiles, unpads and
+    appends the image_newline rows (pack_image_features), so each image contributes a
+    size-dependent number of rows; every one of them, newlines included, is a visual token.
     """
     config = model.config
     embeds = model.model.get_input_embeddings()(input_ids)  # [B, S, C]
     if pixel_values is None:
         return embeds
+    if getattr(config, "image_grid_pinpoints", None) is not None and image_sizes is None:
+        raise ValueError("a LLaVA-NeXT model needs image_sizes ([num_images, 2], height and width)")
+    extra = {} if image_sizes is None else {"image_sizes": image_sizes}
     out = model.model.get_image_features(
         pixel_values=pixel_values,
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         return_dict=True,
+        **extra,
     )
     features = getattr(out, "pooler_output", out)  # list of [N_img, C] (or a stacked tensor)
     if isinstance(features, (list, tuple)):
@@ -216,6 +225,7 @@ def _prefill(
     scorer: str,
     scorer_options: dict | None,
     position_ids: Tensor | None,
+    image_sizes: Tensor | None = None,
 ) -> tuple[ReferenceResult, list[_LayerKV], Tensor]:
     """The pruned prefill; also returns the per-layer caches and the last row's logits [B, V]."""
     if scorer not in SCORERS:
@@ -238,7 +248,7 @@ def _prefill(
     position_ids = position_ids.to(device).expand(B, S)
 
     # State of the current (compacted) sequence, one row per token still present:
-    h = _embed_prompt(model, input_ids, pixel_values)  # [B, L, C] residual stream
+    h = _embed_prompt(model, input_ids, pixel_values, image_sizes)  # [B, L, C] residual stream
     index = torch.arange(S, device=device).expand(B, S)  # [B, L] original position of each row
     pos = position_ids  # [B, L] RoPE position ids
     valid = attention_mask.bool()  # [B, L] not padding
@@ -320,14 +330,24 @@ def reference_prefill(
     scorer: str = "fitprune",
     scorer_options: dict | None = None,
     position_ids: Tensor | None = None,
+    image_sizes: Tensor | None = None,
 ) -> ReferenceResult:
     """Pruned prefill of a LLaVA model; `prune` maps layer -> visual tokens deleted per example.
 
     position_ids defaults to 0..S-1 for every row, like calling the model directly; pass
     `attention_mask.cumsum(-1) - 1` to get what `generate` uses with left padding.
+    `image_sizes` ([num_images, 2]) is required for LLaVA-NeXT models.
     """
     result, _, _ = _prefill(
-        model, input_ids, pixel_values, attention_mask, prune, scorer, scorer_options, position_ids
+        model,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        prune,
+        scorer,
+        scorer_options,
+        position_ids,
+        image_sizes,
     )
     return result
 
@@ -352,6 +372,7 @@ def reference_generate(
     scorer_options: dict | None = None,
     eos_token_id: int | None = None,
     output_logits: bool = False,
+    image_sizes: Tensor | None = None,
 ) -> torch.LongTensor | tuple[torch.LongTensor, Tensor]:
     """Greedy decoding after a pruned prefill, with its own decode loop: [B, S + max_new_tokens].
 
@@ -361,13 +382,22 @@ def reference_generate(
     With eos_token_id, finished rows are filled with the pad token and decoding stops early
     once every row has finished (then the output is shorter), as generate does.
     With output_logits, also returns the logits each new token was chosen from: [B, new, V].
+    `image_sizes` ([num_images, 2]) is required for LLaVA-NeXT models.
     """
     B, S = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prompt_pos = generate_position_ids(attention_mask)
     _, caches, last_logits = _prefill(
-        model, input_ids, pixel_values, attention_mask, prune, scorer, scorer_options, prompt_pos
+        model,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        prune,
+        scorer,
+        scorer_options,
+        prompt_pos,
+        image_sizes,
     )
     text = _text_model(model)
     pad = model.config.text_config.pad_token_id

@@ -126,7 +126,148 @@ def make_inputs(
         attention_mask[b, length - len(r) :] = 1
     vc = model.config.vision_config
     total_images = sum(p.images for p in prompts)
-    pixel_values = torch.randn(
-        (total_images, 3, vc.image_size, vc.image_size), generator=g
-    ).to(model.dtype)
+    pixel_values = torch.randn((total_images, 3, vc.image_size, vc.image_size), generator=g).to(model.dtype)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA-NeXT (any-resolution tiling): the visual count depends on the image size
+
+NEXT_GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+"""Tile layouts (height, width) of the tiny NeXT model: 1x2, 2x1, 2x2, 1x3 and 3x1 tiles of 32."""
+
+
+def tiny_llava_next(
+    text_model: str = "llama",
+    num_layers: int = 3,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 128,
+    image_size: int = 32,
+    patch_size: int = 8,
+    grid_pinpoints: list[list[int]] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A LlavaNextForConditionalGeneration with the decoder of :func:`tiny_llava`.
+
+    Tiles are ``image_size`` pixels square with ``(image_size / patch_size)^2`` tokens each; the
+    visual count of an image (base tile + unpadded grid + one newline token per grid row) depends
+    on its size through ``grid_pinpoints`` (default :data:`NEXT_GRID_PINPOINTS`); see
+    :func:`next_image_tokens`.
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    plain = tiny_llava(
+        text_model,
+        num_layers,
+        hidden_size,
+        num_heads,
+        num_kv_heads,
+        intermediate_size,
+        vocab_size,
+        image_size,
+        patch_size,
+        seed=seed,
+    )
+    config = LlavaNextConfig(
+        vision_config=plain.config.vision_config.to_dict(),
+        text_config=plain.config.text_config.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[list(p) for p in (grid_pinpoints or NEXT_GRID_PINPOINTS)],
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    config.vision_config.model_type = "clip_vision_model"
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:  # distinct scores, as in tiny_llava
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model.to(dtype).eval()
+
+
+def next_image_tokens(config, height: int, width: int) -> int:
+    """Visual tokens a LLaVA-NeXT image of ``height x width`` pixels puts in the prompt.
+
+    Arithmetic of ``LlavaNextModel.pack_image_features`` (``spatial_unpad``): the base tile,
+    then the grid of the best-fitting ``image_grid_pinpoints`` layout with the rows or columns
+    that only hold letterbox padding removed, plus one ``image_newline`` token per remaining row.
+    ``config`` is a ``LlavaNextConfig``.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size  # tokens per tile side
+    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    best_h, best_w = select_best_resolution((height, width), config.image_grid_pinpoints)
+    rows, cols = best_h // vc.image_size * side, best_w // vc.image_size * side
+    if width / height > cols / rows:  # wider than the grid: padding rows top and bottom
+        kept = int(round(height * (cols / width), 7))
+        rows -= 2 * ((rows - kept) // 2)
+    else:
+        kept = int(round(width * (rows / height), 7))
+        cols -= 2 * ((cols - kept) // 2)
+    return base + rows * (cols + 1)
+
+
+def next_num_tiles(config, height: int, width: int) -> int:
+    """Tiles (base + grid) the vision tower sees for a ``height x width`` image."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution((height, width), config.image_grid_pinpoints)
+    return 1 + (best_h // config.vision_config.image_size) * (best_w // config.vision_config.image_size)
+
+
+def make_next_inputs(
+    model,
+    prompts: list[PromptSpec],
+    image_sizes: list[tuple[int, int]],
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Left-padded inputs for a LLaVA-NeXT batch: one ``(height, width)`` per image, in order.
+
+    ``pixel_values`` is ``[num_images, max_tiles, 3, tile, tile]`` (random pixels, unused tiles
+    zero), ``image_sizes`` is ``[num_images, 2]``; each image gets :func:`next_image_tokens`
+    image tokens. No image processor is needed.
+    """
+    config = model.config
+    total_images = sum(p.images for p in prompts)
+    if len(image_sizes) != total_images:
+        raise ValueError(f"{total_images} images in the prompts but {len(image_sizes)} image sizes")
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    counts = [next_image_tokens(config, h, w) for h, w in image_sizes]
+    rows, image = [], 0
+    for p in prompts:
+        ids: list[int] = [1]
+        ids += torch.randint(4, vocab, (p.before,), generator=g).tolist()
+        for i in range(p.images):
+            if i:
+                ids += torch.randint(4, vocab, (p.between,), generator=g).tolist()
+            ids += [IMAGE_TOKEN_ID] * counts[image]
+            image += 1
+        ids += torch.randint(4, vocab, (p.after,), generator=g).tolist()
+        rows.append(ids)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, length - len(r) :] = torch.tensor(r)
+        attention_mask[b, length - len(r) :] = 1
+    tile = config.vision_config.image_size
+    tiles = [next_num_tiles(config, h, w) for h, w in image_sizes]
+    pixel_values = torch.zeros(total_images, max(tiles), 3, tile, tile)
+    for i, n in enumerate(tiles):
+        pixel_values[i, :n] = torch.randn((n, 3, tile, tile), generator=g)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values.to(model.dtype),
+        "image_sizes": torch.tensor(image_sizes, dtype=torch.long),
+    }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 # `...language_model.layers.3`, `...language_model.layers[3]`, `...language_model.layers['3']`.
 # The CLIP tower also has `encoder.layers.N`, so the `language_model` part is required.
@@ -30,6 +31,13 @@ class UnsupportedGraph(Exception):
 
 class NoVisualTokens(UnsupportedGraph):
     """A decoder graph without an image merge (text-only prompt, decode step): nothing to prune."""
+
+
+class UnevenVisualTokens(ValueError):
+    """The examples of a batch carry different visual-token counts: a user error, so it raises.
+
+    The same condition is asserted at run time when the total happens to split evenly.
+    """
 
 
 @dataclass
@@ -219,11 +227,16 @@ def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
         raise UnsupportedGraph("symbolic batch size; compile with a fixed batch size")
     num_visual = features.numel() // hidden
     if isinstance(num_visual, torch.SymInt):
-        raise UnsupportedGraph("the number of visual tokens is symbolic (image count varies)")
+        # Dynamo made the count dynamic (image count or LLaVA-NeXT image size changed). The recipe
+        # needs a static count: specialize on this one with a guard, so each distinct count gets
+        # its own graph (up to torch._dynamo.config.recompile_limit); the length stays symbolic.
+        num_visual = guard_int(num_visual)
     if num_visual % batch:
-        raise UnsupportedGraph(
-            f"{num_visual} visual tokens do not split evenly over a batch of {batch}: every example "
-            "must carry the same number of images; batch prompts with equal image counts"
+        raise UnevenVisualTokens(
+            f"fitprune: {num_visual} visual tokens do not split evenly over a batch of {batch}: the "
+            "pruned graph needs the same visual count in every example (same image count and, for "
+            "LLaVA-NeXT, image sizes that give the same count); call the model with batch 1, or "
+            "batch only prompts whose images give the same visual count"
         )
 
     graph = to_networkx(gm.graph)

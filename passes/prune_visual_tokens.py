@@ -60,7 +60,7 @@ def prune_visual_tokens(
 
     graph = gm.graph
     with graph.inserting_after(dec.merge):
-        visual = graph.call_function(visual_token_mask, (dec.image_mask,))
+        visual = graph.call_function(visual_token_mask, (dec.image_mask, n))
     inserted = [visual]
     shared = {t: t.node for t in dec.per_token}
     present = n

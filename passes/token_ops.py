@@ -37,6 +37,19 @@ def gather_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor
     return torch.gather(x, dim, kept.reshape(index_shape).expand(out_shape))
 
 
-def visual_token_mask(image_mask: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool visual-token mask from the image merge's mask ([B, S, 1] or [B, S, D])."""
-    return (image_mask[..., 0] if image_mask.dim() == 3 else image_mask).bool()
+def visual_token_mask(image_mask: torch.Tensor, per_example: int | None = None) -> torch.Tensor:
+    """[B, S] bool visual-token mask from the image merge's mask ([B, S, 1] or [B, S, D]).
+
+    With `per_example`, asserts at run time that every example has exactly that many visual
+    tokens (the recipe was turned into static counts for it).
+    """
+    visual = (image_mask[..., 0] if image_mask.dim() == 3 else image_mask).bool()
+    if per_example is not None:
+        torch._assert_async(
+            (visual.sum(dim=1) == per_example).all(),
+            "fitprune: the examples of this batch carry different numbers of visual tokens (different "
+            "image counts, or LLaVA-NeXT images whose sizes give different counts); the pruned graph "
+            "needs the same count in every example: call the model with batch 1, or batch only prompts "
+            "whose images give the same visual count",
+        )
+    return visual
