@@ -198,7 +198,8 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
 
 def _checked_generate(model: nn.Module, generate: Callable, backend: FitpruneBackend) -> Callable:
     """`generate` with the checks a pruned prefill needs before, and the backend check after."""
-    deletes = any(d > 0 for d in backend.recipe.prune.values())
+    fractions = getattr(backend.recipe, "prune_fraction", None) or {}
+    deletes = any(d > 0 for d in backend.recipe.prune.values()) or any(f > 0 for f in fractions.values())
 
     @functools.wraps(generate)
     def checked(*args: Any, **kwargs: Any) -> Any:
