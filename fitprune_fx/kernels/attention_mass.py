@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 # Chunk size of the PyTorch implementation: about this many fp32 elements per [B, H, R, S] temporary.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 21
 
 
 def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device: torch.device) -> Tensor:
