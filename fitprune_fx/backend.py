@@ -131,10 +131,20 @@ class FitpruneBackend:
         return [r for r in self.reports if r.action == "pruned"]
 
     def summary(self) -> str:
-        """One line per graph compiled so far: what was pruned, or why not."""
+        """One line per graph compiled so far (what was pruned, or why not), then a pruned-graph count."""
         if not self.reports:
             return "fitprune: no graph compiled yet (is the model compiled and called?)"
-        return "\n".join(str(r) for r in self.reports)
+        lines = [str(r) for r in self.reports]
+        counts = [r.result.visual_tokens for r in self.pruned_graphs]
+        if counts:
+            import torch._dynamo
+
+            lines.append(
+                f"{len(counts)} pruned decoder graph(s) for {len(set(counts))} visual count(s) "
+                f"{sorted(set(counts))}; each new count (image count, LLaVA-NeXT image size) compiles one "
+                f"more, up to torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}"
+            )
+        return "\n".join(lines)
 
 
 def fitprune_backend(
