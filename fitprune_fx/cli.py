@@ -199,12 +199,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(recipe.describe())
     if recipe.fit:
         print("fit: " + ", ".join(f"{k} {v}" for k, v in recipe.fit.items()))
-    how = "fractions of the tokens present" if recipe.units == "fraction" else "counts scaled proportionally"
+    fractions = recipe.units == "fraction"
+    how = "fractions of the tokens present" if fractions else "deletions scaled proportionally"
     for label, count in counts:
         print()
-        if count is not None:
-            where = f"{label}: " if label else ""
-            print(f"{where}{count} visual tokens; deleted per layer {recipe.deletions_for(count)} ({how}):")
+        if label:
+            print(f"{label}: {count} visual tokens; deleted per layer {recipe.deletions_for(count)} ({how}):")
+        elif count is not None:
+            print(f"scaled to {count} visual tokens ({how}):")
         print(recipe.flops_report(num_text_tokens=args.text_tokens, num_visual=count))
     n = counts[0][1]
     if args.plot:

@@ -241,8 +241,10 @@ def test_three_image_sizes_one_graph_per_visual_count(fresh_dynamo):
         assert out.logits.shape[1] == inputs["input_ids"].shape[1] - sum(prune.values())
         torch.testing.assert_close(out.logits[0], ref.logits[0, ref.kept_final[0]], atol=1e-4, rtol=1e-4)
     counts = [r.result.visual_tokens for r in backend.pruned_graphs]
-    assert counts == [52, 88, 68], backend.summary()  # revisited counts reuse their graph
-    assert "3 pruned decoder graph(s) for 3 visual count(s) [52, 68, 88]" in backend.summary()
+    # One graph per count; a revisited count reuses one (transformers 5.23: [52, 88, 68]; 5.17 adds a
+    # symbolic-length graph for 52 at the last size, whose static-length graph came first).
+    assert counts[:3] == [52, 88, 68] and set(counts[3:]) <= {52}, backend.summary()
+    assert "for 3 visual count(s) [52, 68, 88]" in backend.summary()
     assert not [r for r in backend.reports if "not understood" in r.reason]
 
 
@@ -305,8 +307,8 @@ def test_cli_inspect_at_image_sizes(tmp_path, capsys):
     args = ["inspect", str(path), "--config", str(tmp_path / "model")]
     assert cli_main([*args, "--image-size", "32x64", "--image-size", "64x64"]) == 0
     out = capsys.readouterr().out
-    assert "image 32x64 (height x width): 52 visual tokens; deleted per layer {0: 13, 1: 10}" in out
-    assert "image 64x64 (height x width): 88 visual tokens; deleted per layer {0: 22, 1: 18}" in out
+    assert "image 32x64 (height x width): 52 visual tokens; deleted per layer {0: 13, 1: 10} (frac" in out
+    assert "image 64x64 (height x width): 88 visual tokens; deleted per layer {0: 22, 1: 18} (frac" in out
     assert cli_main(["inspect", str(path), "--image-size", "32x64"]) == 2
     assert "needs --config" in capsys.readouterr().err
     assert cli_main([*args, "--image-size", "32*64"]) == 2
