@@ -26,6 +26,7 @@ from fitprune_fx.passes.locate import (
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.scorers import SCORERS, register_scorer
 
+from .generation import padded_decode_hint
 from .recipe import Recipe, RecipeError
 
 log = logging.getLogger("fitprune_fx")
@@ -60,6 +61,7 @@ class FitpruneBackend:
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph uncompiled
     reports: list[GraphReport] = field(default_factory=list)
     _warned: bool = False
+    _warned_decode: bool = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
@@ -94,6 +96,10 @@ class FitpruneBackend:
             log.warning("fitprune: %s", report)
             return self._compile(gm, example_inputs)
         report.action = "pruned"
+        hint = padded_decode_hint(gm)
+        if hint and not self._warned_decode:
+            warnings.warn(hint, stacklevel=2)
+            self._warned_decode = True
         log.info("fitprune: %s", report)
         return self._compile(candidate, example_inputs)
 
@@ -133,7 +139,11 @@ class FitpruneBackend:
     def summary(self) -> str:
         """One line per graph compiled so far (what was pruned, or why not), then a pruned-graph count."""
         if not self.reports:
-            return "fitprune: no graph compiled yet (is the model compiled and called?)"
+            return (
+                "fitprune: no graph compiled yet. If you called .generate on torch.compile(model, ...)'s "
+                "result, the backend is never reached: use fitprune_fx.compile(model, recipe) or "
+                "model.compile(backend=...) (in place)"
+            )
         lines = [str(r) for r in self.reports]
         counts = [r.result.visual_tokens for r in self.pruned_graphs]
         if counts:
