@@ -1,0 +1,53 @@
+"""Smoke test of benchmarks/speed.py: it runs, prints the tables, and the pruned variants pruned.
+
+No timing is asserted: the CI machine is shared and the quick model is tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "speed.py"),
+        "--quick",
+        "--compiler", "eager",  # Inductor's C++ compile would take minutes here
+        "--recipes", "50", "70",
+        "--repeats", "1",
+        "--vision-repeats", "0",
+        "--decode-recipes", "70",
+        "--decode-repeats", "1",
+        "--decode-warmup", "0",
+        "--new-tokens", "2",
+        "--json", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = proc.stdout
+
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
+    assert {"unpruned", "score-only", "50", "70"} <= rows
+    assert any(line.startswith("| scoring (score-only vs unpruned prefill)") for line in table.splitlines())
+    assert "decode throughput, 70 vs unpruned" in table
+    assert "Machine:" in table and "576 visual" in table
+
+    results = json.loads(out.read_text())
+    for name in ("unpruned", "score-only", "50", "70"):
+        assert results["pruned_graphs"][name] == 1, results["reports"][name]
+    # The recipes really deleted tokens; scoring alone and the empty recipe kept every token.
+    prompt = results["sizes"]["prompt_tokens"]
+    for name in ("50", "70"):
+        kept = results["kept_tokens"][name]
+        assert kept[0] == prompt and kept[-1] < prompt, results["reports"][name]
+    assert results["kept_tokens"]["70"][-1] < results["kept_tokens"]["50"][-1]
+    for name in ("unpruned", "score-only"):
+        assert set(results["kept_tokens"][name]) == {prompt}
+    assert results["decode"]["70"]["pruned_graphs"] >= 1
