@@ -224,7 +224,9 @@ def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
         raise UnsupportedGraph("image merge output is not [batch, seq, hidden]")
     batch, seq_len, hidden = embeds.shape
     if isinstance(batch, torch.SymInt):
-        raise UnsupportedGraph("symbolic batch size; compile with a fixed batch size")
+        # A new batch size made Dynamo's batch dim dynamic. Per-example counts need it static:
+        # specialize with a guard, so each batch size gets its own graph (bounded like counts).
+        batch = guard_int(batch)
     num_visual = features.numel() // hidden
     if isinstance(num_visual, torch.SymInt):
         # Dynamo made the count dynamic (image count or LLaVA-NeXT image size changed). The recipe

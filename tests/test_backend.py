@@ -164,3 +164,17 @@ def test_decode_graph_is_left_alone():
             out = fresh_compile(m, backend)(input_ids=ids)
     assert out.logits.shape[1] == 7
     assert "no image merge" in backend.summary()
+
+
+def test_new_batch_sizes_keep_pruning():
+    """A new batch size makes Dynamo's batch dim dynamic; the pass specializes it and still prunes."""
+    m = tiny_llava("llama", seed=10)
+    backend = fitprune_backend(recipe_for(m, {1: 5}), compiler="eager")
+    compiled = fresh_compile(m, backend)
+    for prompts in ([PromptSpec(2, 3)], [PromptSpec(2, 3), PromptSpec(4, 1)], [PromptSpec(0, 2)] * 3):
+        inputs = make_inputs(m, prompts, seed=len(prompts))
+        with torch.no_grad():
+            out = compiled(**inputs)
+        assert_matches_reference(m, inputs, out, {1: 5})
+    assert "not understood" not in backend.summary()
+    assert len(backend.pruned_graphs) >= 3
