@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -121,9 +122,15 @@ def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) 
     }
 
 
-def make_recipes(info: ModelInfo, names: list[str]) -> dict[str, Recipe]:
-    """unpruned, score-only (the 60 recipe's layers, count 0) and the shipped recipes rescaled."""
+def make_recipes(info: ModelInfo, names: list[str], compaction_only: bool = False) -> dict[str, Recipe]:
+    """unpruned, score-only (the 60 recipe's layers, count 0) and the shipped recipes rescaled.
+
+    With `compaction_only`, also "<name>-random": the same counts with the `random` scorer, i.e.
+    the compaction without attention scoring (separates scoring cost from compaction cost).
+    """
     shipped = {n: Recipe.load(f"llava-1.5-7b/{n}.json").rescaled_to(info) for n in names}
+    if compaction_only:
+        shipped.update({f"{n}-random": dataclasses.replace(shipped[n], scorer="random") for n in names})
     score_layers = Recipe.load("llava-1.5-7b/60.json").rescaled_to(info).prune
     recipes = {
         UNPRUNED: Recipe(model=info, prune={}),
@@ -347,7 +354,7 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], names: list[str]
         "| measured / ideal | measured / ideal (full) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in [UNPRUNED, SCORE_ONLY, *names]:
+    for name in [UNPRUNED, SCORE_ONLY, *(n for n in recipes if n not in (UNPRUNED, SCORE_ONLY))]:
         recipe = recipes[name]
         report = recipe.flops_report(num_text_tokens=num_text)
         r_ref, r_full = recipe.reference_reduction(), report.full_reduction
@@ -474,6 +481,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vision-repeats", type=int, default=5, help="eager vision-tower timings for its share (0 skips)"
     )
+    p.add_argument(
+        "--compaction-only",
+        action="store_true",
+        help="also time each recipe with the random scorer (compaction cost without scoring)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CI-sized smoke run: 2 tiny layers, few repeats")
     p.add_argument("--json", type=Path, default=None, help="also write all measurements here")
@@ -514,7 +526,7 @@ def main(argv: list[str] | None = None) -> Results:
     model = build_model(args)
     inputs = make_prompt(model, args)
     info = ModelInfo.from_config(model.config, name=f"speed-bench-{args.layers}x{args.hidden}")
-    recipes = make_recipes(info, args.recipes)
+    recipes = make_recipes(info, args.recipes, args.compaction_only)
     num_text = inputs["input_ids"].shape[1] - info.num_visual_tokens
     results = Results(
         machine=machine_info(args.device),
