@@ -155,8 +155,8 @@ def test_torch_op_matches_naive_full_matrix(case, chunk):
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=cases(dtypes=(torch.float32,)))
 def test_op_on_cpu_is_the_torch_implementation_and_fitprune_score_is_unchanged(case):
-    """The registered op dispatches to PyTorch on CPU, and `fitprune_score` gives bit for bit the
-    scores of the former materialising formula (one chunk at these sizes)."""
+    """The registered op dispatches to PyTorch on CPU, and `fitprune_score` gives the scores of the
+    materialising formula (up to fp32 summation order: the op sums rows with one bmm)."""
     op = torch.ops.fitprune.visual_attention_mass(*case.args())
     for a, e in zip(op, torch_attention_mass(*case.args()), strict=True):
         assert torch.equal(a, e)
@@ -170,7 +170,7 @@ def test_op_on_cpu_is_the_torch_implementation_and_fitprune_score_is_unchanged(c
     cross = (head_max * instruction.unsqueeze(-1)).sum(dim=1)
     n = visual.sum(dim=1, keepdim=True).clamp(min=1)
     before = cross * ((head_max * visual.unsqueeze(-1)).sum(dim=1) / n)
-    assert torch.equal(fitprune_score(inputs), before)
+    torch.testing.assert_close(fitprune_score(inputs), before, rtol=1e-5, atol=1e-7)
 
 
 def test_opcheck():

@@ -61,31 +61,36 @@ def torch_attention_mass(
     With a single chunk the result is bit-identical to materialising all probabilities.
     """
     b, h, s, _ = query.shape
-    batch = instruction.shape[0]
     k = key.float()
     if k.shape[1] != h:  # grouped-query attention: each kv head serves h / hkv query heads
         k = k.repeat_interleave(h // k.shape[1], dim=1)
     k_t = k.transpose(-1, -2)  # [B, H, D, S]
     allowed = allowed_mask(attn_mask, is_causal, s, query.device)  # [B|1, 1|H, S, S]
     additive = attn_mask is not None and attn_mask.dtype != torch.bool
+    shared_mask = allowed.shape[1] == 1  # one mask for all heads: NaN rows are NaN in every head
+    weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
     rows_used = (instruction | visual).any(dim=0)  # [S]: rows that carry weight in some example
+    first = int(rows_used.to(torch.int8).argmax()) if bool(rows_used.any()) else s  # earlier rows: weight 0
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * s))
-    cross = torch.zeros((batch, s), dtype=torch.float32, device=query.device)
-    selfsum = torch.zeros((batch, s), dtype=torch.float32, device=query.device)
-    for r0 in range(0, s, rows_per_chunk):
+    mass = torch.zeros((weights.shape[0], 2, s), dtype=torch.float32, device=query.device)
+    for r0 in range(first, s, rows_per_chunk):
         rows = slice(r0, min(s, r0 + rows_per_chunk))
         if not bool(rows_used[rows].any()):
             continue  # every row of this chunk has weight 0: it would add exact zeros
-        logits = (query[:, :, rows].float() @ k_t) * scale  # [B, H, R, S]
+        # One additive bias at [B|1, 1|H, R, S] instead of a broadcast masked_fill over all heads.
+        bias = torch.zeros(allowed[:, :, rows].shape, device=query.device)
+        bias.masked_fill_(~allowed[:, :, rows], float("-inf"))
         if additive:
-            logits = logits + attn_mask[:, :, rows].float()
-        logits = logits.masked_fill(~allowed[:, :, rows], float("-inf"))
-        # Fully masked rows (padding queries) give NaN; they carry no weight.
-        probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
-        head_max = probs.amax(dim=1)  # [B, R, S]: max over heads first, then rows are summed
-        cross = cross + (head_max * instruction[:, rows].unsqueeze(-1)).sum(dim=1)
-        selfsum = selfsum + (head_max * visual[:, rows].unsqueeze(-1)).sum(dim=1)
-    return cross, selfsum
+            bias = bias + attn_mask[:, :, rows].float()
+        logits = torch.matmul(query[:, :, rows].float(), k_t).mul_(scale).add_(bias)  # [B, H, R, S]
+        probs = logits.softmax(dim=-1)
+        if not shared_mask:  # a per-head mask can fully mask a row in some heads only
+            probs = torch.nan_to_num(probs, nan=0.0)
+        # Max over heads first, then rows are summed; fully masked rows (padding queries) give
+        # NaN, cleared here on [B, R, S] rather than on [B, H, R, S]. They carry no weight.
+        head_max = torch.nan_to_num(probs.amax(dim=1), nan=0.0)  # [B, R, S]
+        mass = mass + torch.bmm(weights[:, :, rows].expand(head_max.shape[0], -1, -1), head_max)
+    return mass[:, 0].clone(), mass[:, 1].clone()  # separate outputs: a custom op may not alias
 
 
 def reduce_mask(
