@@ -79,3 +79,34 @@ class KeptRecorder:
         kept = select_kept_tokens(scores, visual, num_delete)
         self.kept.append(kept)
         return kept
+
+
+def compose_kept(kept_per_layer: list[torch.Tensor], seq_len: int, batch: int) -> list[list[torch.Tensor]]:
+    """Original positions kept after each pruning layer, from per-layer indices into the current sequence."""
+    pos = torch.arange(seq_len).expand(batch, seq_len)
+    out = []
+    for kept in kept_per_layer:
+        pos = torch.gather(pos, 1, kept)
+        out.append([pos[b] for b in range(batch)])
+    return out
+
+
+def assert_pass_matches_reference(
+    inputs: dict, out, recorder: KeptRecorder, ref, prune: dict[int, int]
+) -> None:
+    """Kept sets equal the reference's after every pruning layer; text is never deleted; logits at
+    the kept positions equal the reference's (fp32, atol 1e-4)."""
+    from fitprune_fx.tiny import IMAGE_TOKEN_ID
+
+    batch, seq_len = inputs["input_ids"].shape
+    ours = compose_kept(recorder.kept, seq_len, batch)
+    assert len(ours) == len(ref.kept[0]) == len(prune)
+    for step in range(len(prune)):
+        for b in range(batch):
+            assert torch.equal(ours[step][b], ref.kept[b][step]), f"pruning step {step}, example {b}"
+    for b in range(batch):
+        final = ours[-1][b]
+        text = (inputs["input_ids"][b] != IMAGE_TOKEN_ID).nonzero().flatten()
+        assert set(text.tolist()) <= set(final.tolist()), "a text token was deleted"
+        assert len(final) == seq_len - sum(prune.values())
+        torch.testing.assert_close(out.logits[b], ref.logits[b, final], atol=1e-4, rtol=1e-4)

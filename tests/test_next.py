@@ -17,14 +17,13 @@ from fitprune_fx.cli import main as cli_main
 from fitprune_fx.generation import compile as fitprune_compile
 from fitprune_fx.reference import reference_generate, reference_prefill
 from fitprune_fx.tiny import (
-    IMAGE_TOKEN_ID,
     PromptSpec,
     make_next_inputs,
     next_image_tokens,
     next_num_tiles,
     tiny_llava_next,
 )
-from graph_harness import CapturedDecoder, KeptRecorder, plain_graph
+from graph_harness import CapturedDecoder, KeptRecorder, assert_pass_matches_reference, plain_graph
 
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
@@ -61,16 +60,6 @@ def inputs_for(case: str, seed: int) -> dict[str, torch.Tensor]:
 
 def info() -> ModelInfo:
     return ModelInfo.from_config(model().config)
-
-
-def compose_kept(kept_per_layer: list[torch.Tensor], seq_len: int, batch: int) -> list[list[torch.Tensor]]:
-    """Original positions kept after each pruning layer (from indices into the current sequence)."""
-    pos = torch.arange(seq_len).expand(batch, seq_len)
-    out = []
-    for kept in kept_per_layer:
-        pos = torch.gather(pos, 1, kept)
-        out.append([pos[b] for b in range(batch)])
-    return out
 
 
 def reference(inputs: dict, prune: dict[int, int], **kw):
@@ -205,17 +194,7 @@ def test_pass_equals_eager_reference_for_random_fraction_recipes(case, seed, fra
     assert recorder.backend.pruned_graphs[0].result.deletions == dict(sorted(prune.items()))
     ref = reference(inputs, prune)
 
-    batch, seq_len = inputs["input_ids"].shape
-    ours = compose_kept(recorder.kept, seq_len, batch)
-    for step in range(len(prune)):
-        for b in range(batch):
-            assert torch.equal(ours[step][b], ref.kept[b][step]), f"step {step}, example {b}"
-    for b in range(batch):
-        final = ours[-1][b]
-        text = (inputs["input_ids"][b] != IMAGE_TOKEN_ID).nonzero().flatten()
-        assert set(text.tolist()) <= set(final.tolist()), "a text token was deleted"
-        assert len(final) == seq_len - sum(prune.values())
-        torch.testing.assert_close(out.logits[b], ref.logits[b, final], atol=1e-4, rtol=1e-4)
+    assert_pass_matches_reference(inputs, out, recorder, ref, prune)
 
 
 # ------------------------------------------------------------------ Dynamo path, end to end

@@ -13,7 +13,13 @@ from fitprune_fx.backend import fitprune_backend
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
-from graph_harness import CapturedDecoder, KeptRecorder, plain_graph
+from graph_harness import (
+    CapturedDecoder,
+    KeptRecorder,
+    assert_pass_matches_reference,
+    compose_kept,
+    plain_graph,
+)
 
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
@@ -84,16 +90,6 @@ def run_pass(name, prompts, seed, prune, scorer="fitprune", dtype=torch.float32)
     return m, inputs, out, recorder, dict(sorted(applied.items()))
 
 
-def compose_kept(kept_per_layer: list[torch.Tensor], seq_len: int, batch: int) -> list[list[torch.Tensor]]:
-    """Original positions kept after each pruning layer, from per-layer indices into the current sequence."""
-    pos = torch.arange(seq_len).expand(batch, seq_len)
-    out = []
-    for kept in kept_per_layer:
-        pos = torch.gather(pos, 1, kept)
-        out.append([pos[b] for b in range(batch)])
-    return out
-
-
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), case=batches())
 def test_zero_recipe_reproduces_original_outputs_exactly(data, case):
@@ -124,18 +120,7 @@ def test_pass_equals_eager_reference_for_random_recipes(data, case):
         m, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], prune=prune
     )
 
-    batch, seq_len = inputs["input_ids"].shape
-    ours = compose_kept(recorder.kept, seq_len, batch)
-    assert len(ours) == len(ref.kept[0]) == len(prune)
-    for step in range(len(prune)):
-        for b in range(batch):
-            assert torch.equal(ours[step][b], ref.kept[b][step]), f"layer step {step}, example {b}"
-    for b in range(batch):
-        final = ours[-1][b]
-        text = (inputs["input_ids"][b] != IMAGE_TOKEN_ID).nonzero().flatten()
-        assert set(text.tolist()) <= set(final.tolist()), "a text token was deleted"
-        assert len(final) == seq_len - sum(prune.values())
-        torch.testing.assert_close(out.logits[b], ref.logits[b, final], atol=1e-4, rtol=1e-4)
+    assert_pass_matches_reference(inputs, out, recorder, ref, prune)
     # Caches: layers up to and including a pruning layer hold what entered them; later ones less.
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     assert lengths == [t for t in ref.tokens_per_layer[0][:-1]]
