@@ -1,17 +1,14 @@
-"""The ``fitprune-fx`` command line: ``fit`` a recipe, ``inspect`` one (and ``demo``, if present).
+"""The ``fitprune-fx`` command line: ``fit`` a recipe, ``inspect`` one, run the ``demo``.
 
     fitprune-fx fit --model PATH --data questions.jsonl --images DIR --budget 0.6 -o recipe.json
     fitprune-fx inspect recipe.json [--plot tokens.png] [--visual-tokens N]
     fitprune-fx inspect recipe.json --config MODEL_DIR --image-size 672x336 [--image-size ...]
 
-Other subcommands plug in through :func:`main`: a module ``fitprune_fx.demo`` that defines
-``add_demo_parser(subparsers)`` gets its parser added (see the hook in :func:`build_parser`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -253,14 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     add_fit_parser(subparsers)
     add_inspect_parser(subparsers)
-    # --- HOOK: further subcommands -------------------------------------------------------
-    # `fitprune_fx.demo` (owned elsewhere) adds `demo` by defining add_demo_parser(subparsers);
-    # its parser must set_defaults(func=callable(args) -> exit status).
-    if importlib.util.find_spec("fitprune_fx.demo") is not None:
-        from fitprune_fx.demo import add_demo_parser
+    from fitprune_fx.demo import add_demo_parser  # heavy imports only when the CLI runs
 
-        add_demo_parser(subparsers)
-    # --------------------------------------------------------------------------------------
+    add_demo_parser(subparsers)
     return parser
 
 
