@@ -228,9 +228,11 @@ def plot_tokens(recipe, path: str, num_visual: int | None = None) -> None:
     ax.axhline(tokens[0], color="gray", linestyle="--", linewidth=1, label=f"input: {tokens[0]}")
     budget = "" if recipe.budget is None else f", budget {100 * recipe.budget:g}%"
     ax.set_title(
-        f"{recipe.model.name}: {recipe.scorer}{budget}, "
-        f"{100 * recipe.reference_reduction():.1f}% FLOPs saved (reference model)"
+        f"{recipe.model.name}: {recipe.scorer}{budget}\n"
+        f"{100 * recipe.reference_reduction():.1f}% FLOPs saved (reference model)",
+        fontsize=10,
     )
+    ax.set_xticks(layers)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("visual tokens kept")
     ax.set_ylim(0, tokens[0] * 1.08)
