@@ -159,8 +159,9 @@ def padded_decode_hint(gm: fx.GraphModule) -> str | None:
         trace = node.meta.get("stack_trace")
         if mask is not None and trace and kv_sliced_sdpa_attention.__name__ not in trace:
             return (
-                "fitprune: pruned a padded batch, but the model's attention does not cut decode masks to "
-                "each layer's (shorter) cache, so a decode step (generate) will fail in Dynamo's trace; use "
+                "fitprune: pruned a graph with an attention mask (a padded batch), but the model's "
+                "attention does not cut decode masks to each layer's (shorter) cache, so a decode step "
+                "(generate) will fail in Dynamo's trace; use "
                 "fitprune_fx.compile(model, recipe), or call "
                 "fitprune_fx.generation.enable_pruned_decode(model) before model.compile"
             )
