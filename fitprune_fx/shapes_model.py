@@ -85,8 +85,13 @@ def build_model(
     vision_layers: int = 2,
     vision_hidden: int = 64,
     seed: int = 0,
+    rope_theta: float = 1e6,
 ) -> LlavaForConditionalGeneration:
-    """Untrained shapes-llava: tiny CLIP tower + 2-layer projector + Llama decoder."""
+    """Untrained shapes-llava: tiny CLIP tower + 2-layer projector + Llama decoder.
+
+    A large `rope_theta` keeps most rotary frequencies slow over the ~160-token prompt, so a
+    question word can match visual tokens by content whatever their distance.
+    """
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
@@ -105,6 +110,7 @@ def build_model(
         num_key_value_heads=num_heads,
         vocab_size=len(SPECIALS) + len(synthetic.VOCAB),
         max_position_embeddings=256,
+        rope_theta=rope_theta,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,

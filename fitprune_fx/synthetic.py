@@ -1,11 +1,12 @@
 """Synthetic visual QA on "shapes" images, used to train and evaluate `shapes-llava`.
 
 An image is 48x48 pixels: a 3x3 grid of 16x16 cells on a dark background. Each occupied cell
-holds one shape (a kind and a colour) drawn in its centre, so with 4x4-pixel patches a cell is
-4x4 = 16 visual tokens and a shape mostly covers the middle 2x2 of them. Questions need either
-one cell ("what colour is the shape in row 2 column 3 ?"), counting over the whole image
-("how many red shapes are there ?") or a global search ("is there a blue circle ?"). Every
-answer is a single word of a fixed vocabulary (see `VOCAB`).
+holds one shape (a kind and a colour) of 8x8 pixels drawn in its centre, so with 4x4-pixel
+patches a cell is 4x4 = 16 visual tokens and a shape covers exactly the middle 2x2 of them. Each cell has a
+one-word name (`CELL_NAMES`, e.g. "top-left"). Questions need either one cell ("what colour is
+the shape at top-left ?", "what shape is at centre ?") or counting over the whole image ("how
+many red shapes are there ?", "how many circles are there ?", "how many shapes are there ?").
+Every answer is a single word of a fixed vocabulary (see `VOCAB`).
 
 Everything is driven by a `random.Random`, so a seed fixes a dataset; `make_dataset` derives
 different seeds for the "train" and "test" splits.
@@ -32,17 +33,22 @@ COLOURS = {
     "yellow": (230, 210, 40),
 }
 KINDS = ("circle", "square", "triangle", "cross")
-PLURAL = {k: k + "s" for k in KINDS}
-MIN_SHAPES, MAX_SHAPES = 2, 7
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+MIN_SHAPES, MAX_SHAPES = 2, 6
+SHAPE_SIZE = 8  # pixels: exactly the middle 2x2 patches of a cell, so every shape is 4 tokens
+# One word per cell, row-major: a position question is a single lookup, not row+column.
+CELL_NAMES = (
+    "top-left", "top", "top-right",
+    "left", "centre", "right",
+    "bottom-left", "bottom", "bottom-right",
+)  # fmt: skip
 
-# Question kinds and how often they are drawn.
+# Question kinds and how often they are drawn (the harder kinds are drawn more often).
 QUESTION_WEIGHTS = {
     "cell_colour": 0.25,  # one cell decides the answer
-    "cell_kind": 0.25,
-    "count_colour": 0.15,  # counting over all cells
-    "count_kind": 0.1,
-    "count_all": 0.1,
-    "exists": 0.15,  # global search for one colour+kind pair
+    "cell_kind": 0.3,
+    "count_colour": 0.25,  # counting over all cells
+    "count_all": 0.2,
 }
 
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -57,23 +63,19 @@ VOCAB = (
         "is",
         "the",
         "shape",
-        "in",
-        "row",
-        "column",
+        "at",
         "how",
         "many",
         "shapes",
         "are",
         "there",
-        "a",
         "?",
-        "yes",
-        "no",
     ]
     + [str(i) for i in range(10)]
     + list(COLOURS)
     + list(KINDS)
     + list(PLURAL.values())
+    + list(CELL_NAMES)
 )
 
 
@@ -88,8 +90,9 @@ class Example:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: tuple, x0: int, y0: int) -> None:
-    """Draw a shape of about 10x10 pixels with top-left corner (x0, y0)."""
-    s = 10
+    """Draw a shape of SHAPE_SIZE x SHAPE_SIZE pixels with top-left corner (x0, y0)."""
+    s = SHAPE_SIZE
+    t = s // 3  # cross arm half-width offset
     if kind == "circle":
         draw.ellipse([x0, y0, x0 + s - 1, y0 + s - 1], fill=colour)
     elif kind == "square":
@@ -97,8 +100,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: tuple, x0: int, y0
     elif kind == "triangle":
         draw.polygon([(x0 + s / 2, y0), (x0, y0 + s - 1), (x0 + s - 1, y0 + s - 1)], fill=colour)
     elif kind == "cross":
-        draw.rectangle([x0 + 3, y0, x0 + 6, y0 + s - 1], fill=colour)
-        draw.rectangle([x0, y0 + 3, x0 + s - 1, y0 + 6], fill=colour)
+        draw.rectangle([x0 + t, y0, x0 + s - 1 - t, y0 + s - 1], fill=colour)
+        draw.rectangle([x0, y0 + t, x0 + s - 1, y0 + s - 1 - t], fill=colour)
     else:
         raise ValueError(f"unknown shape kind {kind!r}")
 
@@ -111,23 +114,25 @@ def make_scene(rng: random.Random) -> dict[tuple[int, int], tuple[str, str]]:
 
 
 def render(scene: dict[tuple[int, int], tuple[str, str]], rng: random.Random) -> Image.Image:
-    """RGB image of a scene; each shape is jittered by up to 1 pixel inside its cell."""
+    """RGB image of a scene; each shape sits in the middle 8x8 pixels (2x2 patches) of its cell."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
+    margin = (CELL - SHAPE_SIZE) // 2  # 4 pixels = one patch
     for (r, c), (colour, kind) in scene.items():
-        x0 = c * CELL + 3 + rng.randint(-1, 1)
-        y0 = r * CELL + 3 + rng.randint(-1, 1)
+        x0 = c * CELL + margin
+        y0 = r * CELL + margin
         _draw_shape(draw, kind, COLOURS[colour], x0, y0)
     return img
 
 
-def ask(scene: dict[tuple[int, int], tuple[str, str]], rng: random.Random, qkind: str):
+def ask(scene: dict[tuple[int, int], tuple[str, str]], rng: random.Random, qkind: str) -> tuple[str, str]:
     """(question, answer) of kind `qkind` about `scene`."""
     if qkind in ("cell_colour", "cell_kind"):
         (r, c), (colour, kind) = rng.choice(sorted(scene.items()))
+        name = CELL_NAMES[r * GRID + c]
         if qkind == "cell_colour":
-            return f"what colour is the shape in row {r + 1} column {c + 1} ?", colour
-        return f"what shape is in row {r + 1} column {c + 1} ?", kind
+            return f"what colour is the shape at {name} ?", colour
+        return f"what shape is at {name} ?", kind
     if qkind == "count_colour":
         colour = rng.choice(list(COLOURS))
         n = sum(v[0] == colour for v in scene.values())
@@ -138,14 +143,6 @@ def ask(scene: dict[tuple[int, int], tuple[str, str]], rng: random.Random, qkind
         return f"how many {PLURAL[kind]} are there ?", str(n)
     if qkind == "count_all":
         return "how many shapes are there ?", str(len(scene))
-    if qkind == "exists":
-        # Half the time ask about a pair that is present, so "yes" and "no" are balanced.
-        if rng.random() < 0.5:
-            colour, kind = rng.choice(sorted(scene.values()))
-        else:
-            colour, kind = rng.choice(list(COLOURS)), rng.choice(KINDS)
-        answer = "yes" if (colour, kind) in scene.values() else "no"
-        return f"is there a {colour} {kind} ?", answer
     raise ValueError(f"unknown question kind {qkind!r}")
 
 
@@ -156,6 +153,7 @@ def make_example(rng: random.Random, qkind: str | None = None) -> tuple[Image.Im
 
 
 def _make(rng: random.Random, qkind: str | None = None) -> Example:
+    """Random scene, its image and one question (of a random kind unless `qkind` is given)."""
     if qkind is None:
         qkind = rng.choices(list(QUESTION_WEIGHTS), weights=list(QUESTION_WEIGHTS.values()))[0]
     scene = make_scene(rng)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from fitprune_fx import shapes_model, synthetic
@@ -47,24 +48,43 @@ def test_prompt_tokens(shipped):
     assert tok.padding_side == "left"
 
 
-TARGET_ACCURACY = 0.9  # issue requirement for the unpruned model
-SHIPPED_FLOOR = 0.45  # what the committed weights reach (chance is about 0.3); guards loading
+TARGET_ACCURACY = 0.9  # requirement for the unpruned model
+SHIPPED_FLOOR = 0.8  # what the committed weights reach on this set; guards loading and preprocessing
 
 
 @pytest.fixture(scope="module")
-def held_out_accuracy(shipped):
+def held_out():
+    return synthetic.make_dataset(128, seed=123, split="test")
+
+
+@pytest.fixture(scope="module")
+def held_out_accuracy(shipped, held_out):
     model, processor = shipped
-    examples = synthetic.make_dataset(128, seed=123, split="test")
-    return shapes_model.answer_accuracy(model, processor, examples, batch_size=64)
+    return shapes_model.answer_accuracy(model, processor, held_out, batch_size=64)
 
 
 def test_held_out_accuracy_above_shipped_floor(held_out_accuracy):
     assert held_out_accuracy >= SHIPPED_FLOOR
 
 
-@pytest.mark.xfail(reason="committed weights are under-trained (20 min on a shared CPU); retrain")
+@pytest.mark.xfail(reason="count-of-colour questions stay at 0.4-0.5 after the 20 min training budget")
 def test_held_out_accuracy_target(held_out_accuracy):
     assert held_out_accuracy >= TARGET_ACCURACY
+
+
+def test_answers_need_the_image(shipped, held_out):
+    """With the images blanked out the text alone must not get close to the target."""
+    model, processor = shipped
+    blank = Image.new("RGB", (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE), synthetic.BACKGROUND)
+    blind = [synthetic.Example(blank, ex.question, ex.answer, ex.kind) for ex in held_out]
+    assert shapes_model.answer_accuracy(model, processor, blind, batch_size=64) < 0.5
+
+
+def test_cell_names_are_single_words():
+    assert len(synthetic.CELL_NAMES) == synthetic.GRID**2
+    tok = shapes_model.build_tokenizer()
+    for name in synthetic.CELL_NAMES:
+        assert len(tok(name, add_special_tokens=False)["input_ids"]) == 1
 
 
 def test_batching_and_padding_do_not_change_answers(shipped):
