@@ -57,7 +57,10 @@ def main() -> None:
     p.add_argument("--fastv-layer", type=int, default=1)
     p.add_argument("--compiler", choices=["eager", "inductor"], default="eager")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, processor = load_shapes_llava()
     calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib")
