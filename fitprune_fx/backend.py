@@ -8,6 +8,7 @@ compiled unchanged too, with one warning that says why: never a silently wrong a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -177,19 +178,13 @@ def fitprune_backend(
         register_scorer(name, scorer)
         scorer = name
     if scorer is not None:
-        loaded = _with_scorer(loaded, scorer)
+        loaded = dataclasses.replace(loaded, scorer=scorer)
     if loaded.scorer not in SCORERS:
         raise RecipeError(
             f"recipe names scorer {loaded.scorer!r}, which is not registered (known: "
             f"{sorted(SCORERS)}); register it with fitprune_fx.register_scorer or pass scorer=..."
         )
     return FitpruneBackend(loaded, compiler=compiler)
-
-
-def _with_scorer(recipe: Recipe, scorer: str) -> Recipe:
-    import dataclasses
-
-    return dataclasses.replace(recipe, scorer=scorer)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -200,13 +195,12 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def _fake_mode(gm: fx.GraphModule):
-    # The mode that made the nodes' example values: new fake values must live in the same one.
+    """The fake mode that made the nodes' example values: new fake values must live in it too."""
     for node in gm.graph.nodes:
         mode = getattr(node.meta.get("example_value"), "fake_mode", None)
         if mode is not None:
             return mode
-    if True:  # noqa
-        raise UnsupportedGraph("no fake tensor values on the graph (not captured by Dynamo?)")
+    raise UnsupportedGraph("no fake tensor values on the graph (not captured by Dynamo?)")
 
 
 def _register_named_backend() -> None:
