@@ -20,7 +20,7 @@ from fitprune_fx.recipe import FORMAT, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_NAME = "llava-1.5-7b-published-recipes.json"
-DEFAULT_PUBLISHED = REPO.parent / "shared" / "reference" / PUBLISHED_NAME
+DEFAULT_PUBLISHED = REPO / "benchmarks" / "data" / PUBLISHED_NAME  # copy of shared/reference
 DEFAULT_OUT = REPO / "recipes" / "llava-1.5-7b"
 MODEL_KEYS = ("name", "num_layers", "num_visual_tokens", "hidden_size", "intermediate_size")
 SOURCE = (
