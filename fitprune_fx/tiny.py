@@ -72,14 +72,17 @@ def tiny_llava(
         pad_token_id=PAD_TOKEN_ID,
     )
     config._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(config)
-    # Random init gives near-uniform attention; a larger q/k scale makes scores distinct so that
-    # kept-token sets are well defined (no near-ties) in tests.
+    return _sharpen_attention(LlavaForConditionalGeneration(config)).to(dtype).eval()
+
+
+def _sharpen_attention(model):
+    """Random init gives near-uniform attention; a larger q/k scale makes scores distinct so that
+    kept-token sets are well defined (no near-ties) in tests."""
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
-    return model.to(dtype).eval()
+    return model
 
 
 def num_image_tokens(model: LlavaForConditionalGeneration) -> int:
@@ -184,12 +187,7 @@ def tiny_llava_next(
     config.vision_config.model_type = "clip_vision_model"
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:  # distinct scores, as in tiny_llava
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model.to(dtype).eval()
+    return _sharpen_attention(LlavaNextForConditionalGeneration(config)).to(dtype).eval()
 
 
 def next_image_tokens(config, height: int, width: int) -> int:
