@@ -49,7 +49,7 @@ def test_prompt_tokens(shipped):
 
 
 TARGET_ACCURACY = 0.9  # requirement for the unpruned model
-SHIPPED_FLOOR = 0.8  # what the committed weights reach on this set; guards loading and preprocessing
+SHIPPED_FLOOR = 0.95  # the committed weights reach 1.0 on this set; guards loading and preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,6 @@ def test_held_out_accuracy_above_shipped_floor(held_out_accuracy):
     assert held_out_accuracy >= SHIPPED_FLOOR
 
 
-@pytest.mark.xfail(reason="count-of-colour questions stay at 0.4-0.5 after the 20 min training budget")
 def test_held_out_accuracy_target(held_out_accuracy):
     assert held_out_accuracy >= TARGET_ACCURACY
 
