@@ -97,7 +97,7 @@ class FitpruneBackend:
             log.warning("fitprune: %s", report)
             return self._compile(gm, example_inputs)
         report.action = "pruned"
-        hint = padded_decode_hint(gm)
+        hint = padded_decode_hint(gm) if any(report.result.deletions.values()) else None
         if hint and not self._warned_decode:
             warnings.warn(hint, stacklevel=2)
             self._warned_decode = True
