@@ -1,8 +1,8 @@
 """fitprune-fx: FitPrune visual-token pruning for LLaVA models as a torch.compile backend.
 
-    from fitprune_fx import fitprune_backend
-    model.compile(backend=fitprune_backend("llava-1.5-7b/60.json"))   # in place: generate prunes too
-    fitprune_fx.compile(model, "llava-1.5-7b/60.json")                 # same, plus padded decode
+from fitprune_fx import fitprune_backend
+model.compile(backend=fitprune_backend("llava-1.5-7b/60.json"))   # in place: generate prunes too
+fitprune_fx.compile(model, "llava-1.5-7b/60.json")                 # same, plus padded decode
 """
 
 from fitprune_fx.passes.scorers import ScoringInputs, register_scorer

@@ -39,8 +39,7 @@ def read_question_file(path: str | Path) -> list[dict[str, Any]]:
             missing = [k for k in ("image", "text") if k not in q]
             if not isinstance(q, dict) or missing:
                 raise CalibrationError(
-                    f"{path}:{lineno}: expected an object with question_id, image and text; "
-                    f"missing {missing}"
+                    f"{path}:{lineno}: expected an object with question_id, image and text; missing {missing}"
                 )
             questions.append(q)
     return questions
@@ -68,9 +67,7 @@ def build_prompt(processor: Any, text: str) -> str:
     image = _image_token(processor)
     text = text.replace(image, "").strip()
     if has_chat_template(processor):
-        conversation = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-        ]
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     return FALLBACK_TEMPLATE.format(image=image, text=text)
 

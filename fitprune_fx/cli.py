@@ -1,8 +1,8 @@
 """The ``fitprune-fx`` command line: ``fit`` a recipe, ``inspect`` one, run the ``demo``.
 
-    fitprune-fx fit --model PATH --data questions.jsonl --images DIR --budget 0.6 -o recipe.json
-    fitprune-fx inspect recipe.json [--plot tokens.png] [--visual-tokens N]
-    fitprune-fx inspect recipe.json --config MODEL_DIR --image-size 672x336 [--image-size ...]
+fitprune-fx fit --model PATH --data questions.jsonl --images DIR --budget 0.6 -o recipe.json
+fitprune-fx inspect recipe.json [--plot tokens.png] [--visual-tokens N]
+fitprune-fx inspect recipe.json --config MODEL_DIR --image-size 672x336 [--image-size ...]
 
 """
 
