@@ -195,6 +195,21 @@ def _fraction_counts(fractions: dict[int, float], num_visual: int) -> dict[int, 
     return out
 
 
+def _parse_layer_map(mapping: Any, field: str, what: str, example: str) -> dict[int, Any]:
+    """A JSON object {"layer": value} as {int layer: value}; errors name the field and the fix."""
+    if not isinstance(mapping, dict):
+        raise RecipeError(
+            f'recipe "{field}" must map layer -> {what}, got {type(mapping).__name__}: write it as {example}'
+        )
+    parsed: dict[int, Any] = {}
+    for key, value in mapping.items():
+        layer = _parse_layer_key(key)
+        if layer in parsed:
+            raise RecipeError(f"{field} layer {layer} appears twice: keep one entry per layer")
+        parsed[layer] = value
+    return parsed
+
+
 def _parse_layer_key(key: Any) -> int:
     """A JSON layer key ("2") or an int; anything else is a RecipeError."""
     if _is_int(key):
@@ -410,21 +425,9 @@ class Recipe:
             if key not in d:
                 example = '{"2": 89, "3": 36}' if key == "prune" else "{...}"
                 raise RecipeError(f'recipe has no "{key}" field: add "{key}": {example}')
-        prune = d["prune"]
-        if not isinstance(prune, dict):
-            raise RecipeError(
-                f'recipe "prune" must map layer -> count, got {type(prune).__name__}: '
-                'write it as {"2": 89, "3": 36}'
-            )
-        parsed: dict[int, int] = {}
-        for key, count in prune.items():
-            layer = _parse_layer_key(key)
-            if layer in parsed:
-                raise RecipeError(f"prune layer {layer} appears twice: keep one entry per layer")
-            parsed[layer] = count
         return cls(
             model=ModelInfo.from_dict(d["model"]),
-            prune=parsed,
+            prune=_parse_layer_map(d["prune"], "prune", "count", '{"2": 89, "3": 36}'),
             scorer=d.get("scorer", "fitprune"),
             budget=d.get("budget"),
             flops_reduction=d.get("flops_reduction"),
@@ -444,18 +447,7 @@ class Recipe:
             raise RecipeError('recipe has both "prune" and "prune_fraction": keep one (counts or fractions)')
         if "model" not in d:
             raise RecipeError('recipe has no "model" field: add "model": {...}')
-        fractions = d["prune_fraction"]
-        if not isinstance(fractions, dict):
-            raise RecipeError(
-                f'recipe "prune_fraction" must map layer -> fraction, got {type(fractions).__name__}: '
-                'write it as {"2": 0.15, "3": 0.1}'
-            )
-        parsed: dict[int, float] = {}
-        for key, value in fractions.items():
-            layer = _parse_layer_key(key)
-            if layer in parsed:
-                raise RecipeError(f"prune_fraction layer {layer} appears twice: keep one entry per layer")
-            parsed[layer] = value
+        parsed = _parse_layer_map(d["prune_fraction"], "prune_fraction", "fraction", '{"2": 0.15, "3": 0.1}')
         return cls.from_fractions(
             ModelInfo.from_dict(d["model"]),
             parsed,
