@@ -2,14 +2,14 @@
 
 from fitprune_fx import fitprune_backend
 model.compile(backend=fitprune_backend("llava-1.5-7b/60.json"))   # in place: generate prunes too
-fitprune_fx.compile(model, "llava-1.5-7b/60.json")                 # same, plus padded decode
+fitprune_fx.compile(model, "llava-1.5-7b/60.json")                 # same, plus generate checks
 """
 
 from fitprune_fx.passes.scorers import ScoringInputs, register_scorer
 
 from .backend import FitpruneBackend, GraphReport, fitprune_backend
 from .fit import fit
-from .generation import UnsupportedCacheError, check_generate_path, compile, enable_pruned_decode
+from .generation import UnsupportedCacheError, check_generate_path, compile
 from .recipe import ModelInfo, Recipe, RecipeError
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "UnsupportedCacheError",
     "check_generate_path",
     "compile",
-    "enable_pruned_decode",
     "fit",
     "fitprune_backend",
     "register_scorer",

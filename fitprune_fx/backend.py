@@ -17,17 +17,21 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
 from fitprune_fx.passes.locate import (
     NoVisualTokens,
     UnsupportedGraph,
     has_decoder_layers,
+    has_final_norm,
+    has_image_merge,
+    layer_index,
     locate_hidden_size,
     locate_layers,
 )
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
-from fitprune_fx.passes.scorers import SCORERS, register_scorer
+from fitprune_fx.passes.scorers import SCORERS, Scorer
 
-from .generation import padded_decode_hint
+from . import pruned_cache
 from .recipe import Recipe, RecipeError
 
 log = logging.getLogger("fitprune_fx")
@@ -60,49 +64,79 @@ class FitpruneBackend:
 
     recipe: Recipe
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph uncompiled
+    scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
-    _warned: bool = False
-    _warned_decode: bool = False
+    pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
+    _warned: set = field(default_factory=set)
+    _merge_apart: bool = False  # an image merge was seen in a graph without decoder layers
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
         self.reports.append(report)
+        windows = strip_sliding_window_marks(gm)  # always: the marks are not for Inductor
         if not has_decoder_layers(gm):
             report.reason = "no decoder layers in this graph"
+            if has_image_merge(gm):
+                self._merge_apart = True
+                report.reason += " (image merge only)"
             log.debug("fitprune: %s", report)
             return self._compile(gm, example_inputs)
-        self._check_recipe_fits(gm)
-        candidate = _copy_graph_module(gm)
         try:
+            self._check_recipe_fits(gm)
+            if windows:
+                layers = sorted({layer_index(n) for n, _ in windows} - {None})
+                raise UnsupportedGraph(
+                    f"decoder layers {layers} use sliding-window attention (window {windows[0][1]}); a "
+                    "pruned cache cannot keep a window counted in original positions, so models with "
+                    "sliding-window layers are not pruned"
+                )
+            candidate = _copy_graph_module(gm)
             report.result = prune_visual_tokens(
                 candidate,
                 self._deletions_for,
                 _fake_mode(gm),
                 scorer=self.recipe.scorer,
+                scorer_fn=self.scorer_fn,
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
             )
         except NoVisualTokens as e:
             report.reason = str(e)
+            if self._merge_apart:
+                report.reason = (
+                    "not understood: the image merge ran in a graph of its own (a graph break between "
+                    "the merge and the decoder), so this decoder graph cannot see the visual tokens"
+                )
+                self._warn_unchanged(report)
             log.info("fitprune: %s", report)
             return self._compile(gm, example_inputs)
         except UnsupportedGraph as e:
             report.reason = f"not understood: {e}"
-            if not self._warned:
-                warnings.warn(
-                    f"fitprune: decoder graph compiled WITHOUT pruning ({e}). "
-                    "See backend.reports / backend.summary() for details.",
-                    stacklevel=2,
-                )
-                self._warned = True
-            log.warning("fitprune: %s", report)
+            self._warn_unchanged(report)
             return self._compile(gm, example_inputs)
         report.action = "pruned"
-        hint = padded_decode_hint(gm) if any(report.result.deletions.values()) else None
-        if hint and not self._warned_decode:
-            warnings.warn(hint, stacklevel=2)
-            self._warned_decode = True
         log.info("fitprune: %s", report)
-        return self._compile(candidate, example_inputs)
+        return self._count_runs(self._compile(candidate, example_inputs))
+
+    def _warn_unchanged(self, report: GraphReport) -> None:
+        """One warning per distinct reason; every graph's reason stays in `reports`."""
+        log.warning("fitprune: %s", report)
+        kind = report.reason.split(";")[0]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(
+                f"fitprune: decoder graph compiled WITHOUT pruning ({report.reason}). "
+                "See backend.summary() for every graph.",
+                stacklevel=3,
+            )
+
+    def _count_runs(self, compiled: Callable) -> Callable:
+        """Count calls of a pruned graph, so callers can tell a pruned call from an eager fallback."""
+
+        def run(*args):
+            self.pruned_runs += 1
+            return compiled(*args)
+
+        return run
 
     def _deletions_for(self, num_visual: int) -> dict[int, int]:
         """The recipe scaled to `num_visual`; layers the recipe lists with 0 still score."""
@@ -119,11 +153,17 @@ class FitpruneBackend:
                 "rescale one with Recipe.rescaled_to(ModelInfo.from_config(model.config))"
             )
         layers = locate_layers(gm)
-        if layers and layers[0] == 0 and layers[-1] + 1 != info.num_layers:
+        ends_here = has_final_norm(gm)  # the graph holds the decoder's last layer
+        if layers and ((ends_here and layers[-1] + 1 != info.num_layers) or layers[-1] >= info.num_layers):
             raise RecipeError(
                 f"recipe is for {info.num_layers} decoder layers ({info.name}) but the compiled "
                 f"model has {layers[-1] + 1}; fit a recipe for this model or rescale one with "
                 "Recipe.rescaled_to(ModelInfo.from_config(model.config))"
+            )
+        if layers and has_image_merge(gm) and (layers[0] != 0 or not ends_here):
+            raise UnsupportedGraph(
+                f"this graph holds decoder layers {layers[0]}..{layers[-1]} only (a graph break splits "
+                "the decoder), so deleted tokens cannot be carried to the layers after it"
             )
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
@@ -173,18 +213,43 @@ def fitprune_backend(
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
     loaded = Recipe.load(recipe)
+    scorer_fn = None
     if callable(scorer):
-        name = f"user:{getattr(scorer, '__qualname__', 'scorer')}"
-        register_scorer(name, scorer)
-        scorer = name
+        scorer_fn = scorer  # held by this backend only: a later registration cannot swap it
+        scorer = f"user:{getattr(scorer, '__qualname__', 'scorer')}"
     if scorer is not None:
         loaded = dataclasses.replace(loaded, scorer=scorer)
-    if loaded.scorer not in SCORERS:
-        raise RecipeError(
-            f"recipe names scorer {loaded.scorer!r}, which is not registered (known: "
-            f"{sorted(SCORERS)}); register it with fitprune_fx.register_scorer or pass scorer=..."
+    if scorer_fn is None:
+        if loaded.scorer not in SCORERS:
+            raise RecipeError(
+                f"recipe names scorer {loaded.scorer!r}, which is not registered (known: "
+                f"{sorted(SCORERS)}); register it with fitprune_fx.register_scorer or pass scorer=..."
+            )
+        scorer_fn = SCORERS[loaded.scorer]  # resolved now: re-registering the name later changes nothing
+    pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
+    _raise_recompile_limit()
+    return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn)
+
+
+RECOMPILE_LIMIT = 64
+"""Floor for `torch._dynamo.config.recompile_limit` once a FitPrune backend exists.
+
+Every generate configuration (greedy, beams, a new batch size) passes the model other kwargs and
+shapes, and each pruned graph is specialised to its batch size and visual count; Dynamo's default
+of 8 is reached within a few calls, after which it silently runs the model eagerly, unpruned.
+"""
+
+
+def _raise_recompile_limit() -> None:
+    import torch._dynamo
+
+    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+        log.info(
+            "fitprune: raising torch._dynamo.config.recompile_limit from %d to %d",
+            torch._dynamo.config.recompile_limit,
+            RECOMPILE_LIMIT,
         )
-    return FitpruneBackend(loaded, compiler=compiler)
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

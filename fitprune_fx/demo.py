@@ -18,7 +18,6 @@ from tqdm import tqdm
 from . import synthetic
 from .backend import fitprune_backend
 from .fit import fit
-from .generation import enable_pruned_decode
 from .recipe import Recipe
 from .reference import reference_prefill
 from .shapes_model import answer_ids, encode, load_shapes_llava
@@ -79,7 +78,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_shapes_llava()
-    enable_pruned_decode(model)  # the attention fitprune_fx.compile uses (decode-safe caches)
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     layers = model.config.text_config.num_hidden_layers
     print(f"shapes-llava: {layers} decoder layers, {grid * grid} visual tokens per image")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch import fx
 
 from .locate import AttentionSite, example_value
-from .scorers import random_constants, score_tokens
+from .scorers import bind_scorer, random_constants, score_tokens
 from .token_ops import select_kept_tokens
 
 
@@ -17,23 +18,26 @@ def insert_importance_scoring(
     visual: fx.Node,
     *,
     scorer: str,
+    scorer_fn: Callable | None = None,
     num_delete: int,
     visual_count: int,
     seed: int = 0,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
-    Returns the `kept` node ([B, S - d] original-order indices) and all nodes inserted.
+    `scorer` names the scorer (the random scorer's constants are drawn here); `scorer_fn`, when
+    given, is the function the graph calls. Returns the `kept` node ([B, S - d] original-order
+    indices) and all nodes inserted.
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
     doomed = random_constants(site.layer, visual_count, num_delete, seed) if scorer == "random" else ()
     with graph.inserting_after(site.sdpa):
         scores = graph.call_function(
-            score_tokens,
+            bind_scorer(scorer_fn) if scorer_fn is not None else score_tokens,
             (site.query, site.key, site.attn_mask, visual),
             {
-                "scorer": scorer,
+                **({} if scorer_fn is not None else {"scorer": scorer}),
                 "is_causal": site.is_causal,
                 "scale": float(scale),
                 "layer": site.layer,

@@ -21,6 +21,7 @@ from torch.fx.experimental.symbolic_shapes import guard_int
 # The CLIP tower also has `encoder.layers.N`, so the `language_model` part is required.
 _LAYER_RE = re.compile(r"language_model\.layers(?:\.|\[')?(\d+)(?:'\])?(?:\]|\.|$)")
 _LAYER_SCOPE_RE = re.compile(r"language_model\.layers(?:\.|\[')?\d+(?:'\])?\]?$")
+_FINAL_NORM_RE = re.compile(r"language_model\.norm$")
 _SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
 
@@ -31,6 +32,10 @@ class UnsupportedGraph(Exception):
 
 class NoVisualTokens(UnsupportedGraph):
     """A decoder graph without an image merge (text-only prompt, decode step): nothing to prune."""
+
+
+class CacheContinuation(UnsupportedGraph):
+    """A chunk with an image merge whose attention reads cached keys: not pruned (exact, unpruned)."""
 
 
 class UnevenVisualTokens(ValueError):
@@ -115,6 +120,16 @@ def locate_hidden_size(gm: fx.GraphModule) -> int | None:
     return None
 
 
+def has_image_merge(gm: fx.GraphModule) -> bool:
+    """True when the graph merges image features into the embeddings (`masked_scatter`)."""
+    return bool(_image_merges(gm))
+
+
+def has_final_norm(gm: fx.GraphModule) -> bool:
+    """True when the decoder's final norm (after its last layer) is in this graph."""
+    return any(_FINAL_NORM_RE.search(module_path(n)) for n in gm.graph.nodes)
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     """The FX graph as a networkx DiGraph (edge producer -> consumer)."""
     g = nx.DiGraph()
@@ -161,13 +176,17 @@ def _find_residual_add(graph: nx.DiGraph, layer: int, sdpa: fx.Node) -> tuple[fx
     raise UnsupportedGraph(f"layer {layer}: no residual add after the attention found")
 
 
-def _find_image_merge(gm: fx.GraphModule) -> fx.Node:
-    merges = [
+def _image_merges(gm: fx.GraphModule) -> list[fx.Node]:
+    return [
         n
         for n in gm.graph.nodes
         if (n.op == "call_method" and n.target == "masked_scatter")
         or (n.op == "call_function" and n.target in (torch.masked_scatter, torch.Tensor.masked_scatter))
     ]
+
+
+def _find_image_merge(gm: fx.GraphModule) -> fx.Node:
+    merges = _image_merges(gm)
     if not merges:
         raise NoVisualTokens("no image merge in this decoder graph (decode step or text-only prompt)")
     if len(merges) > 1:
@@ -263,6 +282,13 @@ def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
         q = example_value(site.query)
         if q is None or q.dim() != 4 or not _same(q.shape[2], seq_len):
             raise UnsupportedGraph(f"layer {site.layer}: query is not [B, H, {seq_len}, D] (a decode step?)")
+        k = example_value(site.key)
+        if k is None or k.dim() != 4 or not _same(k.shape[2], seq_len):
+            raise CacheContinuation(
+                "this prompt chunk brings an image but continues an existing KV cache (a later chat "
+                "turn with a new image); only a first chunk is pruned, so this chunk runs unpruned "
+                "(exact) against the cache as it is"
+            )
 
     return DecoderGraph(
         sites=sites,

@@ -7,6 +7,7 @@ and size rewriting (`sequence_length`) live in their own modules.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -36,6 +37,7 @@ def prune_visual_tokens(
     fake_mode,
     *,
     scorer: str = "fitprune",
+    scorer_fn: Callable | None = None,
     seed: int = 0,
 ) -> PruneResult:
     """Rewrite `gm` in place. `deletions_for(n_visual) -> {layer: count}` gives the static plan.
@@ -69,7 +71,14 @@ def prune_visual_tokens(
         current_mask = next((shared[t] for t in shared if t.node is site.attn_mask), site.attn_mask)
         site = dataclasses.replace(site, attn_mask=current_mask)
         kept, nodes = insert_importance_scoring(
-            graph, site, visual, scorer=scorer, num_delete=d, visual_count=present, seed=seed
+            graph,
+            site,
+            visual,
+            scorer=scorer,
+            scorer_fn=scorer_fn,
+            num_delete=d,
+            visual_count=present,
+            seed=seed,
         )
         visual, more = insert_token_compaction(graph, site, kept, shared, visual)
         inserted += nodes + more

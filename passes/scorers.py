@@ -59,19 +59,38 @@ def allowed_keys(inputs: ScoringInputs) -> torch.Tensor:
     return allowed
 
 
-def attention_probs(inputs: ScoringInputs, rows: slice = slice(None)) -> torch.Tensor:
-    """Softmax attention probabilities [B, H, R, S] in fp32 for the query rows `rows`."""
-    q = inputs.query[:, :, rows].float()
+def attention_probs(inputs: ScoringInputs, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """Softmax attention probabilities [B, H, R, S] in fp32 for the query rows `rows`.
+
+    `rows` is a slice of rows shared by the batch, or a [B, R] index tensor (rows per example).
+    """
+    allowed = allowed_keys(inputs)  # [B|1, 1|H, S, S]
+    mask = inputs.attn_mask
+    q = inputs.query
+    if isinstance(rows, torch.Tensor):
+        q, allowed = _take_rows(q, rows), _take_rows(allowed, rows)  # [B, H, R, D], [B, 1|H, R, S]
+        mask = _take_rows(mask, rows) if mask is not None and mask.dtype != torch.bool else mask
+    else:
+        q = q[:, :, rows]
+        allowed = allowed[:, :, rows]
+        mask = mask[:, :, rows] if mask is not None else None
+    q = q.float()
     k = inputs.key.float()
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves H/Hkv query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2)) * inputs.scale  # [B, H, R, S]
-    allowed = allowed_keys(inputs)[:, :, rows]
-    if inputs.attn_mask is not None and inputs.attn_mask.dtype != torch.bool:
-        logits = logits + inputs.attn_mask[:, :, rows].float()
+    if mask is not None and mask.dtype != torch.bool:
+        logits = logits + mask.float()
     logits = logits.masked_fill(~allowed, float("-inf"))
     # Fully masked rows (padding queries) give NaN; they carry no weight in any score.
     return torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B|1, H, S, ...] -> [B, H, R, ...]: the rows `rows` [B, R] of dim 2, per example."""
+    x = x.expand(rows.shape[0], *x.shape[1:])
+    index = rows.reshape(rows.shape[0], 1, rows.shape[1], *([1] * (x.dim() - 3)))
+    return x.gather(2, index.expand(*x.shape[:2], rows.shape[1], *x.shape[3:]))
 
 
 def token_validity(inputs: ScoringInputs) -> torch.Tensor:
@@ -106,8 +125,15 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
 
 @register_scorer("fastv")
 def fastv_score(inputs: ScoringInputs) -> torch.Tensor:
-    """FastV: attention the last token gives to each token, averaged over heads."""
-    last_row = attention_probs(inputs, rows=slice(-1, None))  # [B, H, 1, S]
+    """FastV: attention the last real token gives to each token, averaged over heads.
+
+    "Last real" is each example's last non-padding row, so a right-padded direct call scores from
+    its last prompt token, not from a padding row.
+    """
+    b, s = inputs.visual.shape
+    pos = torch.arange(s, device=inputs.visual.device).expand(b, s)
+    last = torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)  # [B, 1]
+    last_row = attention_probs(inputs, rows=last)  # [B, H, 1, S]
     return last_row.mean(dim=1)[:, 0]
 
 
@@ -133,13 +159,27 @@ def random_constants(layer: int, visual_count: int, num_delete: int, seed: int) 
     return tuple(sorted(torch.randperm(visual_count, generator=g)[:num_delete].tolist()))
 
 
+def bind_scorer(fn: Scorer) -> Callable[..., torch.Tensor]:
+    """`score_tokens` with `fn` bound: a graph target that carries its own scorer function.
+
+    The function object travels inside the graph (FX keeps a call target as a global of the
+    generated code), so a graph always runs the scorer its backend was built with, whatever is
+    registered later under any name.
+    """
+
+    def score_tokens_with_bound_scorer(query, key, attn_mask, visual, **kwargs) -> torch.Tensor:
+        return score_tokens(query, key, attn_mask, visual, scorer=fn, **kwargs)
+
+    return score_tokens_with_bound_scorer
+
+
 def score_tokens(
     query: torch.Tensor,
     key: torch.Tensor,
     attn_mask: torch.Tensor | None,
     visual: torch.Tensor,
     *,
-    scorer: str,
+    scorer: str | Scorer,
     is_causal: bool,
     scale: float,
     layer: int,
@@ -147,9 +187,11 @@ def score_tokens(
     visual_count: int,
     doomed: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Graph entry point: dispatch to the named scorer; returns fp32 scores [B, S]."""
-    if scorer not in SCORERS:
-        raise KeyError(f"unknown scorer {scorer!r}; registered: {sorted(SCORERS)}")
+    """Graph entry point: run `scorer` (a function, or a registered name); returns fp32 scores [B, S]."""
+    if not callable(scorer):
+        if scorer not in SCORERS:
+            raise KeyError(f"unknown scorer {scorer!r}; registered: {sorted(SCORERS)}")
+        scorer = SCORERS[scorer]
     options = {"visual_count": visual_count, "doomed": doomed}
     inputs = ScoringInputs(query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options)
-    return SCORERS[scorer](inputs).float()
+    return scorer(inputs).float()

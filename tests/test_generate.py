@@ -9,15 +9,11 @@ import torch
 from transformers import StaticCache
 
 from fitprune_fx.generation import (
-    ATTENTION_NAME,
     UnsupportedCacheError,
     check_generate_path,
-    enable_pruned_decode,
     generate_is_compiled,
-    padded_decode_hint,
 )
 from fitprune_fx.generation import compile as fitprune_compile
-from fitprune_fx.passes.locate import has_decoder_layers
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_generate
 from fitprune_fx.tiny import PromptSpec, make_inputs, tiny_llava
@@ -100,7 +96,6 @@ def test_zero_recipe_generate_equals_plain_generate():
     plain = _generate(model, inputs)
 
     fitprune_compile(model, _recipe(model, {0: 0, 2: 0}), compiler="eager")
-    assert model.config.text_config._attn_implementation == ATTENTION_NAME
     out = _generate(model, inputs)
 
     assert [r.action for r in model.fitprune_backend.reports].count("pruned") == 1
@@ -192,28 +187,3 @@ def test_inductor_padded_generate_matches_reference():
     assert len(model.fitprune_backend.pruned_graphs) == 1
     assert torch.equal(out.sequences, expected)
     assert _cache_lengths(out) == _expected_cache_lengths(inputs["input_ids"].shape[1], PRUNE, 3)
-
-
-def test_padded_decode_hint_spots_an_unswitched_model():
-    """The check the backend can run on a pruned graph: padded + plain SDPA -> a hint naming the fix."""
-    hints: list[str | None] = []
-
-    def capture(gm, example_inputs):
-        if has_decoder_layers(gm):
-            hints.append(padded_decode_hint(gm))
-        return gm.forward
-
-    model = tiny_llava(num_layers=2, seed=7)
-    padded = make_inputs(model, PADDED[:2], seed=3)
-    unpadded = make_inputs(model, [PromptSpec(2, 4)] * 2, seed=3)
-    del unpadded["attention_mask"]  # no mask tensor in the graph (what generate gives unpadded batches)
-    with torch.no_grad():
-        torch.compile(model, backend=capture, dynamic=False)(**padded)
-        assert hints[-1] is not None and "fitprune_fx.compile" in hints[-1]
-        torch.compile(model, backend=capture, dynamic=False)(**unpadded)  # no mask: decode works
-        assert hints[-1] is None
-        enable_pruned_decode(model)
-        torch._dynamo.reset()
-        torch.compile(model, backend=capture, dynamic=False)(**padded)
-        assert hints[-1] is None
-    assert len(hints) == 3

@@ -1,0 +1,161 @@
+"""Pruning as masking: a second, independent oracle that runs inside transformers' own code.
+
+A visual token deleted after layer l can stay in the sequence if no query of a layer after l may
+attend to it, in the prefill and in every later forward call (layers up to l keep seeing it, as
+their caches do). For every kept token that gives the same outputs as removing it, positions
+untouched (DESIGN.md section 2). This module implements exactly that as an attention function
+for an unpruned, uncompiled model, so transformers' own `generate` — every cache operation and
+generation mode — runs the pruned semantics without any code of ours around the cache.
+
+How the deletions travel with the cache: at a layer after l, the cached keys of tokens deleted
+after l are overwritten with NaN (in the cache tensor itself, which `DynamicCache.update` hands
+to the attention function), and every key column holding NaN is masked. Crop, beam reorder,
+batch repeat/select and deepcopy therefore carry the deletions along with the keys.
+
+It shares nothing with the FX pass or with `fitprune_fx.pruned_cache`; the per-example scorer
+arithmetic (`_score_visual`, `lowest_first`) is the eager reference's.
+
+Semantics: only a forward call that starts a sequence (no cached tokens) and holds visual tokens
+is pruned; a later chunk (decode step, chat turn, even one with a new image) runs unpruned against
+the cache as it is. Padding rows are never visual and never deleted. Sliding windows are refused.
+
+    with MaskingReference(model, prune={1: 10, 2: 8}) as oracle:
+        out = model.generate(**inputs, max_new_tokens=8)   # pruned semantics, unpruned shapes
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .reference import SCORERS, _score_visual, lowest_first
+
+ATTENTION_NAME = "fitprune_masking_reference"
+_ACTIVE: list[MaskingReference] = []
+
+
+class MaskingReference:
+    """Context manager: the model's text attention applies `prune` by masking (see module doc)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prune: dict[int, int],
+        scorer: str = "fitprune",
+        scorer_options: dict | None = None,
+    ) -> None:
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
+        self.model = model
+        self.prune = {int(k): int(v) for k, v in prune.items()}
+        self.scorer = scorer
+        self.options = dict(scorer_options or {})
+        self.image_token_id = model.config.image_token_id
+        self.deleted: dict[int, Tensor] = {}  # layer -> [B, S] bool, tokens deleted after it (last prefill)
+        self._chunk: dict[str, Tensor | None] = {}
+        self._gone: Tensor | None = None  # [B, q] bool: chunk rows deleted so far in this forward
+        self._prunes = False
+
+    # -- switching the model over and back ---------------------------------------------------
+
+    def __enter__(self) -> MaskingReference:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTENTION_NAME, _attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        self._previous = self.model.config.get_text_config()._attn_implementation
+        self.model.set_attn_implementation({"text_config": ATTENTION_NAME})
+        self._hook = self.model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.remove(self)
+        self._hook.remove()
+        self.model.set_attn_implementation({"text_config": self._previous})
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Remember the call's token ids and 2-D padding mask: the attention function needs them."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ValueError("MaskingReference needs input_ids (visual tokens are found by image_token_id)")
+        self._chunk = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+
+    # -- the attention function --------------------------------------------------------------
+
+    def attend(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, **kw):
+        """Eager attention with deleted columns masked; deletes after the recipe's layers.
+
+        query [B, H, q, D]; key/value [B, Hkv, K, D] (cache + chunk, the cache tensors themselves);
+        mask [B|1, 1|H, q, K] bool/additive or None (causal). Returns ([B, q, H, D], None).
+        """
+        if kw.get("sliding_window") is not None:
+            raise NotImplementedError("MaskingReference: sliding-window attention is not modelled")
+        layer = module.layer_idx
+        B, H, q, D = query.shape
+        K = key.shape[-2]
+        if layer == 0:  # a new forward call
+            self._gone = torch.zeros(B, q, dtype=torch.bool, device=query.device)
+            self._prunes = K == q and bool((self._chunk["input_ids"] == self.image_token_id).any())
+            if self._prunes:
+                self.deleted = {}
+        # deletions after earlier layers: hide those keys from this layer on, in its cache too
+        key[:, :, K - q :].masked_fill_(self._gone[:, None, :, None], float("nan"))
+        hidden = key.isnan().any(dim=-1).any(dim=1)  # [B, K]
+
+        allowed = _allowed(mask, B, q, K, query.device) & ~hidden[:, None, None, :]  # [B, 1|H, q, K]
+        groups = H // key.shape[1]
+        k = key.nan_to_num().repeat_interleave(groups, dim=1).float()
+        v = value.repeat_interleave(groups, dim=1)
+        scaling = kw.get("scaling") or D**-0.5
+        logits = (query.float() @ k.transpose(-1, -2)) * scaling  # [B, H, q, K]
+        if mask is not None and mask.dtype != torch.bool:
+            logits = logits + mask.float()
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # fp32
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).contiguous()  # [B, q, H, D]
+
+        if self._prunes and layer in self.prune:
+            self._delete(layer, probs)
+        return out, None
+
+    def _delete(self, layer: int, probs: Tensor) -> None:
+        """Score the visual rows still present (first chunk: rows = columns) and hide the d lowest."""
+        ids, mask2d = self._chunk["input_ids"], self._chunk["attention_mask"]
+        valid = (
+            torch.ones_like(ids, dtype=torch.bool) if mask2d is None else mask2d[:, -ids.shape[1] :].bool()
+        )
+        visual = (ids == self.image_token_id) & valid  # [B, q]
+        d = self.prune[layer]
+        for b in range(ids.shape[0]):
+            rows = (~self._gone[b]).nonzero().squeeze(1)  # present rows, in position order
+            vis = visual[b, rows].nonzero().squeeze(1)
+            if vis.numel() < d:
+                raise ValueError(
+                    f"layer {layer}: cannot delete {d} of {vis.numel()} visual tokens (example {b})"
+                )
+            if d == 0 or vis.numel() == 0:
+                continue
+            present = probs[b][:, rows][:, :, rows]  # [H, n, n] over present tokens only
+            score = _score_visual(self.scorer, present, visual[b, rows], valid[b, rows], layer, self.options)
+            self._gone[b, rows[vis[lowest_first(score)[:d]]]] = True
+        self.deleted[layer] = self._gone.clone()
+
+
+def _allowed(mask: Tensor | None, B: int, q: int, K: int, device: torch.device) -> Tensor:
+    """[B|1, 1|H, q, K] bool from transformers' mask; None means causal, the chunk at the end."""
+    if mask is None:
+        rows = torch.arange(K - q, K, device=device)[:, None]
+        return (torch.arange(K, device=device)[None, :] <= rows)[None, None]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The registered attention function: dispatch to the innermost active MaskingReference."""
+    if not _ACTIVE:
+        raise RuntimeError("the masking reference attention was called outside `with MaskingReference(...)`")
+    return _ACTIVE[-1].attend(module, query, key, value, attention_mask, **kwargs)

@@ -1,0 +1,109 @@
+"""Attention over a pruned KV cache: why a plain `DynamicCache` stays exact, and the one fix it needs.
+
+After a pruned prefill of P tokens, layer l of the `DynamicCache` holds P - D_l entries, where D_l
+is the number of visual tokens deleted after layers before l (layers up to and including the first
+pruning layer hold all P; layer 0 always does). Every cache operation transformers performs is
+per layer and positional from the end, so it stays exact without a cache class of our own:
+
+- append k tokens (decode step, chat turn, assisted candidates): `cat` on every layer;
+- crop/rollback: generation calls `crop(-k)`, which drops the last k entries of every layer, i.e.
+  exactly the appended ones (a positive, absolute `crop(n)` is legacy: deprecated in 5.17 and
+  refused since; it would be wrong for pruned layers, so do not call it on a pruned cache);
+- reorder (beam search), repeat / select of batch rows, `copy.deepcopy`: batch dim only, and every
+  row of a layer has the same length (the recipe deletes the same count in every example);
+- `get_seq_length()` reads layer 0, which is never pruned, so it counts original positions:
+  `cache_position`, position ids and mask widths continue from the original prompt.
+
+What needs care is the attention mask. transformers builds one mask per forward call, sized
+for layer 0: [B, 1|H, q, M] with M = (entries before the call) + q. Layer l's keys number
+K = M - D_l. The exact mask for layer l is that mask with the D_l deleted columns removed. The
+deleted columns are prompt tokens that every later query may attend to, and they lie in the
+old part (the first M - q columns); the last q columns are the new tokens with their causal block.
+So when the old part allows a prefix-closed set of columns (forbidden columns, i.e. left padding,
+only at its left), removing D_l allowed columns from it equals keeping its first K - q columns:
+
+    layer mask = cat(mask[..., : K - q], mask[..., M - q :])
+
+which is what `pruned_cache_sdpa` does. Keeping the first K columns instead (right only for
+q = 1) would give a k-token chunk the future of its own block. Padding inside the old part
+(right padding, or a batched later turn padded in the middle) would make the cut wrong, so it is
+checked at run time and refused with an error (`PADDING_ERROR`).
+
+`pruned_cache_sdpa` replaces transformers' "sdpa" attention function process-wide once a
+FitPrune backend exists (`install`): the mask is cut only when it is wider than the keys, which
+never happens without a pruned cache, so every other model and layer runs the stock function.
+It also marks layers that use a sliding window (see `passes/attention_marks.py`): the window
+counts original positions, which a pruned cache no longer shows, so the backend refuses to prune
+such models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fitprune_fx.passes.attention_marks import mark_sliding_window
+
+PADDING_ERROR = (
+    "fitprune: a pruned KV cache was continued with an attention mask that forbids a cached column "
+    "after an allowed one (right padding, or padding inside the sequence from a batched later turn). "
+    "Continuing a pruned cache is exact only with left padding: use tokenizer.padding_side = 'left' "
+    "and give every row of a later turn the same length, or continue one conversation per call"
+)
+
+_stock_sdpa = None  # transformers' own SDPA attention function, saved by `install`
+
+
+def cut_mask_to_pruned_keys(mask: torch.Tensor, key_length: int, query_length: int) -> torch.Tensor:
+    """Layer mask for a pruned layer: the old part's first columns plus the new block (see module doc).
+
+    mask: [B|1, 1|H, q, M] bool (True = attend) or additive float; returns [..., q, key_length].
+    Asserts (asynchronously) that the old part forbids only a prefix of columns in every row.
+    """
+    old = mask.shape[-1] - query_length  # columns before this call, in original positions
+    kept_old = key_length - query_length  # of them, the ones this layer still holds
+    allowed = mask[..., :old]
+    if allowed.dtype != torch.bool:  # additive mask: transformers uses dtype-min (or -inf) for "masked"
+        allowed = allowed > torch.finfo(allowed.dtype).min / 2
+    # left padding only: once a column is allowed, every later old column is allowed too
+    torch._assert_async((allowed[..., 1:] >= allowed[..., :-1]).all(), PADDING_ERROR)
+    return torch.cat([mask[..., :kept_old], mask[..., old:]], dim=-1)
+
+
+def pruned_cache_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, exact over pruned caches (mask cut per layer), windows marked.
+
+    query: [B, H, q, D]; key/value: [B, Hkv, K, D] (cache + new); attention_mask: [B|1, 1|H, q, M]
+    or None. With M == K (no pruned cache, or any prefill) this is the stock function unchanged,
+    so a prefill graph still holds one `scaled_dot_product_attention` per layer for the pass.
+    """
+    if kwargs.get("sliding_window") is not None:
+        query = mark_sliding_window(query, int(kwargs["sliding_window"]))
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = cut_mask_to_pruned_keys(attention_mask, key.shape[-2], query.shape[-2])
+    return _stock_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+def install() -> None:
+    """Make `pruned_cache_sdpa` transformers' "sdpa" attention, process-wide; idempotent.
+
+    Called when a FitPrune backend is created, i.e. before Dynamo traces any graph with it, so no
+    compiled graph was traced with the stock function (no recompile, no missed decode step).
+    """
+    global _stock_sdpa
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if AttentionInterface._global_mapping.get("sdpa") is pruned_cache_sdpa:
+        return
+    _stock_sdpa = sdpa_attention_forward
+    AttentionInterface.register("sdpa", pruned_cache_sdpa)
