@@ -115,7 +115,9 @@ class FitpruneBackend:
             return self._compile(gm, example_inputs)
         report.action = "pruned"
         log.info("fitprune: %s", report)
-        return self._count_runs(self._compile(candidate, example_inputs))
+        run = self._count_runs(self._compile(candidate, example_inputs))
+        run.graph_module = candidate  # the rewritten graph, for inspection
+        return run
 
     def _warn_unchanged(self, report: GraphReport) -> None:
         """One warning per distinct reason; every graph's reason stays in `reports`."""

@@ -1,0 +1,175 @@
+"""Continuing a pruned KV cache: the per-layer mask cut, and every cache operation, against oracles.
+
+Two references written apart from `fitprune_fx.pruned_cache`:
+- for the mask cut, the original mask with the deleted columns removed (built from their positions);
+- for whole models, pruning as masking (`MaskingReference`), which keeps every token in an
+  unpruned model's own `DynamicCache` and hides deleted keys.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fitprune_fx import ModelInfo, Recipe, fitprune_backend
+from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.pruned_cache import PADDING_ERROR, cut_mask_to_pruned_keys
+from fitprune_fx.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from graph_harness import CapturedDecoder
+
+# ----------------------------------------------------------------------------------------------
+# the mask cut, against removing the deleted columns by position
+
+
+@st.composite
+def pruned_layer_masks(draw):
+    """A left-padded mask over (prompt, decoded, new chunk) and a layer's deleted prompt columns."""
+    batch = draw(st.integers(1, 3))
+    prompt = draw(st.integers(4, 12))
+    decoded = draw(st.integers(0, 4))
+    q = draw(st.integers(1, 5))
+    pads = [draw(st.integers(0, prompt - 2)) for _ in range(batch)]
+    d = draw(st.integers(0, prompt - 1 - max(pads)))
+    total = prompt + decoded + q
+    valid = torch.ones(batch, total, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        valid[b, :p] = False
+    rows = torch.arange(prompt + decoded, total)[:, None]
+    causal = torch.arange(total)[None, :] <= rows  # [q, total]
+    mask = valid[:, None, None, :] & causal[None, None]  # [B, 1, q, total]
+    deleted = []  # per row: d real prompt columns, any of them
+    for p in pads:
+        perm = torch.randperm(prompt - p, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+        deleted.append(sorted((perm[:d] + p).tolist()))
+    return mask, deleted, q
+
+
+@settings(max_examples=60, deadline=None)
+@given(pruned_layer_masks(), st.booleans())
+def test_cut_equals_removing_deleted_columns(case, additive):
+    mask, deleted, q = case
+    if additive:  # the float form: 0 = attend, dtype-min = masked
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    total = mask.shape[-1]
+    expected = torch.stack(
+        [mask[b][..., [c for c in range(total) if c not in set(deleted[b])]] for b in range(mask.shape[0])]
+    )
+    keys = total - len(deleted[0])
+    assert torch.equal(cut_mask_to_pruned_keys(mask, keys, q), expected)
+
+
+def test_cut_refuses_padding_after_a_real_column():
+    """Right padding (or a later turn padded inside the sequence) would make the cut wrong."""
+    valid = torch.tensor([[True, True, True, False, True, True]])  # a padding column in the old part
+    mask = valid[:, None, None, :].expand(1, 1, 2, 6).clone()
+    with pytest.raises(RuntimeError, match="left padding"):
+        cut_mask_to_pruned_keys(mask, 4, 2)
+    assert "padding_side = 'left'" in PADDING_ERROR
+
+
+# ----------------------------------------------------------------------------------------------
+# whole models: pruned prefill, then chunks and cache operations, against pruning as masking
+
+MODEL = tiny_llava(num_layers=3, seed=11)
+N_VISUAL = num_image_tokens(MODEL)
+CAPTURED = CapturedDecoder(MODEL)  # the prefill graph, re-pruned per example
+ORACLE_MODEL = copy.deepcopy(MODEL)
+
+
+@st.composite
+def continuations(draw):
+    """A recipe, a left-padded batch (images anywhere, one or two) and a list of cache steps."""
+    images = draw(st.integers(1, 2))
+    prune = draw(
+        st.dictionaries(st.integers(0, 2), st.integers(0, 5), min_size=1, max_size=3).filter(
+            lambda p: sum(p.values()) <= N_VISUAL
+        )
+    )
+    prompts = [
+        PromptSpec(draw(st.integers(0, 4)), draw(st.integers(1, 4)), images=images)
+        for _ in range(draw(st.integers(1, 2)))
+    ]
+    steps = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("chunk"), st.integers(1, 4)),
+                st.tuples(st.just("crop"), st.integers(1, 3)),
+                st.tuples(st.just("reorder"), st.integers(0, 9)),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    return prune, prompts, steps, draw(st.integers(0, 99))
+
+
+def _run_steps(model, cache, mask, steps, seed):
+    """Apply the steps to (cache, mask) with `model`; return the logits of every chunk."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for kind, n in steps:
+        if kind == "chunk":
+            ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=g)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            with torch.no_grad():
+                out.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
+        elif kind == "crop":
+            n = min(n, cache.get_seq_length() - 1)
+            cache.crop(-n)
+            mask = mask[:, :-n] if n else mask
+        else:
+            perm = torch.randperm(mask.shape[0], generator=torch.Generator().manual_seed(n))
+            cache.reorder_cache(perm)
+            mask = mask[perm]
+    return out
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(continuations())
+def test_chunks_crop_reorder_match_masking_reference(case):
+    """k-token chunks, crop(-k) and beam reorder after a pruned prefill: logits within 1e-4."""
+    prune, prompts, steps, seed = case
+    inputs = make_inputs(MODEL, prompts, seed=seed)
+    deletions = {k: v * prompts[0].images for k, v in prune.items()}  # the recipe scaled to the images
+    recipe = Recipe(model=ModelInfo.from_config(MODEL.config), prune=prune)
+    out = CAPTURED.run(fitprune_backend(recipe, compiler="eager"), **inputs)
+    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    prompt = inputs["input_ids"].shape[1]
+    assert lengths == [prompt - sum(d for k, d in deletions.items() if k < li) for li in range(3)]
+    pruned = _run_steps(MODEL, out.past_key_values, inputs["attention_mask"], steps, seed)
+
+    with MaskingReference(ORACLE_MODEL, deletions), torch.no_grad():
+        ref = ORACLE_MODEL(**inputs)
+        expected = _run_steps(ORACLE_MODEL, ref.past_key_values, inputs["attention_mask"], steps, seed)
+    torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], atol=1e-4, rtol=1e-4)
+    assert len(pruned) == len(expected)
+    for a, b in zip(pruned, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_select_repeat_deepcopy_keep_pruned_caches_exact():
+    """The batch operations of contrastive search / num_return_sequences, and deepcopy."""
+    prune = {0: 4, 1: 6}
+    inputs = make_inputs(MODEL, [PromptSpec(2, 3), PromptSpec(0, 5)], seed=4)
+    out = CAPTURED.run(
+        fitprune_backend(Recipe(model=ModelInfo.from_config(MODEL.config), prune=prune), compiler="eager"),
+        **inputs,
+    )
+    with MaskingReference(ORACLE_MODEL, prune), torch.no_grad():
+        ref = ORACLE_MODEL(**inputs)
+    results = []
+    for model, cache in ((MODEL, out.past_key_values), (ORACLE_MODEL, ref.past_key_values)):
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(2)  # rows 0 0 1 1
+        cache.batch_select_indices(torch.tensor([1, 2]))  # rows 0 1
+        mask = inputs["attention_mask"]
+        ids = torch.tensor([[9, 10, 11], [12, 13, 14]])
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        with torch.no_grad(), MaskingReference(ORACLE_MODEL, prune):
+            results.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
+    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+    assert out.past_key_values.layers[2].keys.shape[-2] == inputs["input_ids"].shape[1] - 10  # untouched
