@@ -24,6 +24,7 @@ from fitprune_fx.passes.locate import (
     has_decoder_layers,
     has_final_norm,
     has_image_merge,
+    has_unrecognised_attention,
     layer_index,
     locate_hidden_size,
     locate_layers,
@@ -76,8 +77,16 @@ class FitpruneBackend:
         windows = strip_sliding_window_marks(gm)  # always: the marks are not for Inductor
         if not has_decoder_layers(gm):
             report.reason = "no decoder layers in this graph"
-            if has_image_merge(gm):
-                self._merge_apart = True
+            merge = has_image_merge(gm)
+            self._merge_apart |= merge
+            if (merge or self._merge_apart) and has_unrecognised_attention(gm):
+                report.reason = (
+                    "not understood: attention after the image merge outside the decoder layers the pass "
+                    "recognises (`language_model.layers.N`): a graph break split the decoder into "
+                    "pieces, or the model's module paths are not LLaVA's"
+                )
+                self._warn_unchanged(report)
+            elif merge:
                 report.reason += " (image merge only)"
             log.debug("fitprune: %s", report)
             return self._compile(gm, example_inputs)

@@ -125,6 +125,22 @@ def has_image_merge(gm: fx.GraphModule) -> bool:
     return bool(_image_merges(gm))
 
 
+_VISION_RE = re.compile(r"vision|visual|clip|siglip", re.IGNORECASE)
+
+
+def has_unrecognised_attention(gm: fx.GraphModule) -> bool:
+    """True when the graph calls SDPA outside the decoder layers the pass knows and outside vision
+    modules: decoder layers under another module path, or split into per-layer graphs by a break."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _SDPA_TARGETS or layer_index(node) is not None:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        names = " ".join(f"{path} {getattr(kind, '__name__', kind)}" for path, kind in stack.values())
+        if not _VISION_RE.search(names):
+            return True
+    return False
+
+
 def has_final_norm(gm: fx.GraphModule) -> bool:
     """True when the decoder's final norm (after its last layer) is in this graph."""
     return any(_FINAL_NORM_RE.search(module_path(n)) for n in gm.graph.nodes)

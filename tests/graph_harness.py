@@ -68,7 +68,7 @@ class KeptRecorder:
 
     def __call__(self, gm, example_inputs):
         fn = self.backend(gm, example_inputs)
-        graph_module = fn.graph_module
+        graph_module = getattr(fn, "graph_module", None) or fn.__self__  # pruned, or unchanged (eager)
         for node in graph_module.graph.nodes:
             if node.target is select_kept_tokens:
                 node.target = self._record

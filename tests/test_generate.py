@@ -187,3 +187,18 @@ def test_inductor_padded_generate_matches_reference():
     assert len(model.fitprune_backend.pruned_graphs) == 1
     assert torch.equal(out.sequences, expected)
     assert _cache_lengths(out) == _expected_cache_lengths(inputs["input_ids"].shape[1], PRUNE, 3)
+
+
+def test_inplace_compile_alone_decodes_a_padded_batch():
+    """`model.compile(backend=fitprune_backend(recipe))` with nothing else: padded generate is exact."""
+    from fitprune_fx.backend import fitprune_backend
+
+    model = _model()
+    inputs = make_inputs(model, PADDED, seed=3)
+    expected = _reference(model, inputs, PRUNE)
+    backend = fitprune_backend(_recipe(model, PRUNE), compiler="eager")
+    model.compile(backend=backend)
+    out = _generate(model, inputs)
+    assert len(backend.pruned_graphs) == 1
+    assert torch.equal(out.sequences, expected)
+    assert _cache_lengths(out) == _expected_cache_lengths(inputs["input_ids"].shape[1], PRUNE, 3)

@@ -1,0 +1,137 @@
+"""Never silently wrong: what the backend refuses, leaves unpruned with a warning, or scores per row."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fitprune_fx
+from fitprune_fx import ModelInfo, Recipe, fitprune_backend
+from fitprune_fx.reference import reference_prefill
+from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
+from graph_harness import KeptRecorder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _recipe(model, prune, **kw) -> Recipe:
+    return Recipe(model=ModelInfo.from_config(model.config), prune=prune, **kw)
+
+
+def test_sliding_window_model_is_left_unpruned_with_one_warning():
+    """A window counts original positions, which a pruned cache cannot keep: no pruning, exact output."""
+    model = tiny_llava("mistral", num_layers=3, seed=2)
+    model.config.text_config.sliding_window = 12
+    plain = copy.deepcopy(model)
+    inputs = make_inputs(model, [PromptSpec(2, 4), PromptSpec(5, 2)], seed=3)
+    fitprune_fx.compile(model, _recipe(model, {0: 5, 1: 3}), compiler="eager")
+    with pytest.warns(UserWarning, match="sliding-window attention"), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        expected = plain.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, expected)
+    backend = model.fitprune_backend
+    assert not backend.pruned_graphs
+    assert "sliding-window attention (window 12)" in backend.summary()
+
+
+def test_each_backend_runs_its_own_scorer_function():
+    """Two lambdas with the same qualified name: each backend still runs its own."""
+    model = tiny_llava(num_layers=2, seed=6)
+    inputs = make_inputs(model, [PromptSpec(2, 3)], seed=1)
+    scorers = [
+        lambda s: -torch.arange(s.visual.shape[1], dtype=torch.float32).expand_as(s.visual),  # delete last
+        lambda s: torch.arange(s.visual.shape[1], dtype=torch.float32).expand_as(s.visual),  # delete first
+    ]
+    assert scorers[0].__qualname__ == scorers[1].__qualname__
+    recorders = [
+        KeptRecorder(fitprune_backend(_recipe(model, {0: 5}), scorer=f, compiler="eager")) for f in scorers
+    ]
+    for recorder in recorders:  # both backends exist before either graph runs
+        with torch.no_grad():
+            torch._dynamo.reset()
+            torch.compile(model, backend=recorder)(**inputs)
+    visual = (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+    everything = set(range(inputs["input_ids"].shape[1]))
+    assert recorders[0].kept[0][0].tolist() == sorted(everything - set(visual[-5:]))
+    assert recorders[1].kept[0][0].tolist() == sorted(everything - set(visual[:5]))
+
+
+def test_fastv_scores_from_the_last_real_token_of_a_right_padded_row():
+    """Right padding on a direct call: each row scores from its own last prompt token."""
+    model = tiny_llava("qwen2", num_layers=3, seed=8)
+    inputs = make_inputs(model, [PromptSpec(1, 6), PromptSpec(4, 1)], seed=9)
+    right = {k: v.clone() for k, v in inputs.items()}
+    for b in range(2):  # move each row's padding to the right
+        n = int(inputs["attention_mask"][b].sum())
+        right["input_ids"][b] = torch.cat([inputs["input_ids"][b, -n:], inputs["input_ids"][b, :-n]])
+        right["attention_mask"][b] = torch.cat(
+            [inputs["attention_mask"][b, -n:], inputs["attention_mask"][b, :-n]]
+        )
+    assert not bool(right["attention_mask"][:, -1].all())  # some row really ends in padding
+    prune = {1: 6}
+    backend = fitprune_backend(_recipe(model, prune, scorer="fastv"), compiler="eager")
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(**right)
+    ref = reference_prefill(model, **right, prune=prune, scorer="fastv")
+    for b in range(2):
+        valid = right["attention_mask"][b, ref.kept_final[b]].bool()
+        torch.testing.assert_close(
+            out.logits[b][valid], ref.logits[b, ref.kept_final[b]][valid], atol=1e-4, rtol=1e-4
+        )
+
+
+def test_padding_inside_a_continued_pruned_cache_is_refused():
+    """A batched later turn padded in the middle: generate refuses it, a direct call raises."""
+    model = tiny_llava(num_layers=3, seed=7)
+    inputs = make_inputs(model, [PromptSpec(2, 4), PromptSpec(5, 2)], seed=2)
+    fitprune_fx.compile(model, _recipe(model, {0: 5, 1: 3}), compiler="eager")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    turn = torch.tensor([[0, 0, 9, 10], [11, 12, 13, 14]])  # row 0 padded inside the sequence
+    ids = torch.cat([out.sequences, turn], dim=1)
+    pads = inputs["attention_mask"]
+    mask = torch.cat([pads, pads.new_ones(2, 3), (turn != 0).long()], dim=1)
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(
+            input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values, max_new_tokens=2
+        )
+    # a direct call continuing the cache (a later chunk after the padded one) is refused at run time
+    cache = out.past_key_values
+    step = ids[:, -5:]
+    with pytest.raises(RuntimeError, match="left padding"), torch.no_grad():
+        model(input_ids=step, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache)
+
+
+def test_a_graph_break_inside_the_decoder_leaves_it_unpruned_with_a_warning():
+    model = tiny_llava(num_layers=3, seed=4)
+    inputs = make_inputs(model, [PromptSpec(2, 3)], seed=5)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.model.language_model.layers[1].register_forward_pre_hook(lambda *a: torch._dynamo.graph_break())
+    backend = fitprune_backend(_recipe(model, {0: 4, 2: 3}), compiler="eager")
+    with pytest.warns(UserWarning, match="graph break split the decoder"), torch.no_grad():
+        out = torch.compile(model, backend=backend)(**inputs)
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    assert not backend.pruned_graphs
+    assert "graph break split the decoder" in backend.summary()
+
+
+def test_a_call_that_dynamo_runs_eagerly_warns_that_nothing_was_pruned(monkeypatch):
+    model = tiny_llava(num_layers=3, seed=4)
+    fitprune_fx.compile(model, _recipe(model, {0: 4}), compiler="eager")
+    with torch.no_grad():
+        model(**make_inputs(model, [PromptSpec(2, 3)], seed=5))
+        assert model.fitprune_backend.pruned_runs == 1
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # a new batch size is one too many
+        with pytest.warns(UserWarning, match="ran no pruned graph.*recompile_limit"):
+            model(**make_inputs(model, [PromptSpec(2, 3), PromptSpec(1, 1)], seed=6))
+    assert model.fitprune_backend.pruned_runs == 1
