@@ -438,3 +438,73 @@ def reference_generate(
         torch.stack(step_logits, dim=1) if step_logits else last_logits.new_empty(B, 0, last_logits.shape[-1])
     )
     return output, chosen_from
+
+
+# ----------------------------------------------------------------------------------------------
+# continuing a pruned cache: chunks of new tokens, rollback, reordering
+
+
+class ReferenceContinuation:
+    """The eager reference's own per-layer caches after a pruned prefill, continued by hand.
+
+    Layer l holds the keys/values of the tokens present at its input (explicit removal: layers
+    after a pruning layer never saw the deleted tokens). `extend` appends k new tokens to every
+    layer; each new token attends to its layer's cached tokens (padding excluded) and to the new
+    tokens up to itself. Positions continue from the original length, as a direct call with a
+    cache numbers them. Written without transformers' cache classes or masks.
+    """
+
+    def __init__(self, model: nn.Module, caches: list[_LayerKV], length: int) -> None:
+        self.model = model
+        self.caches = caches
+        self.length = length  # original positions so far (the prompt, padding included, + appended)
+
+    @classmethod
+    def after_prefill(
+        cls,
+        model: nn.Module,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        attention_mask: Tensor | None = None,
+        prune: dict[int, int] | None = None,
+        scorer: str = "fitprune",
+        scorer_options: dict | None = None,
+    ) -> tuple[ReferenceResult, ReferenceContinuation]:
+        """Pruned prefill (position ids 0..S-1, as a direct call), then a continuation of it."""
+        result, caches, _ = _prefill(
+            model, input_ids, pixel_values, attention_mask, prune, scorer, scorer_options, None
+        )
+        return result, cls(model, caches, input_ids.shape[1])
+
+    def extend(self, input_ids: Tensor) -> Tensor:
+        """Append `input_ids` [B, k] (no padding) to every layer; return their logits [B, k, V]."""
+        text = _text_model(self.model)
+        B, k = input_ids.shape
+        pos = torch.arange(self.length, self.length + k, device=input_ids.device).expand(B, k)
+        with torch.no_grad():
+            h = self.model.model.get_input_embeddings()(input_ids)  # [B, k, C]
+            cos, sin = text.rotary_emb(h, pos)
+            new = torch.ones(B, k, dtype=torch.bool, device=input_ids.device)
+            own = torch.ones(
+                k, k, dtype=torch.bool, device=input_ids.device
+            ).tril()  # new token i sees new j <= i
+            for li, layer in enumerate(text.layers):
+                c = self.caches[li]
+                allowed = torch.cat([c.valid[:, None, :].expand(B, k, -1), own.expand(B, k, k)], dim=2)
+                heads, _, kk, vv = _attend(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed, c)
+                valid = torch.cat([c.valid, new], dim=1)
+                self.caches[li] = _LayerKV(torch.cat([c.keys, kk], 2), torch.cat([c.values, vv], 2), valid)
+                h = h + layer.self_attn.o_proj(heads)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            logits = self.model.lm_head(text.norm(h))
+        self.length += k
+        return logits
+
+    def crop(self, k: int) -> None:
+        """Forget the last k appended tokens in every layer (a rollback)."""
+        self.caches = [_LayerKV(c.keys[:, :, :-k], c.values[:, :, :-k], c.valid[:, :-k]) for c in self.caches]
+        self.length -= k
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep batch rows `rows` in that order (beam reordering, selecting, repeating)."""
+        self.caches = [_LayerKV(c.keys[rows], c.values[rows], c.valid[rows]) for c in self.caches]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.pruned_cache import PADDING_ERROR, cut_mask_to_pruned_keys
+from fitprune_fx.reference import ReferenceContinuation
 from fitprune_fx.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
 from graph_harness import CapturedDecoder
 
@@ -107,20 +108,40 @@ def continuations(draw):
     return prune, prompts, steps, draw(st.integers(0, 99))
 
 
+def _run_reference_steps(continuation, batch, steps, seed):
+    """The same steps on the eager reference's own caches (explicit removal, no transformers cache)."""
+    g = torch.Generator().manual_seed(seed)
+    out, appended = [], 0
+    for kind, n in steps:
+        if kind == "chunk":
+            out.append(continuation.extend(torch.randint(4, 128, (batch, n), generator=g)))
+            appended += n
+        elif kind == "crop":
+            n = min(n, appended)  # a rollback removes appended tokens only
+            if n:
+                continuation.crop(n)
+                appended -= n
+        else:
+            continuation.reorder(torch.randperm(batch, generator=torch.Generator().manual_seed(n)))
+    return out
+
+
 def _run_steps(model, cache, mask, steps, seed):
     """Apply the steps to (cache, mask) with `model`; return the logits of every chunk."""
     g = torch.Generator().manual_seed(seed)
-    out = []
+    out, appended = [], 0
     for kind, n in steps:
         if kind == "chunk":
             ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=g)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
             with torch.no_grad():
                 out.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
+            appended += n
         elif kind == "crop":
-            n = min(n, cache.get_seq_length() - 1)
+            n = min(n, appended)  # a rollback removes appended tokens only
             cache.crop(-n)
             mask = mask[:, :-n] if n else mask
+            appended -= n
         else:
             perm = torch.randperm(mask.shape[0], generator=torch.Generator().manual_seed(n))
             cache.reorder_cache(perm)
@@ -131,7 +152,7 @@ def _run_steps(model, cache, mask, steps, seed):
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(continuations())
 def test_chunks_crop_reorder_match_masking_reference(case):
-    """k-token chunks, crop(-k) and beam reorder after a pruned prefill: logits within 1e-4."""
+    """k-token chunks, crop(-k) and beam reorder after a pruned prefill, against both references."""
     prune, prompts, steps, seed = case
     inputs = make_inputs(MODEL, prompts, seed=seed)
     deletions = {k: v * prompts[0].images for k, v in prune.items()}  # the recipe scaled to the images
@@ -148,6 +169,11 @@ def test_chunks_crop_reorder_match_masking_reference(case):
     torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], atol=1e-4, rtol=1e-4)
     assert len(pruned) == len(expected)
     for a, b in zip(pruned, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+    _, continuation = ReferenceContinuation.after_prefill(MODEL, **inputs, prune=deletions)
+    removed = _run_reference_steps(continuation, len(prompts), steps, seed)
+    for a, b in zip(pruned, removed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
