@@ -69,7 +69,7 @@ class FitpruneBackend:
     reports: list[GraphReport] = field(default_factory=list)
     pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
     _warned: set = field(default_factory=set)
-    _merge_apart: bool = False  # an image merge was seen in a graph without decoder layers
+    _merge_apart: bool = False  # the last graph compiled merged images but held no decoder layers
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
@@ -90,6 +90,10 @@ class FitpruneBackend:
                 report.reason += " (image merge only)"
             log.debug("fitprune: %s", report)
             return self._compile(gm, example_inputs)
+        # Dynamo compiles a call's graphs in order: a merge-only graph just before this one means
+        # the merge and the decoder were split apart. Consumed here, so later decode steps are not
+        # mistaken for it.
+        merge_apart, self._merge_apart = self._merge_apart, False
         try:
             self._check_recipe_fits(gm)
             if windows:
@@ -110,7 +114,7 @@ class FitpruneBackend:
             )
         except NoVisualTokens as e:
             report.reason = str(e)
-            if self._merge_apart:
+            if merge_apart:
                 report.reason = (
                     "not understood: the image merge ran in a graph of its own (a graph break between "
                     "the merge and the decoder), so this decoder graph cannot see the visual tokens"
