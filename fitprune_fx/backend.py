@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
+from fitprune_fx.passes.layout import DecoderLayout
 from fitprune_fx.passes.locate import (
     NoVisualTokens,
     UnsupportedGraph,
@@ -25,14 +26,13 @@ from fitprune_fx.passes.locate import (
     has_final_norm,
     has_image_merge,
     has_unrecognised_attention,
-    layer_index,
     locate_hidden_size,
-    locate_layers,
 )
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.scorers import SCORERS, Scorer
 
 from . import pruned_cache
+from .families import graph_layouts
 from .recipe import Recipe, RecipeError
 
 log = logging.getLogger("fitprune_fx")
@@ -75,15 +75,17 @@ class FitpruneBackend:
         report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
         self.reports.append(report)
         windows = strip_sliding_window_marks(gm)  # always: the marks are not for Inductor
-        if not has_decoder_layers(gm):
+        layouts = graph_layouts()
+        layout = next((lay for lay in layouts if has_decoder_layers(gm, lay)), None)
+        if layout is None:
             report.reason = "no decoder layers in this graph"
-            merge = has_image_merge(gm)
+            merge = any(has_image_merge(gm, lay) for lay in layouts)
             self._merge_apart |= merge
-            if (merge or self._merge_apart) and has_unrecognised_attention(gm):
+            if (merge or self._merge_apart) and has_unrecognised_attention(gm, layouts):
                 report.reason = (
-                    "not understood: attention after the image merge outside the decoder layers the pass "
-                    "recognises (`language_model.layers.N`): a graph break split the decoder into "
-                    "pieces, or the model's module paths are not LLaVA's"
+                    "not understood: attention after the image merge outside the decoder layers of every "
+                    "known model family (fitprune_fx.families): a graph break split the decoder into "
+                    "pieces, or no family knows this model's module paths"
                 )
                 self._warn_unchanged(report)
             elif merge:
@@ -95,9 +97,9 @@ class FitpruneBackend:
         # mistaken for it.
         merge_apart, self._merge_apart = self._merge_apart, False
         try:
-            self._check_recipe_fits(gm)
+            self._check_recipe_fits(gm, layout)
             if windows:
-                layers = sorted({layer_index(n) for n, _ in windows} - {None})
+                layers = sorted({layout.layer_index(n) for n, _ in windows} - {None})
                 raise UnsupportedGraph(
                     f"decoder layers {layers} use sliding-window attention (window {windows[0][1]}); a "
                     "pruned cache cannot keep a window counted in original positions, so models with "
@@ -106,6 +108,7 @@ class FitpruneBackend:
             candidate = _copy_graph_module(gm)
             report.result = prune_visual_tokens(
                 candidate,
+                layout,
                 self._deletions_for,
                 _fake_mode(gm),
                 scorer=self.recipe.scorer,
@@ -157,25 +160,25 @@ class FitpruneBackend:
         """The recipe scaled to `num_visual`; layers the recipe lists with 0 still score."""
         return {**dict.fromkeys(self.recipe.prune, 0), **self.recipe.deletions_for(num_visual)}
 
-    def _check_recipe_fits(self, gm: fx.GraphModule) -> None:
+    def _check_recipe_fits(self, gm: fx.GraphModule, layout: DecoderLayout) -> None:
         """Refuse a recipe made for another model (a user error, so it raises)."""
         info = self.recipe.model
-        hidden = locate_hidden_size(gm)
+        hidden = locate_hidden_size(gm, layout)
         if hidden is not None and hidden != info.hidden_size:
             raise RecipeError(
                 f"recipe is for hidden size {info.hidden_size} ({info.name}) but the compiled model "
                 f"has hidden size {hidden}; fit a recipe for this model (fitprune-fx fit) or "
                 "rescale one with Recipe.rescaled_to(ModelInfo.from_config(model.config))"
             )
-        layers = locate_layers(gm)
-        ends_here = has_final_norm(gm)  # the graph holds the decoder's last layer
+        layers = layout.layers(gm)
+        ends_here = has_final_norm(gm, layout)  # the graph holds the decoder's last layer
         if layers and ((ends_here and layers[-1] + 1 != info.num_layers) or layers[-1] >= info.num_layers):
             raise RecipeError(
                 f"recipe is for {info.num_layers} decoder layers ({info.name}) but the compiled "
                 f"model has {layers[-1] + 1}; fit a recipe for this model or rescale one with "
                 "Recipe.rescaled_to(ModelInfo.from_config(model.config))"
             )
-        if layers and has_image_merge(gm) and (layers[0] != 0 or not ends_here):
+        if layers and has_image_merge(gm, layout) and (layers[0] != 0 or not ends_here):
             raise UnsupportedGraph(
                 f"this graph holds decoder layers {layers[0]}..{layers[-1]} only (a graph break splits "
                 "the decoder), so deleted tokens cannot be carried to the layers after it"

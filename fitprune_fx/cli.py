@@ -46,14 +46,20 @@ def add_fit_parser(subparsers) -> None:
 
 def _load_model(path: str, device: str, dtype: str):
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from fitprune_fx.families import UnknownModel, family_for
 
     if not Path(path).is_dir():
         raise CLIError(f"--model {path}: not a folder (expected a save_pretrained model folder)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
+    try:
+        family_for(model)
+    except UnknownModel as e:
+        raise CLIError(f"--model {path}: {e}") from e
     processor = AutoProcessor.from_pretrained(path)
     return model.to(device).eval(), processor
 
@@ -153,25 +159,34 @@ def _parse_image_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _next_config(path: str | None):
-    """A LlavaNextConfig from a model folder or a config.json, for --image-size."""
+def _image_size_config(path: str | None):
+    """(config, family) of a model whose visual count depends on the image size, for --image-size."""
     if path is None:
-        raise CLIError("--image-size needs --config MODEL_DIR (or config.json) of the LLaVA-NeXT model")
-    from transformers import AutoConfig, LlavaNextConfig
+        raise CLIError("--image-size needs --config MODEL_DIR (or its config.json), e.g. of a LLaVA-NeXT")
+    from transformers import AutoConfig
+
+    from fitprune_fx.families import UnknownModel, family_for
 
     p = Path(path)
     if p.is_dir():
         config = AutoConfig.from_pretrained(p)
     elif p.is_file():
-        config = LlavaNextConfig.from_json_file(str(p))
+        import json
+
+        data = json.loads(p.read_text())
+        config = AutoConfig.for_model(data.pop("model_type", ""), **data)
     else:
         raise CLIError(f"--config {path}: no such folder or file")
-    if getattr(config, "image_grid_pinpoints", None) is None:
+    try:
+        family = family_for(config)
+    except UnknownModel as e:
+        raise CLIError(f"--config {path}: {e}") from e
+    if not family.counts_vary_with_image:
         raise CLIError(
-            f"--config {path}: {type(config).__name__} has no image_grid_pinpoints (not LLaVA-NeXT): its "
-            "visual count does not depend on the image size; use --visual-tokens N instead"
+            f"--config {path}: a {family.name} model's visual count does not depend on the image size "
+            "(not LLaVA-NeXT); use --visual-tokens N instead"
         )
-    return config
+    return config, family
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -189,10 +204,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise CLIError("give --visual-tokens or --image-size, not both")
     counts: list[tuple[str, int | None]] = [("", n)]
     if sizes:
-        from fitprune_fx.tiny import next_image_tokens
-
-        config = _next_config(args.config)
-        counts = [(f"image {h}x{w} (height x width)", next_image_tokens(config, h, w)) for h, w in sizes]
+        config, family = _image_size_config(args.config)
+        counts = [(f"image {h}x{w} (height x width)", family.image_tokens(config, h, w)) for h, w in sizes]
     print(recipe.describe())
     if recipe.fit:
         print("fit: " + ", ".join(f"{k} {v}" for k, v in recipe.fit.items()))

@@ -32,9 +32,9 @@ Interpretations of the spec (documented choices):
   how the calibration set was batched or padded.
 - *Several images / other token counts.* An example with ``n_e`` visual tokens contributes
   ``d * N / n_e`` to a layer's mean, ``N`` = the model's visual tokens per image.
-- *LLaVA-NeXT* (``config.image_grid_pinpoints``): the visual count depends on the image size
-  (base tile + unpadded grid + one newline token per row; the newline tokens are visual tokens
-  here as in the pass). ``N`` is then the mean visual count of the calibration set (recorded as
+- *Visual counts that vary with the image* (families with ``counts_vary_with_image``, e.g.
+  LLaVA-NeXT: base tile + unpadded grid + one newline token per row, all visual tokens here as in
+  the pass). ``N`` is then the mean visual count of the calibration set (recorded as
   the recipe's ``num_visual_tokens``) and the recipe states fractions (format 2,
   ``prune_fraction``): ``d_l / N`` of the rounded counts, i.e. per layer the mean share of each
   example's visual tokens; ``units=`` overrides the choice.
@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from fitprune_fx.calibration import as_batches
+from fitprune_fx.families import family_for
 
 # Token kinds in the walk state.
 PAD, VISUAL, INSTRUCTION, OTHER = 0, 1, 2, 3
@@ -85,28 +86,13 @@ Selector = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 # ----------------------------------------------------------------------------- model access
 def _text_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (``LlamaModel``-like) of a LLaVA model."""
-    inner = getattr(model, "model", model)
-    lm = getattr(inner, "language_model", None)
-    if lm is None or not hasattr(lm, "layers"):
-        raise TypeError(
-            f"{type(model).__name__} does not look like a LLaVA model: expected "
-            ".model.language_model.layers (a transformers LlavaForConditionalGeneration)"
-        )
-    return lm
+    """The decoder stack (``LlamaModel``-like), as the model's family states it."""
+    return family_for(model).text_model(model)
 
 
-def is_llava_next(model: nn.Module) -> bool:
-    """Whether the model tiles images at any resolution (LLaVA-NeXT): visual counts vary per image."""
-    return getattr(getattr(model, "config", None), "image_grid_pinpoints", None) is not None
-
-
-def _image_token_id(config) -> int:
-    for key in ("image_token_id", "image_token_index"):
-        value = getattr(config, key, None)
-        if value is not None:
-            return int(value)
-    raise TypeError("model config has no image_token_id: is this a LLaVA model?")
+def counts_vary_with_image(model: nn.Module) -> bool:
+    """Whether the model's visual count depends on the image (LLaVA-NeXT): recipes in fractions."""
+    return family_for(model).counts_vary_with_image
 
 
 class _Embedded(Exception):
@@ -398,7 +384,7 @@ class FitSession:
         self._progress = progress or (lambda n: None)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.image_token_id = _image_token_id(model.config)
+        self.image_token_id = family_for(model).image_token_id(model.config)
         # Llama-style layers run as attention half + MLP half: deleted rows skip the MLP and a
         # walk's last layer skips it entirely (checked numerically on layer 0 before use).
         self._split = all(
@@ -413,7 +399,7 @@ class FitSession:
             self.n_visual = (self.start.kind == VISUAL).sum(dim=1)  # [B]
             if int(self.n_visual.min()) == 0:
                 raise ValueError("every calibration example needs at least one image token")
-            if is_llava_next(model):  # no fixed count per image: normalise to the mean count
+            if counts_vary_with_image(model):  # no fixed count per image: normalise to the mean count
                 mean = max(1, round(float(self.n_visual.double().mean())))
                 self.info = dataclasses.replace(self.info, num_visual_tokens=mean)
             self._root_pass()
@@ -808,7 +794,7 @@ class FitSession:
         prune = round_cumulative(result.walk.means, info.num_visual_tokens, self.min_keep)
         if Recipe(model=info, prune=prune).reference_reduction() < budget:  # float noise in the slack
             prune = round_cumulative(result.walk.means, info.num_visual_tokens, self.min_keep, slack=0.0)
-        fractions = units == "fraction" or (units == "auto" and is_llava_next(self.model))
+        fractions = units == "fraction" or (units == "auto" and counts_vary_with_image(self.model))
         if fractions:
             recipe = Recipe.from_fractions(
                 info, _as_fractions(prune, info.num_visual_tokens), scorer="fitprune", budget=budget

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .families import family_for
 from .reference import SCORERS, _score_visual, lowest_first
 
 ATTENTION_NAME = "fitprune_masking_reference"
@@ -52,7 +53,7 @@ class MaskingReference:
         self.prune = {int(k): int(v) for k, v in prune.items()}
         self.scorer = scorer
         self.options = dict(scorer_options or {})
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = family_for(model).image_token_id(model.config)
         self.deleted: dict[int, Tensor] = {}  # layer -> [B, S] bool, tokens deleted after it (last prefill)
         self._chunk: dict[str, Tensor | None] = {}
         self._gone: Tensor | None = None  # [B, q] bool: chunk rows deleted so far in this forward

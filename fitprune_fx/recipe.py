@@ -107,21 +107,21 @@ class ModelInfo:
 
     @classmethod
     def from_config(cls, config: Any, name: str | None = None) -> ModelInfo:
-        """Read dimensions from a transformers ``LlavaConfig``.
+        """Read dimensions from a transformers config of a known family (pass ``model.config``).
 
-        Visual tokens per image are ``(image_size // patch_size) ** 2``, plus the CLS token when
-        ``vision_feature_select_strategy == "full"`` (the projector then keeps it).
+        Visual tokens per image come from the family (LLaVA: ``(image_size // patch_size) ** 2``,
+        plus the CLS token when the projector keeps it).
         """
+        from .families import UnknownModel, family_for  # lazy: reading recipes needs no torch
+
         text = getattr(config, "text_config", None)
-        vision = getattr(config, "vision_config", None)
-        if text is None or vision is None:
-            raise RecipeError(
-                f"cannot read model dimensions from {type(config).__name__}: expected a LLaVA "
-                "config with .text_config and .vision_config (pass model.config)"
-            )
-        tokens = (vision.image_size // vision.patch_size) ** 2
-        if getattr(config, "vision_feature_select_strategy", "default") == "full":
-            tokens += 1
+        try:
+            family = family_for(config)
+        except UnknownModel as e:
+            raise RecipeError(f"cannot read model dimensions: {e} (pass model.config)") from e
+        if text is None:
+            raise RecipeError(f"cannot read model dimensions from {type(config).__name__}: no .text_config")
+        tokens = family.visual_tokens_per_image(config)
         heads = getattr(text, "num_attention_heads", None)
         kv = getattr(text, "num_key_value_heads", None) or heads
         return cls(

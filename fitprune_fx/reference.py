@@ -1,8 +1,9 @@
 """Eager reference implementation of pruned prefill and pruned greedy generation (the test oracle).
 
-This module runs a Hugging Face `LlavaForConditionalGeneration` layer by layer in plain PyTorch
-and applies the algorithm of DESIGN.md section 2. It is deliberately independent of the FX pass
-(it imports nothing from `fitprune_fx.passes` or `fitprune_fx.backend`): it computes the
+This module runs a Hugging Face multimodal model (any family of `fitprune_fx.families`) layer by
+layer in plain PyTorch and applies the algorithm of DESIGN.md section 2. It is deliberately
+independent of the FX pass (it uses no code of `fitprune_fx.passes` or `fitprune_fx.backend`, only
+the family's facts about the model: its decoder stack, image token and embedding): it computes the
 attention probabilities itself from each layer's q/k/v projections and uses them both for the
 attention output and for the importance scores.
 
@@ -43,6 +44,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from .families import family_for
+
 SCORERS = ("fitprune", "fastv", "random")
 
 
@@ -73,8 +76,8 @@ class _LayerKV:
 
 
 def _text_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (LlamaModel / MistralModel / Qwen2Model) inside a LLaVA model."""
-    return model.model.language_model
+    """The decoder stack (LlamaModel / MistralModel / Qwen2Model ...), as the model's family states it."""
+    return family_for(model).text_model(model)
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -94,36 +97,12 @@ def _rope_function(attn: nn.Module) -> Callable:
 def _embed_prompt(
     model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None = None
 ) -> Tensor:
-    """Token embeddings with the image features scattered into the image-token rows: [B, S, C].
+    """Token embeddings with the image features merged in, [B, S, C], the family's way.
 
-    Same steps as LlavaModel.forward: vision tower + projector via get_image_features, then
-    masked_scatter of the features (in order) into the positions holding image_token_id.
-    LLaVA-NeXT (`image_sizes` given): the model's own get_image_features tiles, unpads and
-    appends the image_newline rows (pack_image_features), so each image contributes a
-    size-dependent number of rows; every one of them, newlines included, is a visual token.
+    For LLaVA-NeXT (`image_sizes` given) each image contributes a size-dependent number of rows,
+    newline rows included; every one of them is a visual token.
     """
-    config = model.config
-    embeds = model.model.get_input_embeddings()(input_ids)  # [B, S, C]
-    if pixel_values is None:
-        return embeds
-    if getattr(config, "image_grid_pinpoints", None) is not None and image_sizes is None:
-        raise ValueError("a LLaVA-NeXT model needs image_sizes ([num_images, 2], height and width)")
-    extra = {} if image_sizes is None else {"image_sizes": image_sizes}
-    out = model.model.get_image_features(
-        pixel_values=pixel_values,
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        return_dict=True,
-        **extra,
-    )
-    features = getattr(out, "pooler_output", out)  # list of [N_img, C] (or a stacked tensor)
-    if isinstance(features, (list, tuple)):
-        features = torch.cat(list(features), dim=0)
-    features = features.reshape(-1, embeds.shape[-1]).to(embeds.device, embeds.dtype)
-    image_mask = input_ids == config.image_token_id  # [B, S]
-    if int(image_mask.sum()) != features.shape[0]:
-        raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image feature rows")
-    return embeds.masked_scatter(image_mask[..., None], features)
+    return family_for(model).embed_prompt(model, input_ids, pixel_values, image_sizes=image_sizes)
 
 
 def _attend(
@@ -252,7 +231,7 @@ def _prefill(
     index = torch.arange(S, device=device).expand(B, S)  # [B, L] original position of each row
     pos = position_ids  # [B, L] RoPE position ids
     valid = attention_mask.bool()  # [B, L] not padding
-    visual = (input_ids == model.config.image_token_id) & valid  # [B, L]
+    visual = (input_ids == family_for(model).image_token_id(model.config)) & valid  # [B, L]
     batch = torch.arange(B, device=device)[:, None]  # [B, 1] for row gathers
 
     caches: list[_LayerKV] = []

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from .locate import AttentionSite, PerTokenTensor, layer_index
+from .layout import DecoderLayout
+from .locate import AttentionSite, PerTokenTensor
 from .token_ops import gather_tokens
 
 
@@ -31,6 +32,7 @@ def insert_token_compaction(
     kept: fx.Node,
     shared: dict[PerTokenTensor, fx.Node],
     visual: fx.Node,
+    layout: DecoderLayout,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Compact after `site`'s attention. Updates `shared` (tensor -> node later layers read).
 
@@ -53,12 +55,13 @@ def insert_token_compaction(
     residual = gather(site.residual, (1,))
     site.residual_add.replace_input_with(site.residual, residual)
 
+    def after_this_layer(user: fx.Node) -> bool:
+        layer = layout.layer_index(user)
+        return layer is not None and layer > site.layer and user not in inserted
+
     for tensor, current in list(shared.items()):
         compacted = gather(current, tensor.token_dims)
-        current.replace_all_uses_with(
-            compacted,
-            delete_user_cb=lambda u: (layer_index(u) or -1) > site.layer and u not in inserted,
-        )
+        current.replace_all_uses_with(compacted, delete_user_cb=after_this_layer)
         shared[tensor] = compacted
 
     return gather(visual, (1,)), inserted

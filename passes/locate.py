@@ -1,4 +1,4 @@
-"""Find the pieces of a LLaVA decoder inside a Dynamo FX graph.
+"""Find the pieces of a decoder inside a Dynamo FX graph, through its family's `DecoderLayout`.
 
 Everything is found from node metadata (`nn_module_stack`, `example_value`) and graph structure,
 never from graph indices or node names, because Dynamo splits and names graphs differently
@@ -17,17 +17,14 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_int
 
-# `...language_model.layers.3`, `...language_model.layers[3]`, `...language_model.layers['3']`.
-# The CLIP tower also has `encoder.layers.N`, so the `language_model` part is required.
-_LAYER_RE = re.compile(r"language_model\.layers(?:\.|\[')?(\d+)(?:'\])?(?:\]|\.|$)")
-_LAYER_SCOPE_RE = re.compile(r"language_model\.layers(?:\.|\[')?\d+(?:'\])?\]?$")
-_FINAL_NORM_RE = re.compile(r"language_model\.norm$")
-_SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+from .layout import DecoderLayout, module_path
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
 
 
 class UnsupportedGraph(Exception):
-    """The graph is not a LLaVA decoder graph the pass understands; the message says why."""
+    """The graph is not a decoder graph the pass understands; the message says why."""
 
 
 class NoVisualTokens(UnsupportedGraph):
@@ -74,26 +71,13 @@ class DecoderGraph:
     """What the pass needs to know about a decoder graph."""
 
     sites: dict[int, AttentionSite]
-    merge: fx.Node  # masked_scatter(inputs_embeds, image_mask, image_features)
+    merge: fx.Node  # e.g. masked_scatter(inputs_embeds, image_mask, image_features)
     image_mask: fx.Node  # [B, S, 1 or D] bool
     batch_size: int
     seq_len: int | torch.SymInt
     visual_per_example: int
     per_token: list[PerTokenTensor] = field(default_factory=list)
-
-
-def module_path(node: fx.Node) -> str:
-    """Innermost module path of a node, e.g. "L['self'].language_model.layers.3.self_attn"."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    return str(list(stack.values())[-1][0])
-
-
-def layer_index(node: fx.Node) -> int | None:
-    """Decoder layer a node belongs to, or None outside the decoder layers."""
-    m = _LAYER_RE.search(module_path(node))
-    return int(m.group(1)) if m else None
+    layout: DecoderLayout | None = None
 
 
 def example_value(node: fx.Node):
@@ -101,38 +85,35 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def has_decoder_layers(gm: fx.GraphModule) -> bool:
-    return any(layer_index(n) is not None for n in gm.graph.nodes)
+def has_decoder_layers(gm: fx.GraphModule, layout: DecoderLayout) -> bool:
+    return any(layout.layer_index(n) is not None for n in gm.graph.nodes)
 
 
-def locate_layers(gm: fx.GraphModule) -> list[int]:
-    """Sorted decoder layer indices present in the graph."""
-    return sorted({i for n in gm.graph.nodes if (i := layer_index(n)) is not None})
-
-
-def locate_hidden_size(gm: fx.GraphModule) -> int | None:
+def locate_hidden_size(gm: fx.GraphModule, layout: DecoderLayout) -> int | None:
     """Hidden size of the decoder: last dim of the residual stream at a layer's own scope."""
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in _ADD_TARGETS and _LAYER_SCOPE_RE.search(module_path(n)):
+        if n.op == "call_function" and n.target in _ADD_TARGETS and layout.in_layer_scope(n):
             value = example_value(n)
             if isinstance(value, torch.Tensor) and value.dim() == 3:
                 return int(value.shape[-1])
     return None
 
 
-def has_image_merge(gm: fx.GraphModule) -> bool:
-    """True when the graph merges image features into the embeddings (`masked_scatter`)."""
-    return bool(_image_merges(gm))
+def has_image_merge(gm: fx.GraphModule, layout: DecoderLayout) -> bool:
+    """True when the graph merges image features into the embeddings."""
+    return any(layout.is_image_merge(n) for n in gm.graph.nodes)
 
 
 _VISION_RE = re.compile(r"vision|visual|clip|siglip", re.IGNORECASE)
 
 
-def has_unrecognised_attention(gm: fx.GraphModule) -> bool:
-    """True when the graph calls SDPA outside the decoder layers the pass knows and outside vision
+def has_unrecognised_attention(gm: fx.GraphModule, layouts: list[DecoderLayout]) -> bool:
+    """True when the graph calls SDPA outside the decoder layers the layouts know and outside vision
     modules: decoder layers under another module path, or split into per-layer graphs by a break."""
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _SDPA_TARGETS or layer_index(node) is not None:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        if any(layout.layer_index(node) is not None for layout in layouts):
             continue
         stack = node.meta.get("nn_module_stack") or {}
         names = " ".join(f"{path} {getattr(kind, '__name__', kind)}" for path, kind in stack.values())
@@ -141,9 +122,9 @@ def has_unrecognised_attention(gm: fx.GraphModule) -> bool:
     return False
 
 
-def has_final_norm(gm: fx.GraphModule) -> bool:
+def has_final_norm(gm: fx.GraphModule, layout: DecoderLayout) -> bool:
     """True when the decoder's final norm (after its last layer) is in this graph."""
-    return any(_FINAL_NORM_RE.search(module_path(n)) for n in gm.graph.nodes)
+    return any(layout.is_final_norm(n) for n in gm.graph.nodes)
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -168,7 +149,9 @@ def _sdpa_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, bool, f
     return bound["query"], bound["key"], mask, bool(bound.get("is_causal", False)), bound.get("scale")
 
 
-def _find_residual_add(graph: nx.DiGraph, layer: int, sdpa: fx.Node) -> tuple[fx.Node, fx.Node]:
+def _find_residual_add(
+    graph: nx.DiGraph, layer: int, sdpa: fx.Node, layout: DecoderLayout
+) -> tuple[fx.Node, fx.Node]:
     """The first add in the layer's own scope that consumes the attention output.
 
     Its other operand is the residual stream entering the layer; it must not depend on the
@@ -180,8 +163,8 @@ def _find_residual_add(graph: nx.DiGraph, layer: int, sdpa: fx.Node) -> tuple[fx
         for n in downstream
         if n.op == "call_function"
         and n.target in _ADD_TARGETS
-        and layer_index(n) == layer
-        and _LAYER_SCOPE_RE.search(module_path(n))  # the layer's own scope, not a submodule
+        and layout.layer_index(n) == layer
+        and layout.in_layer_scope(n)  # the layer's own scope, not a submodule
     ]
     order = {n: i for i, n in enumerate(sdpa.graph.nodes)}
     for add in sorted(candidates, key=order.__getitem__):
@@ -192,47 +175,40 @@ def _find_residual_add(graph: nx.DiGraph, layer: int, sdpa: fx.Node) -> tuple[fx
     raise UnsupportedGraph(f"layer {layer}: no residual add after the attention found")
 
 
-def _image_merges(gm: fx.GraphModule) -> list[fx.Node]:
-    return [
-        n
-        for n in gm.graph.nodes
-        if (n.op == "call_method" and n.target == "masked_scatter")
-        or (n.op == "call_function" and n.target in (torch.masked_scatter, torch.Tensor.masked_scatter))
-    ]
-
-
-def _find_image_merge(gm: fx.GraphModule) -> fx.Node:
-    merges = _image_merges(gm)
+def _find_image_merge(gm: fx.GraphModule, layout: DecoderLayout) -> fx.Node:
+    merges = [n for n in gm.graph.nodes if layout.is_image_merge(n)]
     if not merges:
         raise NoVisualTokens("no image merge in this decoder graph (decode step or text-only prompt)")
     if len(merges) > 1:
-        raise UnsupportedGraph(f"{len(merges)} masked_scatter nodes; expected one image merge")
+        raise UnsupportedGraph(f"{len(merges)} image merge nodes ({merges[0].target}); expected one")
     return merges[0]
 
 
-def _per_token_tensors(gm: fx.GraphModule, sites: dict[int, AttentionSite], seq_len) -> list[PerTokenTensor]:
+def _per_token_tensors(
+    gm: fx.GraphModule, sites: dict[int, AttentionSite], seq_len, layout: DecoderLayout
+) -> list[PerTokenTensor]:
     """Tensors created outside the layers and read by them that carry the sequence dimension."""
     masks = {s.attn_mask for s in sites.values() if s.attn_mask is not None}
     found: list[PerTokenTensor] = []
     for node in gm.graph.nodes:
-        if layer_index(node) is not None or node.op in ("output", "get_attr"):
+        if layout.layer_index(node) is not None or node.op in ("output", "get_attr"):
             continue
-        users_in_layers = [u for u in node.users if layer_index(u) is not None]
+        users_in_layers = [u for u in node.users if layout.layer_index(u) is not None]
         if not users_in_layers:
             continue
         value = example_value(node)
         if not isinstance(value, torch.Tensor):
             continue
         shape = tuple(value.shape)
-        if not any(_same(d, seq_len) for d in shape):
+        if not any(same_size(d, seq_len) for d in shape):
             continue
         if node in masks:
             if value.dim() != 4:
                 raise UnsupportedGraph(f"attention mask {node.name} has shape {shape}, expected 4-D")
             found.append(PerTokenTensor(node, (2, 3), "attention_mask"))
-        elif module_path(node).endswith("rotary_emb") and value.dim() == 3 and _same(shape[1], seq_len):
+        elif layout.is_rope(node) and value.dim() == 3 and same_size(shape[1], seq_len):
             found.append(PerTokenTensor(node, (1,), "rope"))
-        elif node.op == "call_method" and node.target == "masked_scatter":
+        elif layout.is_image_merge(node):
             continue  # the embeddings: layer 0's input, before any pruning
         else:
             raise UnsupportedGraph(
@@ -242,16 +218,16 @@ def _per_token_tensors(gm: fx.GraphModule, sites: dict[int, AttentionSite], seq_
     return found
 
 
-def _same(a, b) -> bool:
+def same_size(a, b) -> bool:
     """Equal sizes, static or symbolic."""
     if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
         return str(a) == str(b)
     return a == b
 
 
-def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
-    """Analyse a Dynamo graph holding a LLaVA decoder; raise UnsupportedGraph when it is not one."""
-    merge = _find_image_merge(gm)
+def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
+    """Analyse a Dynamo graph holding a decoder laid out as `layout`; raise UnsupportedGraph if not one."""
+    merge = _find_image_merge(gm, layout)
     image_mask = merge.args[1] if len(merge.args) > 1 else merge.kwargs.get("mask")
     embeds = example_value(merge)
     features = example_value(merge.args[2] if len(merge.args) > 2 else merge.kwargs["source"])
@@ -279,15 +255,15 @@ def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
     graph = to_networkx(gm.graph)
     sites: dict[int, AttentionSite] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _SDPA_TARGETS:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
-        layer = layer_index(node)
+        layer = layout.layer_index(node)
         if layer is None:
             continue
         if layer in sites:
             raise UnsupportedGraph(f"layer {layer} has more than one attention call")
         query, key, mask, is_causal, scale = _sdpa_args(node)
-        add, residual = _find_residual_add(graph, layer, node)
+        add, residual = _find_residual_add(graph, layer, node, layout)
         sites[layer] = AttentionSite(layer, node, query, key, mask, is_causal, scale, add, residual)
     if not sites:
         raise UnsupportedGraph("no scaled_dot_product_attention in the decoder layers (eager attention?)")
@@ -296,10 +272,10 @@ def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
         raise UnsupportedGraph(f"decoder layers {layers} are not contiguous in this graph")
     for site in sites.values():
         q = example_value(site.query)
-        if q is None or q.dim() != 4 or not _same(q.shape[2], seq_len):
+        if q is None or q.dim() != 4 or not same_size(q.shape[2], seq_len):
             raise UnsupportedGraph(f"layer {site.layer}: query is not [B, H, {seq_len}, D] (a decode step?)")
         k = example_value(site.key)
-        if k is None or k.dim() != 4 or not _same(k.shape[2], seq_len):
+        if k is None or k.dim() != 4 or not same_size(k.shape[2], seq_len):
             raise CacheContinuation(
                 "this prompt chunk brings an image but continues an existing KV cache (a later chat "
                 "turn with a new image); only a first chunk is pruned, so this chunk runs unpruned "
@@ -313,5 +289,6 @@ def locate_decoder(gm: fx.GraphModule) -> DecoderGraph:
         batch_size=int(batch),
         seq_len=seq_len,
         visual_per_example=int(num_visual) // int(batch),
-        per_token=_per_token_tensors(gm, sites, seq_len),
+        per_token=_per_token_tensors(gm, sites, seq_len, layout),
+        layout=layout,
     )

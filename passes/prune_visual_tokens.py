@@ -14,6 +14,7 @@ from torch import fx
 
 from .insert_compaction import insert_token_compaction
 from .insert_scoring import insert_importance_scoring
+from .layout import DecoderLayout
 from .locate import UnsupportedGraph, locate_decoder
 from .sequence_length import propagate_compaction
 from .token_ops import visual_token_mask
@@ -33,6 +34,7 @@ class PruneResult:
 
 def prune_visual_tokens(
     gm: fx.GraphModule,
+    layout: DecoderLayout,
     deletions_for,
     fake_mode,
     *,
@@ -40,7 +42,8 @@ def prune_visual_tokens(
     scorer_fn: Callable | None = None,
     seed: int = 0,
 ) -> PruneResult:
-    """Rewrite `gm` in place. `deletions_for(n_visual) -> {layer: count}` gives the static plan.
+    """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
+    `deletions_for(n_visual) -> {layer: count}` gives the static plan.
 
     A layer listed with count 0 still gets scoring and (identity) compaction: that is how the
     scoring overhead is measured and how tests check that the machinery itself is exact.
@@ -48,7 +51,7 @@ def prune_visual_tokens(
     Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
     not fit it.
     """
-    dec = locate_decoder(gm)
+    dec = locate_decoder(gm, layout)
     n = dec.visual_per_example
     plan = dict(sorted(deletions_for(n).items()))
     missing = [layer for layer in plan if layer not in dec.sites]
@@ -80,7 +83,7 @@ def prune_visual_tokens(
             visual_count=present,
             seed=seed,
         )
-        visual, more = insert_token_compaction(graph, site, kept, shared, visual)
+        visual, more = insert_token_compaction(graph, site, kept, shared, visual, layout)
         inserted += nodes + more
         present -= d
 

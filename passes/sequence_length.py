@@ -17,17 +17,11 @@ import torch
 from torch import fx
 from torch.fx.node import map_arg
 
-from .locate import UnsupportedGraph, example_value
+from .locate import UnsupportedGraph, example_value, same_size
 from .token_ops import gather_tokens
 
 _VIEW_METHODS = {"view", "reshape", "expand"}
 _VIEW_FUNCTIONS = {torch.reshape: "reshape"}
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return str(a) == str(b)
-    return a == b
 
 
 def _view_kind(node: fx.Node) -> str | None:
@@ -46,7 +40,7 @@ def _output_position(kind: str, dim: int, old_in: tuple, old_out: tuple) -> int:
     hits = [
         p
         for p in range(len(old_out))
-        if _same(math.prod(old_out[:p]), prefix) and _same(old_out[p], old_in[dim])
+        if same_size(math.prod(old_out[:p]), prefix) and same_size(old_out[p], old_in[dim])
     ]
     if len(hits) != 1:
         raise UnsupportedGraph(
@@ -62,13 +56,13 @@ def _rewrite_view(node: fx.Node, old_in: tuple, new_in: tuple, old_out: tuple) -
     if len(sizes) != len(old_out):
         raise UnsupportedGraph(f"{node.name}: {len(sizes)} sizes for a {len(old_out)}-d result")
     for dim in range(len(old_in)):
-        if _same(old_in[dim], new_in[dim]):
+        if same_size(old_in[dim], new_in[dim]):
             continue
         p = _output_position(kind, dim, old_in, old_out)
         if isinstance(sizes[p], int) and sizes[p] == -1:
             continue  # inferred from the element count
         old = example_value(sizes[p]) if isinstance(sizes[p], fx.Node) else sizes[p]
-        if not _same(old, old_in[dim]):
+        if not same_size(old, old_in[dim]):
             raise UnsupportedGraph(f"{node.name}: size argument {p} is {old}, expected {old_in[dim]}")
         new = new_in[dim]
         if isinstance(new, torch.SymInt):

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from fitprune_fx.backend import FitpruneBackend, _copy_graph_module
+from fitprune_fx.families import graph_layouts
 from fitprune_fx.passes.locate import has_decoder_layers
 from fitprune_fx.passes.token_ops import select_kept_tokens
 
@@ -30,7 +31,7 @@ class CapturedDecoder:
         self.compiled = torch.compile(model, backend=self._capture, dynamic=dynamic)
 
     def _capture(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        if not has_decoder_layers(gm):
+        if not any(has_decoder_layers(gm, layout) for layout in graph_layouts()):
             return gm.forward
         entry = {"version": -1, "impl": None}
 

@@ -1,0 +1,47 @@
+"""The seam every model family implements (see `fitprune_fx.families`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from fitprune_fx.passes.layout import DecoderLayout
+
+
+class UnknownModel(TypeError):
+    """No registered family claims the model."""
+
+
+class ModelFamily:
+    """One kind of multimodal model. Subclasses set `name` and `layout` and override what differs."""
+
+    name: str = ""
+    layout: DecoderLayout
+    counts_vary_with_image: bool = False  # visual count depends on image size (recipes in fractions)
+
+    def claims(self, config: Any) -> bool:
+        """True when this family knows models with this config."""
+        raise NotImplementedError
+
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack: `.layers` (each with `.self_attn`, `.mlp`, norms), `.norm`, `.rotary_emb`."""
+        raise NotImplementedError
+
+    def image_token_id(self, config: Any) -> int:
+        """The token id that marks visual tokens in `input_ids`."""
+        raise NotImplementedError
+
+    def visual_tokens_per_image(self, config: Any) -> int:
+        """Visual tokens of one image (for varying counts: the count a recipe's numbers refer to)."""
+        raise NotImplementedError
+
+    def image_tokens(self, config: Any, height: int, width: int) -> int:
+        """Visual tokens an image of `height` x `width` pixels puts in the prompt."""
+        return self.visual_tokens_per_image(config)
+
+    def embed_prompt(
+        self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, **image_inputs
+    ) -> Tensor:
+        """Token embeddings with the image features merged in: [B, S, C] (the decoder's input)."""
+        raise NotImplementedError

@@ -1,0 +1,72 @@
+"""How a model family's decoder shows up in a Dynamo graph: the one place the pass learns names.
+
+A family module (`fitprune_fx.families.*`) states its layout; everything in `passes/` reads module
+paths and the image merge through it, so the pass itself names no model. Module paths come from
+`node.meta["nn_module_stack"]`: the innermost entry, e.g. "L['self'].model.<decoder>.layers.3.self_attn".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path of a node, e.g. "L['self'].model.language_model.layers.3.self_attn"."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return str(list(stack.values())[-1][0])
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Module names of a decoder stack and the op that merges image features into the embeddings.
+
+    `decoder` is the attribute path of the text decoder (its `layers` list and final `norm` live
+    under it); the vision tower has `layers` too, so the decoder part is what tells them apart.
+    `merge_methods` are the tensor methods that scatter image features into token embeddings.
+    """
+
+    decoder: str
+    rope: str = "rotary_emb"
+    merge_methods: tuple[str, ...] = ("masked_scatter",)
+    _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
+    _scope_re: re.Pattern = field(init=False, repr=False, compare=False)
+    _norm_re: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # `<decoder>.layers.3`, `<decoder>.layers[3]`, `<decoder>.layers['3']`
+        prefix = re.escape(self.decoder) + r"\.layers(?:\.|\[')?"
+        object.__setattr__(self, "_layer_re", re.compile(prefix + r"(\d+)(?:'\])?(?:\]|\.|$)"))
+        object.__setattr__(self, "_scope_re", re.compile(prefix + r"\d+(?:'\])?\]?$"))
+        object.__setattr__(self, "_norm_re", re.compile(re.escape(self.decoder) + r"\.norm$"))
+
+    def layer_index(self, node: fx.Node) -> int | None:
+        """Decoder layer a node belongs to, or None outside the decoder layers."""
+        m = self._layer_re.search(module_path(node))
+        return int(m.group(1)) if m else None
+
+    def in_layer_scope(self, node: fx.Node) -> bool:
+        """True for nodes of a decoder layer's own forward (not of a submodule such as self_attn)."""
+        return bool(self._scope_re.search(module_path(node)))
+
+    def is_final_norm(self, node: fx.Node) -> bool:
+        return bool(self._norm_re.search(module_path(node)))
+
+    def is_rope(self, node: fx.Node) -> bool:
+        """True for the shared rotary embedding (cos/sin computed once for all layers)."""
+        return module_path(node).endswith(self.rope)
+
+    def is_image_merge(self, node: fx.Node) -> bool:
+        if node.op == "call_method":
+            return node.target in self.merge_methods
+        targets = tuple(getattr(t, name) for name in self.merge_methods for t in (torch, torch.Tensor))
+        return node.op == "call_function" and node.target in targets
+
+    def layers(self, gm: fx.GraphModule) -> list[int]:
+        """Sorted decoder layer indices present in the graph."""
+        return sorted({i for n in gm.graph.nodes if (i := self.layer_index(n)) is not None})
