@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend, synthetic
-from fitprune_fx.shapes_model import answer_ids, encode, load_shapes_llava
+from fitprune_fx.testbed.shapes_model import answer_ids, encode, load_shapes_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
     python benchmarks/fit_speed.py [--layers 8] [--hidden 256] [--image 96] [--samples 16]
 
-Builds a small random LLaVA (fitprune_fx.tiny), times ``model(**batch)`` over every batch
+Builds a small random LLaVA (fitprune_fx.testbed.tiny), times ``model(**batch)`` over every batch
 (best of a few repeats) and ``fitprune_fx.fit`` for a few budgets, and prints the ratio. The
 target is fit <= 3 x forward. Runs single-threaded by default so numbers are comparable on a
 shared machine.
@@ -16,7 +16,7 @@ import time
 import torch
 
 from fitprune_fx.fit import FitSession
-from fitprune_fx.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
 
 def forward_seconds(model, data, repeats: int) -> float:

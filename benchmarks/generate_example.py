@@ -19,7 +19,7 @@ import torch
 from fitprune_fx.generation import compile as fitprune_compile
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_generate
-from fitprune_fx.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
 
 
 def main() -> None:

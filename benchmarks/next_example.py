@@ -21,7 +21,7 @@ import torch
 from fitprune_fx import fitprune_backend
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_prefill
-from fitprune_fx.tiny import PromptSpec, make_next_inputs, next_image_tokens, tiny_llava_next
+from fitprune_fx.testbed.tiny import PromptSpec, make_next_inputs, next_image_tokens, tiny_llava_next
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Train `shapes-llava` from scratch on the synthetic shapes QA task and save it.
 
-    python benchmarks/train_shapes_llava.py                  # writes fitprune_fx/models/shapes-llava
+    python benchmarks/train_shapes_llava.py                  # writes fitprune_fx/testbed/models/shapes-llava
     python benchmarks/train_shapes_llava.py --epochs 2 --steps-per-epoch 20 --out /tmp/shapes
 
 Every step draws fresh images from the generator (no image is seen twice), several questions per
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fitprune_fx import shapes_model, synthetic
+from fitprune_fx.testbed import shapes_model, synthetic
 
 
 def evaluate(model, processor, examples, batch_size: int = 64) -> tuple[float, dict[str, float]]:

@@ -109,7 +109,7 @@ class FitpruneBackend:
             report.result = prune_visual_tokens(
                 candidate,
                 layout,
-                self._deletions_for,
+                self.recipe.pruning_plan,
                 _fake_mode(gm),
                 scorer=self.recipe.scorer,
                 scorer_fn=self.scorer_fn,
@@ -155,10 +155,6 @@ class FitpruneBackend:
             return compiled(*args)
 
         return run
-
-    def _deletions_for(self, num_visual: int) -> dict[int, int]:
-        """The recipe scaled to `num_visual`; layers the recipe lists with 0 still score."""
-        return {**dict.fromkeys(self.recipe.prune, 0), **self.recipe.deletions_for(num_visual)}
 
     def _check_recipe_fits(self, gm: fx.GraphModule, layout: DecoderLayout) -> None:
         """Refuse a recipe made for another model (a user error, so it raises)."""

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     add_fit_parser(subparsers)
     add_inspect_parser(subparsers)
-    from fitprune_fx.demo import add_demo_parser  # heavy imports only when the CLI runs
+    from fitprune_fx.testbed.demo import add_demo_parser  # heavy imports only when the CLI runs
 
     add_demo_parser(subparsers)
     return parser

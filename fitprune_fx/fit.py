@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from fitprune_fx.calibration import as_batches
 from fitprune_fx.families import family_for
+from fitprune_fx.flops import projected_reduction
 
 # Token kinds in the walk state.
 PAD, VISUAL, INSTRUCTION, OTHER = 0, 1, 2, 3
@@ -271,27 +272,6 @@ def _compact(state: _State, keep: Tensor) -> _State:
 
 
 # ------------------------------------------------------------------------------ FLOPs model
-def projected_reduction(
-    cumulative: list[float], num_layers: int, num_visual: int, hidden: int, intermediate: int
-) -> float:
-    """Reference-model reduction for real-valued cumulative deletions after layers 0..k-1.
-
-    Layers after the last entry keep the last token count. Same formula as
-    ``fitprune_fx.flops.reference_flops_reduction`` but for fractional counts.
-    """
-    h, m, n0 = hidden, intermediate, float(num_visual)
-
-    def layer(nb: float, na: float) -> float:
-        return 3 * nb * h * h + 2 * nb * nb * h + na * h * h + 3 * na * h * m
-
-    total, before = 0.0, n0
-    for i in range(num_layers):
-        after = n0 - cumulative[i] if i < len(cumulative) else before
-        total += layer(before, after)
-        before = after
-    return 1.0 - total / (num_layers * layer(n0, n0))
-
-
 def round_cumulative(
     means: list[float], num_visual: int, min_keep: int = 1, slack: float = 1e-6
 ) -> dict[int, int]:

@@ -22,7 +22,7 @@ the reference model exactly, which is how the tests tie the two together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -48,16 +48,30 @@ def visual_tokens_per_layer(prune: Mapping[int, int], num_layers: int, num_visua
     return counts
 
 
+def reference_reduction(counts: Sequence[float], hidden: int, intermediate: int) -> float:
+    """``1 - pruned / unpruned`` with the reference model, from the visual counts at the input of
+    each layer plus one after the last (len L+1; real-valued counts are fine)."""
+    layers = len(counts) - 1
+    pruned = sum(reference_layer_flops(counts[i], counts[i + 1], hidden, intermediate) for i in range(layers))
+    unpruned = layers * reference_layer_flops(counts[0], counts[0], hidden, intermediate)
+    return 1.0 - pruned / unpruned if unpruned else 0.0
+
+
 def reference_flops_reduction(
     prune: Mapping[int, int], num_layers: int, num_visual: int, hidden: int, intermediate: int
 ) -> float:
     """``1 - pruned / unpruned`` over all layers with the reference model (visual tokens only)."""
-    counts = visual_tokens_per_layer(prune, num_layers, num_visual)
-    pruned = sum(
-        reference_layer_flops(counts[i], counts[i + 1], hidden, intermediate) for i in range(num_layers)
-    )
-    unpruned = num_layers * reference_layer_flops(num_visual, num_visual, hidden, intermediate)
-    return 1.0 - pruned / unpruned if unpruned else 0.0
+    return reference_reduction(visual_tokens_per_layer(prune, num_layers, num_visual), hidden, intermediate)
+
+
+def projected_reduction(
+    cumulative: Sequence[float], num_layers: int, num_visual: int, hidden: int, intermediate: int
+) -> float:
+    """Reference reduction for real-valued cumulative deletions after layers 0..k-1 (the fit's
+    projection): layers after the last entry keep the last token count."""
+    last = len(cumulative) - 1
+    after = [num_visual - (cumulative[min(i, last)] if cumulative else 0.0) for i in range(num_layers)]
+    return reference_reduction([float(num_visual), *after], hidden, intermediate)
 
 
 def full_layer_flops(

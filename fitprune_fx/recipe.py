@@ -530,6 +530,15 @@ class Recipe:
             return {layer: d for layer, d in counts.items() if d}
         return _scale_cumulative(list(self.prune.items()), self.model.num_visual_tokens, num_visual)
 
+    def pruning_plan(self, num_visual: int) -> dict[int, int]:
+        """What the pass applies: `deletions_for(num_visual)` plus every listed layer whose count is 0.
+
+        A layer the recipe lists with 0 still scores (and compacts nothing): that is how the scoring
+        overhead is measured and how tests check that the machinery itself is exact.
+        """
+        listed = self.prune_fraction if self.prune_fraction is not None else self.prune
+        return dict(sorted({**dict.fromkeys(listed, 0), **self.deletions_for(num_visual)}.items()))
+
     def tokens_per_layer(self, num_visual: int | None = None) -> list[int]:
         """Visual tokens at the input of layers 0..L-1, then after the last layer (len L+1)."""
         n = self.model.num_visual_tokens if num_visual is None else num_visual

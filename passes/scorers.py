@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import fitprune_fx.kernels  # noqa: F401  (registers torch.ops.fitprune.visual_attention_mass)
+from fitprune_fx.kernels.attention_mass import allowed_mask
 
 
 @dataclass
@@ -46,17 +47,8 @@ def register_scorer(name: str, fn: Scorer | None = None):
 
 
 def allowed_keys(inputs: ScoringInputs) -> torch.Tensor:
-    """[B, 1|H, S, S] bool: which keys each query may attend to (mask and causality combined)."""
-    s = inputs.query.shape[2]
-    if inputs.attn_mask is None:
-        allowed = torch.ones((1, 1, s, s), dtype=torch.bool, device=inputs.query.device)
-    elif inputs.attn_mask.dtype == torch.bool:
-        allowed = inputs.attn_mask
-    else:  # additive mask: transformers uses dtype-min (not -inf) for "masked"
-        allowed = inputs.attn_mask > torch.finfo(inputs.attn_mask.dtype).min / 2
-    if inputs.is_causal:
-        allowed = allowed & torch.ones((s, s), dtype=torch.bool, device=allowed.device).tril()
-    return allowed
+    """[B|1, 1|H, S, S] bool: which keys each query may attend to (mask and causality combined)."""
+    return allowed_mask(inputs.attn_mask, inputs.is_causal, inputs.query.shape[2], inputs.query.device)
 
 
 def attention_probs(inputs: ScoringInputs, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:

@@ -97,7 +97,7 @@ def assert_pass_matches_reference(
 ) -> None:
     """Kept sets equal the reference's after every pruning layer; text is never deleted; logits at
     the kept positions equal the reference's (fp32, atol 1e-4)."""
-    from fitprune_fx.tiny import IMAGE_TOKEN_ID
+    from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID
 
     batch, seq_len = inputs["input_ids"].shape
     ours = compose_kept(recorder.kept, seq_len, batch)

@@ -10,7 +10,7 @@ from torch._inductor.utils import run_and_get_code
 
 from fitprune_fx import ModelInfo, Recipe, RecipeError, fitprune_backend, register_scorer
 from fitprune_fx.reference import reference_prefill
-from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
 from graph_harness import KeptRecorder
 
 

@@ -21,7 +21,7 @@ from fitprune_fx.calibration import (
 )
 from fitprune_fx.cli import main
 from fitprune_fx.recipe import Recipe
-from fitprune_fx.tiny import tiny_llava
+from fitprune_fx.testbed.tiny import tiny_llava
 
 torch.set_num_threads(1)
 
@@ -38,7 +38,7 @@ def char_tokenizer():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<image>"]  # ids 0..3 as in fitprune_fx.tiny
+    specials = ["<pad>", "<s>", "</s>", "<image>"]  # ids 0..3 as in fitprune_fx.testbed.tiny
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -13,13 +13,12 @@ from fitprune_fx.fit import (
     VISUAL,
     FitSession,
     fit,
-    projected_reduction,
     round_cumulative,
 )
-from fitprune_fx.flops import reference_flops_reduction
+from fitprune_fx.flops import projected_reduction, reference_flops_reduction
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import generate_position_ids, reference_prefill
-from fitprune_fx.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
 torch.set_num_threads(1)
 

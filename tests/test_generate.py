@@ -16,7 +16,7 @@ from fitprune_fx.generation import (
 from fitprune_fx.generation import compile as fitprune_compile
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_generate
-from fitprune_fx.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
 NEW_TOKENS = 8
 PADDED = [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)]  # three prompt lengths, left-padded

@@ -20,7 +20,7 @@ import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.reference import reference_generate
-from fitprune_fx.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
 PRUNE = {0: 5, 1: 3}  # of the 16 visual tokens per image
 NEW = 8

@@ -16,7 +16,7 @@ from fitprune_fx import ModelInfo, Recipe, RecipeError, fit, fitprune_backend
 from fitprune_fx.cli import main as cli_main
 from fitprune_fx.generation import compile as fitprune_compile
 from fitprune_fx.reference import reference_generate, reference_prefill
-from fitprune_fx.tiny import (
+from fitprune_fx.testbed.tiny import (
     PromptSpec,
     make_next_inputs,
     next_image_tokens,
@@ -187,7 +187,7 @@ def test_pass_equals_eager_reference_for_random_fraction_recipes(case, seed, fra
     inputs = inputs_for(case, seed)
     recipe = Recipe.from_fractions(info(), fractions)
     n = next_image_tokens(model().config, *CASES[case][1][0])
-    prune = {**dict.fromkeys(fractions, 0), **recipe.deletions_for(n)}
+    prune = recipe.pruning_plan(n)
     recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
     out = captured().run(recorder, **inputs)
     assert recorder.backend.pruned_graphs[0].result.visual_tokens == n

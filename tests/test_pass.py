@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fitprune_fx.backend import fitprune_backend
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_prefill
-from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
 from graph_harness import (
     CapturedDecoder,
     KeptRecorder,
@@ -86,7 +86,7 @@ def run_pass(name, prompts, seed, prune, scorer="fitprune", dtype=torch.float32)
     recipe = recipe_for(m, prune, scorer)
     recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
     out = cap.run(recorder, **inputs)
-    applied = {**dict.fromkeys(prune, 0), **recipe.deletions_for(num_image_tokens(m) * prompts[0].images)}
+    applied = recipe.pruning_plan(num_image_tokens(m) * prompts[0].images)
     return m, inputs, out, recorder, dict(sorted(applied.items()))
 
 

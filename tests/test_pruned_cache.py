@@ -19,7 +19,7 @@ from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.pruned_cache import PADDING_ERROR, cut_mask_to_pruned_keys
 from fitprune_fx.reference import ReferenceContinuation
-from fitprune_fx.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
 from graph_harness import CapturedDecoder
 
 # ----------------------------------------------------------------------------------------------

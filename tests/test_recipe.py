@@ -239,7 +239,7 @@ def test_model_info_from_config(strategy, extra):
 
 
 def test_model_info_matches_tiny_factory():
-    from fitprune_fx.tiny import num_image_tokens, tiny_llava
+    from fitprune_fx.testbed.tiny import num_image_tokens, tiny_llava
 
     model = tiny_llava(num_layers=2, image_size=24, patch_size=8)
     info = ModelInfo.from_config(model.config)

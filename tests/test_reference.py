@@ -16,7 +16,7 @@ from fitprune_fx.reference import (
     reference_generate,
     reference_prefill,
 )
-from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
 
 torch.set_num_threads(1)
 

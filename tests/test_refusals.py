@@ -10,7 +10,7 @@ import torch
 import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.reference import reference_prefill
-from fitprune_fx.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
 from graph_harness import KeptRecorder
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from fitprune_fx import shapes_model, synthetic
+from fitprune_fx.testbed import shapes_model, synthetic
 
 FOLDER = shapes_model.MODEL_DIR
 

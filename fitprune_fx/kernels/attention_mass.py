@@ -31,8 +31,8 @@ CHUNK_ELEMENTS = 1 << 21
 def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device: torch.device) -> Tensor:
     """[B|1, 1|H, S, S] bool: which keys each query may attend to (mask and causality combined).
 
-    Same rule as `passes.scorers.allowed_keys`: an additive float mask masks entries at or below
-    half the dtype minimum (transformers writes dtype-min, not -inf).
+    The one rule for every scorer: an additive float mask masks entries at or below half the
+    dtype minimum (transformers writes dtype-min, not -inf).
     """
     if attn_mask is None:
         allowed = torch.ones((1, 1, seq_len, seq_len), dtype=torch.bool, device=device)

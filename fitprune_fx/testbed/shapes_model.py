@@ -1,6 +1,6 @@
 """`shapes-llava`: a small LLaVA trained here on the synthetic shapes QA task (see `synthetic.py`).
 
-The shipped folder `fitprune_fx/models/shapes-llava/` loads offline with
+The shipped folder `fitprune_fx/testbed/models/shapes-llava/` loads offline with
 `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`. This module
 builds the tokenizer, processor and untrained model (for `benchmarks/train_shapes_llava.py`),
 loads the shipped model and measures answer accuracy.

@@ -15,11 +15,12 @@ import time
 import torch
 from tqdm import tqdm
 
+from fitprune_fx.backend import fitprune_backend
+from fitprune_fx.fit import fit
+from fitprune_fx.recipe import Recipe
+from fitprune_fx.reference import reference_prefill
+
 from . import synthetic
-from .backend import fitprune_backend
-from .fit import fit
-from .recipe import Recipe
-from .reference import reference_prefill
 from .shapes_model import answer_ids, encode, load_shapes_llava
 
 
@@ -61,7 +62,7 @@ def check_against_reference(model, processor, recipe: Recipe, examples, compiler
     torch._dynamo.reset()
     out = torch.compile(model, backend=backend)(**batch)
     n = int((batch["input_ids"][0] == model.config.image_token_id).sum())
-    prune = {**dict.fromkeys(recipe.prune, 0), **recipe.deletions_for(n)}
+    prune = recipe.pruning_plan(n)
     ref = reference_prefill(
         model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], prune=prune
     )
