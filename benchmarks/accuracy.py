@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend, synthetic
+from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend
+from fitprune_fx.testbed import synthetic
 from fitprune_fx.testbed.shapes_model import answer_ids, encode, load_shapes_llava
 
 ROOT = Path(__file__).resolve().parents[1]
