@@ -12,6 +12,7 @@ alpha and calibration set are not published). Labels absent from the file are no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,8 +47,7 @@ def build_recipes(published: dict) -> dict[str, Recipe]:
                 "fit": {"source": SOURCE},
             }
         )
-        recipe.flops_reduction = round(recipe.reference_reduction(), 4)
-        recipes[label] = recipe
+        recipes[label] = dataclasses.replace(recipe, flops_reduction=round(recipe.reference_reduction(), 4))
     return recipes
 
 

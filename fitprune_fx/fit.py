@@ -234,8 +234,7 @@ class FitSession:
         else:
             recipe = Recipe(model=info, prune=prune, scorer="fitprune", budget=budget)
         seconds = self.stats_seconds + time.perf_counter() - t0
-        recipe.flops_reduction = round(recipe.reference_reduction(), 4)
-        recipe.fit = {
+        fit = {
             "alpha": round(result.alpha, 6),
             "samples": self.num_examples,
             "seconds": round(seconds, 3),
@@ -243,6 +242,7 @@ class FitSession:
             "tolerance": tolerance,
             "search": strategy,
         }
+        recipe = dataclasses.replace(recipe, flops_reduction=round(recipe.reference_reduction(), 4), fit=fit)
         return recipe
 
 

@@ -33,7 +33,7 @@ class DecoderLayout:
 
     decoder: str
     rope: str = "rotary_emb"
-    merge_methods: tuple[str, ...] = ("masked_scatter",)
+    merge_methods: tuple[str, ...] = ()
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _scope_re: re.Pattern = field(init=False, repr=False, compare=False)
     _norm_re: re.Pattern = field(init=False, repr=False, compare=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -120,8 +121,7 @@ def test_recipe_for_another_model_is_refused_at_compile():
     with pytest.raises(Exception, match=r"hidden size 4096.*hidden size 64.*rescale"):
         fresh_compile(m, backend)(**inputs)
 
-    other = ModelInfo.from_config(m.config)
-    other.num_layers = 5
+    other = dataclasses.replace(ModelInfo.from_config(m.config), num_layers=5)
     backend = fitprune_backend(Recipe(model=other, prune={4: 2}), compiler="eager")
     with pytest.raises(Exception, match=r"5 decoder layers.*has 3"):
         fresh_compile(m, backend)(**inputs)

@@ -496,3 +496,24 @@ def test_published_dict_is_not_mutated_by_build():
     built = SCRIPT.build_recipes(data)
     assert data == before and list(built) == ["5"]
     assert built["5"].budget == 0.05 and built["5"].prune == {1: 2}
+
+
+def test_recipe_is_a_frozen_value():
+    """Validated once, never changed after: fields and maps are read-only, copies via replace."""
+    import dataclasses
+
+    source = valid_dict()
+    source["prune"] = {"2": 3}
+    recipe = Recipe.load(source)
+    source["prune"]["2"] = 99  # the caller's dict is not the recipe's
+    assert recipe.prune == {2: 3}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.scorer = "fastv"
+    with pytest.raises(TypeError):
+        recipe.prune[2] = 99
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.model.num_layers = 1
+    assert Recipe.load(recipe) is recipe
+    with pytest.raises(RecipeError, match="sum to at most"):
+        dataclasses.replace(recipe, prune={2: 10_000})  # a copy is validated like a new recipe
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
