@@ -207,7 +207,7 @@ class Recipe:
     def check_model(self, config: Any) -> None:
         """Raise RecipeError when this recipe was fitted for a differently shaped model.
 
-        ``config`` is a transformers ``LlavaConfig`` or a :class:`ModelInfo`. A different visual
+        ``config`` is a transformers config of a known family or a :class:`ModelInfo`. A different visual
         token count is fine (counts are scaled per example); depth and widths are not.
         """
         info = config if isinstance(config, ModelInfo) else ModelInfo.from_config(config)

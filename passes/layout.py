@@ -15,7 +15,7 @@ from torch import fx
 
 
 def module_path(node: fx.Node) -> str:
-    """Innermost module path of a node, e.g. "L['self'].model.language_model.layers.3.self_attn"."""
+    """Innermost module path of a node, e.g. "L['self'].model.<decoder>.layers.3.self_attn"."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""

@@ -71,7 +71,7 @@ class DecoderGraph:
     """What the pass needs to know about a decoder graph."""
 
     sites: dict[int, AttentionSite]
-    merge: fx.Node  # e.g. masked_scatter(inputs_embeds, image_mask, image_features)
+    merge: fx.Node  # the family's merge op: (inputs_embeds, image_mask, image_features)
     image_mask: fx.Node  # [B, S, 1 or D] bool
     batch_size: int
     seq_len: int | torch.SymInt
