@@ -81,11 +81,11 @@ class FitpruneBackend:
             report.reason = "no decoder layers in this graph"
             merge = any(has_image_merge(gm, lay) for lay in layouts)
             self._merge_apart |= merge
-            if (merge or self._merge_apart) and has_unrecognised_attention(gm, layouts):
+            if has_unrecognised_attention(gm, layouts):
                 report.reason = (
-                    "not understood: attention after the image merge outside the decoder layers of every "
-                    "known model family (fitprune_fx.families): a graph break split the decoder into "
-                    "pieces, or no family knows this model's module paths"
+                    "not understood: attention outside the decoder layers of every known model family "
+                    "(fitprune_fx.families): no family claims this model, or a graph break split the "
+                    "decoder into pieces"
                 )
                 self._warn_unchanged(report)
             elif merge:
