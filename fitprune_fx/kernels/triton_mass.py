@@ -60,7 +60,10 @@ def _row_lse_kernel(
     hi = S
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)  # keys past the block's last row are masked
-    for start_n in range(0, hi, BLOCK_N):
+    # while loops, not range(): triton 3.6's interpreter turns runtime ints into 1-element arrays
+    # that range() cannot take (3.9 accepts both); compiled, both are the same scf loop.
+    start_n = 0
+    while start_n < hi:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
         k_t = tl.load(
@@ -82,6 +85,7 @@ def _row_lse_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), axis=1)
         m_i = m_new
+        start_n += BLOCK_N
     # base-2 lse of each row; -inf for a fully masked row (a padding query)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(LSE + b * sl_b + h * sl_h + offs_m * sl_s, lse, mask=row_ok)
@@ -121,7 +125,8 @@ def _mass_kernel(
             kv = tl.load(KV_VALID + b * sv_b + offs_n * sv_s, mask=col_ok, other=0)
             allowed = allowed & (kv != 0)[None, :]
         head_max = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # probabilities are >= 0
-        for kvh in range(0, HKV):
+        kvh = 0
+        while kvh < HKV:  # a while loop for triton 3.6's interpreter, as in _row_lse_kernel
             k_t = tl.load(
                 K + b * sk_b + kvh * sk_h + offs_n[None, :] * sk_s + offs_d[:, None] * sk_d,
                 mask=col_ok[None, :] & (offs_d[:, None] < D),
@@ -129,7 +134,8 @@ def _mass_kernel(
             )  # [BLOCK_D, BLOCK_N], shared by the G query heads of this kv head
             if DOT_FP32:
                 k_t = k_t.to(tl.float32)
-            for r in range(0, G):
+            r = 0
+            while r < G:
                 h = kvh * G + r
                 q = tl.load(
                     Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d,
@@ -142,6 +148,8 @@ def _mass_kernel(
                 logits = tl.dot(q, k_t, input_precision="ieee") * qk_scale
                 p = tl.where(allowed, tl.exp2(logits - lse[:, None]), 0.0)
                 head_max = tl.maximum(head_max, p)
+                r += 1
+            kvh += 1
         cross = tl.sum(head_max * w_instr[:, None], axis=0)  # [BLOCK_N]
         selfsum = tl.sum(head_max * w_vis[:, None], axis=0)
         out = b * sp_b + pid_m * sp_m + offs_n * sp_s
