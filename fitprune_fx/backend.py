@@ -138,14 +138,22 @@ class FitpruneBackend:
     def _warn_unchanged(self, report: GraphReport) -> None:
         """One warning per distinct reason; every graph's reason stays in `reports`."""
         log.warning("fitprune: %s", report)
-        kind = report.reason.split(";")[0]
+        self.warn_once(
+            report.reason.split(";")[0],
+            f"fitprune: decoder graph compiled WITHOUT pruning ({report.reason}). "
+            "See backend.summary() for every graph.",
+        )
+
+    def warn_once(self, kind: str, message: str) -> None:
+        """Issue `message` as a UserWarning unless a warning of this `kind` was already issued."""
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(
-                f"fitprune: decoder graph compiled WITHOUT pruning ({report.reason}). "
-                "See backend.summary() for every graph.",
-                stacklevel=3,
-            )
+            warnings.warn(message, stacklevel=4)
+
+    @property
+    def warned(self) -> bool:
+        """Whether this backend has warned about anything (an unpruned graph, an unpruned call)."""
+        return bool(self._warned)
 
     def _count_runs(self, compiled: Callable) -> Callable:
         """Count calls of a pruned graph, so callers can tell a pruned call from an eager fallback."""

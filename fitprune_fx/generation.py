@@ -174,22 +174,16 @@ def _watch_pruned_calls(compiled_call: Callable, backend: FitpruneBackend) -> Ca
     def call(*args: Any, **kwargs: Any) -> Any:
         before = backend.pruned_runs, len(backend.reports)
         out = compiled_call(*args, **kwargs)
-        if backend.pruned_runs == before[0] and _first_chunk_with_image(kwargs) and not backend._warned:
+        if backend.pruned_runs == before[0] and _first_chunk_with_image(kwargs) and not backend.warned:
             new = backend.reports[before[1] :]
-            backend._warned.add("unpruned call")
-            import torch._dynamo
-
-            warnings.warn(
-                "fitprune: a call with an image ran no pruned graph, so nothing was pruned: "
-                + (
-                    "; ".join(f"graph {r.index}: {r.reason}" for r in new if r.reason)
-                    if new
-                    else "Dynamo ran it eagerly (torch._dynamo.config.recompile_limit = "
-                    f"{torch._dynamo.config.recompile_limit} reached?); raise the limit or call "
-                    "torch._dynamo.reset()"
-                ),
-                stacklevel=2,
+            reasons = "; ".join(f"graph {r.index}: {r.reason}" for r in new if r.reason)
+            limit = torch._dynamo.config.recompile_limit
+            fallback = (
+                f"Dynamo ran it eagerly (torch._dynamo.config.recompile_limit = {limit} reached?); "
+                "raise the limit or call torch._dynamo.reset()"
             )
+            why = reasons or fallback
+            backend.warn_once("unpruned call", f"fitprune: a call with an image ran no pruned graph: {why}")
         return out
 
     return call
