@@ -38,7 +38,7 @@ def _text_model(model: nn.Module) -> nn.Module:
 
 
 class _Embedded(Exception):
-    """Raised by a hook to stop the LLaVA forward once the decoder inputs exist."""
+    """Raised by a hook to stop the model's forward once the decoder inputs exist."""
 
     def __init__(self, embeds: Tensor) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""FLOPs models for visual-token pruning in a LLaVA decoder.
+"""FLOPs models for visual-token pruning in a multimodal decoder.
 
 Two models, both counting one multiply-accumulate as one FLOP (the convention of the model the
 published FitPrune recipes were labelled with; double every number for hardware FLOPs). Only

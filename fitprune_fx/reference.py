@@ -311,7 +311,7 @@ def reference_prefill(
     position_ids: Tensor | None = None,
     image_sizes: Tensor | None = None,
 ) -> ReferenceResult:
-    """Pruned prefill of a LLaVA model; `prune` maps layer -> visual tokens deleted per example.
+    """Pruned prefill of a supported model; `prune` maps layer -> visual tokens deleted per example.
 
     position_ids defaults to 0..S-1 for every row, like calling the model directly; pass
     `attention_mask.cumsum(-1) - 1` to get what `generate` uses with left padding.

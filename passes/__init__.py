@@ -1,1 +1,1 @@
-"""FX passes that insert FitPrune token pruning into a Dynamo-captured LLaVA decoder graph."""
+"""FX passes that insert FitPrune token pruning into a Dynamo-captured multimodal decoder graph."""
