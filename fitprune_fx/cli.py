@@ -27,7 +27,9 @@ def add_fit_parser(subparsers) -> None:
         help="fit a FitPrune recipe for a FLOPs budget on a calibration set",
         description="Fit per-layer visual-token deletions that meet a reference FLOPs budget.",
     )
-    p.add_argument("--model", required=True, help="model folder (save_pretrained layout) of a supported family: llava, llava-next")
+    p.add_argument(
+        "--model", required=True, help="model folder (save_pretrained layout) of a supported family (llava, llava-next)"
+    )
     p.add_argument("--data", required=True, help="LLaVA question file (JSON lines)")
     p.add_argument("--images", required=True, help="folder the question file's images are in")
     p.add_argument("--budget", required=True, type=float, help="FLOPs reduction, e.g. 0.6")
