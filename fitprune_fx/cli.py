@@ -28,7 +28,9 @@ def add_fit_parser(subparsers) -> None:
         description="Fit per-layer visual-token deletions that meet a reference FLOPs budget.",
     )
     p.add_argument(
-        "--model", required=True, help="model folder (save_pretrained layout) of a supported family (llava, llava-next)"
+        "--model",
+        required=True,
+        help="model folder (save_pretrained layout) of a supported family (llava, llava-next)",
     )
     p.add_argument("--data", required=True, help="LLaVA question file (JSON lines)")
     p.add_argument("--images", required=True, help="folder the question file's images are in")
