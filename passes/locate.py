@@ -77,7 +77,6 @@ class DecoderGraph:
     seq_len: int | torch.SymInt
     visual_per_example: int
     per_token: list[PerTokenTensor] = field(default_factory=list)
-    layout: DecoderLayout | None = None
 
 
 def example_value(node: fx.Node):
@@ -290,5 +289,4 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
         seq_len=seq_len,
         visual_per_example=int(num_visual) // int(batch),
         per_token=_per_token_tensors(gm, sites, seq_len, layout),
-        layout=layout,
     )

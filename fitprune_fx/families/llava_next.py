@@ -23,10 +23,6 @@ class LlavaNextFamily(LlavaFamily):
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "llava_next"
 
-    def visual_tokens_per_image(self, config: Any) -> int:
-        """The base tile's count: what a recipe's counts refer to (NeXT recipes use fractions)."""
-        return super().visual_tokens_per_image(config)
-
     def image_tokens(self, config: Any, height: int, width: int) -> int:
         """Visual tokens of a `height` x `width` image, by transformers' LlavaNextProcessor arithmetic."""
         from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
