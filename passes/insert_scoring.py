@@ -22,12 +22,14 @@ def insert_importance_scoring(
     num_delete: int,
     visual_count: int,
     seed: int = 0,
+    causal_decoder: bool = False,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
     `scorer` names the scorer (the random scorer's constants are drawn here); `scorer_fn`, when
-    given, is the function the graph calls. Returns the `kept` node ([B, S - d] original-order
-    indices) and all nodes inserted.
+    given, is the function the graph calls. `causal_decoder` adds causality to the scorer's
+    mask (exact when the layer's own mask is causal already). Returns the `kept` node
+    ([B, S - d] original-order indices) and all nodes inserted.
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
@@ -38,7 +40,7 @@ def insert_importance_scoring(
             (site.query, site.key, site.attn_mask, visual),
             {
                 **({} if scorer_fn is not None else {"scorer": scorer}),
-                "is_causal": site.is_causal,
+                "is_causal": site.is_causal or causal_decoder,
                 "scale": float(scale),
                 "layer": site.layer,
                 "num_delete": num_delete,

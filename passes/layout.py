@@ -29,11 +29,14 @@ class DecoderLayout:
     `decoder` is the attribute path of the text decoder (its `layers` list and final `norm` live
     under it); the vision tower has `layers` too, so the decoder part is what tells them apart.
     `merge_methods` are the tensor methods that scatter image features into token embeddings.
+    `causal`: every decoder self-attention is causal whatever mask the model passes, so scoring
+    may add causality to the mask (the Triton scorer then skips tiles above the diagonal).
     """
 
     decoder: str
     rope: str = "rotary_emb"
     merge_methods: tuple[str, ...] = ()
+    causal: bool = True
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _scope_re: re.Pattern = field(init=False, repr=False, compare=False)
     _norm_re: re.Pattern = field(init=False, repr=False, compare=False)

@@ -82,6 +82,7 @@ def prune_visual_tokens(
             num_delete=d,
             visual_count=present,
             seed=seed,
+            causal_decoder=layout.causal,
         )
         visual, more = insert_token_compaction(graph, site, kept, shared, visual, layout)
         inserted += nodes + more

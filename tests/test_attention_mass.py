@@ -1,12 +1,14 @@
-"""`fitprune::visual_attention_mass`: PyTorch op vs a naive full matrix, mask reduction, Inductor,
-and the Triton kernels vs the PyTorch op under Triton's CPU interpreter (in a subprocess, so
-that TRITON_INTERPRET=1 never leaks into other tests)."""
+"""`fitprune::visual_attention_mass`: PyTorch op vs a naive full matrix, Inductor, the CUDA dispatch
+path (fallback, no host sync), the Triton kernels compiled for GPUs, and the kernels vs the PyTorch
+op under Triton's CPU interpreter (in a subprocess, so TRITON_INTERPRET=1 never leaks elsewhere)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -14,8 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fitprune_fx.kernels.attention_mass import reduce_mask, torch_attention_mass
+from fitprune_fx.kernels.attention_mass import torch_attention_mass
 from fitprune_fx.passes.scorers import ScoringInputs, attention_probs, fitprune_score, token_validity
+from host_syncs import HostSyncRecorder
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MASK_KINDS = ["none", "pad-bool", "pad-float", "pad-unmasked", "random-bool", "per-head", "bias"]
@@ -179,51 +182,6 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------
-# Mask reduction (what the Triton path needs), checked on CPU
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-@given(case=cases(dtypes=(torch.float32, torch.float16)))
-def test_reduce_mask_is_exact_on_weighted_rows(case):
-    """LLaVA masks (causal + left padding, bool or float, padding rows masked or not) reduce to
-    causal & key validity; whenever a mask reduces, the reduced form gives identical results."""
-    s = case.query.shape[2]
-    reduced = reduce_mask(case.attn_mask, case.is_causal, case.instruction | case.visual, s)
-    if case.kind.startswith("pad") or case.kind == "none":
-        assert reduced is not None
-    if reduced is None:
-        return
-    causal, key_valid = reduced
-    rebuilt = None if key_valid is None else key_valid[:, None, None, :].expand(-1, 1, s, s)
-    ours = torch_attention_mass(
-        case.query, case.key, rebuilt, case.instruction, case.visual, case.scale, causal
-    )
-    for a, e in zip(ours, torch_attention_mass(*case.args()), strict=True):
-        assert torch.equal(a, e)
-
-
-def test_reduce_mask_rejects_what_the_kernel_cannot_express():
-    s = 6
-    rows = torch.ones(1, s, dtype=torch.bool)
-    tril = torch.ones(s, s, dtype=torch.bool).tril()
-    per_head = tril.expand(1, 2, s, s)
-    assert reduce_mask(per_head, False, rows, s) is None
-    bias = torch.zeros(1, 1, s, s).masked_fill(~tril, torch.finfo(torch.float32).min)
-    causal, key_valid = reduce_mask(bias, False, rows, s)  # 0 / dtype-min: a plain causal mask
-    assert causal and key_valid.all()
-    bias[0, 0, 3, 1] = 0.5  # a real additive bias
-    assert reduce_mask(bias, False, rows, s) is None
-    hole = tril.clone()
-    hole[4, 2] = False  # a key hidden from one row only
-    assert reduce_mask(hole[None, None], False, rows, s) is None
-    rows[0, 4] = False  # ... unless that row carries no weight
-    assert reduce_mask(hole[None, None], False, rows, s) is not None
-    full = torch.ones(1, 1, s, s, dtype=torch.bool)  # bidirectional, shared by a batch of 2
-    causal, key_valid = reduce_mask(full, False, torch.ones(2, s, dtype=torch.bool), s)
-    assert not causal and key_valid.shape == (2, s) and key_valid.all()
-
-
-# ---------------------------------------------------------------------------------------------
 # Inductor
 
 
@@ -249,6 +207,108 @@ def test_inductor_keeps_the_op_as_one_node():
 
 
 # ---------------------------------------------------------------------------------------------
+# The CUDA dispatch path: fallback and host synchronisation, checked on CPU
+
+
+def test_cuda_path_falls_back_to_pytorch_with_one_warning(monkeypatch):
+    """A Triton compile or launch error gives the PyTorch result and one warning, then PyTorch
+    without retrying Triton for that launch configuration; and the fallback makes no host sync."""
+    pytest.importorskip("triton")
+    from fitprune_fx.kernels import attention_mass, triton_mass
+
+    attempts = []
+
+    def broken(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(triton_mass, "triton_attention_mass", broken)
+    monkeypatch.setattr(attention_mass, "_TRITON_FAILED", set())
+    monkeypatch.setattr(attention_mass, "_WARNED", set())
+    case = build_case(2, 2, 2, 21, 8, torch.float16, "pad-bool", seed=5)
+    with pytest.warns(UserWarning, match="PyTorch, not Triton: the Triton kernel failed.*no kernel image"):
+        first = attention_mass.cuda_attention_mass(*case.args())
+    with HostSyncRecorder() as recorder, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would fail here
+        second = attention_mass.cuda_attention_mass(*case.args())
+    assert recorder.syncs == []
+    assert len(attempts) == 1
+    for a, b, e in zip(first, second, torch_attention_mass(*case.args()), strict=True):
+        assert torch.equal(a, e) and torch.equal(b, e)
+
+
+def test_cuda_path_refuses_masks_the_kernel_cannot_read(monkeypatch):
+    """Shapes only decide: a mask wider than the keys (a cache-sized mask) goes to PyTorch."""
+    pytest.importorskip("triton")
+    from fitprune_fx.kernels import attention_mass
+
+    monkeypatch.setattr(attention_mass, "_WARNED", set())
+    case = build_case(1, 1, 2, 12, 8, torch.float32, "pad-bool", seed=6)
+    wide = torch.ones(1, 1, 12, 15, dtype=torch.bool)
+    assert "is not [B|1, 1|H, S|1, S]" in attention_mass._triton_unusable(case.query, wide)
+    assert attention_mass._triton_unusable(case.query, case.attn_mask) is None
+    assert attention_mass._triton_unusable(case.query, torch.ones(1, 2, 1, 12, dtype=torch.bool)) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels compiled for GPUs (no GPU needed: triton builds cubins with its own ptxas)
+
+
+def compile_for_gpu(fn, dtype: str, mask: str, causal: bool, arch: int):
+    """Compile a kernel of `triton_mass` down to a cubin for `sm_{arch}` at production tiles."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fitprune_fx.kernels import triton_mass
+
+    pointers = {"Q": dtype, "K": dtype, "MASK": mask}
+    constexprs = {
+        "IS_CAUSAL": causal,
+        "MASK_KIND": {"fp16": triton_mass.MASK_NONE, "u8": triton_mass.MASK_BOOL}.get(
+            mask, triton_mass.MASK_ADDITIVE
+        ),
+        "DOT_FP32": False,
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "BLOCK_D": 128,
+    }
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("qk_scale", "mask_floor"):
+            signature[name] = "fp32"
+        elif name[0].isupper() and name not in ("S", "D", "G", "HKV"):
+            signature[name] = "*" + pointers.get(name, "fp32")
+        else:
+            signature[name] = "i32"  # sizes and strides below 2^31 are specialised to i32
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", arch, 32))
+
+
+@pytest.mark.parametrize(
+    "dtype, mask, causal, arch",
+    [("bf16", "u8", True, 90), ("fp16", "fp16", False, 80), ("fp32", "fp16", True, 90)],
+)
+def test_kernels_compile_for_gpus_with_64_bit_batch_offsets(dtype, mask, causal, arch):
+    """Both kernels compile to cubins for A100 / H100 (bf16 `tl.dot` included, which the
+    interpreter cannot run), and batch / head program ids are widened to 64 bits before any
+    multiplication with a stride, so B*H*S*D past 2^31 elements cannot overflow an offset."""
+    from fitprune_fx.kernels import triton_mass
+
+    for fn, axes in ((triton_mass._row_lse_kernel, "yz"), (triton_mass._mass_kernel, "z")):
+        kernel = compile_for_gpu(fn, dtype, mask, causal, arch)
+        assert kernel.asm["cubin"], fn.__name__
+        ttir = kernel.asm["ttir"]
+        for axis in axes:
+            pid = re.search(rf"(%\w+) = tt.get_program_id {axis} : i32", ttir).group(1)
+            named = re.compile(re.escape(pid) + r"(?![\w])")
+            uses = [ln.strip() for ln in ttir.splitlines() if named.search(ln) and "get_program_id" not in ln]
+            assert uses and all("arith.extsi" in u and "to i64" in u for u in uses), (fn.__name__, uses)
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton kernels under the CPU interpreter
 
 
@@ -261,7 +321,7 @@ def test_triton_kernels_under_interpreter():
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "test_kernel_", "-p", "no:cacheprovider"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "6 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert "7 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 interpreted_only = pytest.mark.skipif(
@@ -270,33 +330,24 @@ interpreted_only = pytest.mark.skipif(
 
 
 @interpreted_only
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    case=cases(kinds=["none", "pad-bool", "pad-float", "pad-unmasked"], max_len=48),
-    blocks=st.sampled_from([(16, 16), (16, 32), (32, 16)]),
-)
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=cases(max_len=48), blocks=st.sampled_from([(16, 16), (16, 32), (32, 16)]))
 def test_kernel_matches_torch(case, blocks):
-    """Triton (own log-sum-exp pass) vs the PyTorch op, fp32 / fp16 / bf16, GQA, padding."""
+    """Triton (own log-sum-exp pass) vs the PyTorch op: every mask kind (none, left padding as
+    bool / float / unmasked padding rows, random, per-head, additive bias), fp32 / fp16 / bf16, GQA."""
     from fitprune_fx.kernels.triton_mass import triton_attention_mass
 
-    s = case.query.shape[2]
-    causal, key_valid = reduce_mask(case.attn_mask, case.is_causal, case.instruction | case.visual, s)
-    ours = triton_attention_mass(
-        case.query, case.key, key_valid, case.instruction, case.visual, case.scale, causal, None, *blocks
-    )
+    ours = triton_attention_mass(*case.args(), None, *blocks)
     diff = assert_close(ours, torch_attention_mass(*case.args()), atol=2e-5, rtol=2e-5)
     print(f"kernel-vs-torch max abs diff {diff:.3g} ({case.query.dtype}, {case.kind})")
 
 
 @interpreted_only
-def test_kernel_with_given_lse_and_cuda_dispatch():
-    """An lse from elsewhere (natural log) skips the lse pass; the CUDA kernel glue (mask
-    reduction, then Triton) matches PyTorch, and falls back to it for a per-head mask."""
-    from fitprune_fx.kernels.attention_mass import _visual_attention_mass_cuda
+def test_kernel_with_given_lse():
+    """An lse from elsewhere (natural log, e.g. an attention kernel's) skips the lse pass."""
     from fitprune_fx.kernels.triton_mass import triton_attention_mass
 
     case = build_case(2, 2, 3, 37, 24, torch.float32, "pad-float", seed=3)
-    ref = torch_attention_mass(*case.args())
     logits = (
         case.query.float()
         @ case.key.float()
@@ -304,16 +355,8 @@ def test_kernel_with_given_lse_and_cuda_dispatch():
         .transpose(-1, -2)
     ) * case.scale
     lse = logits.masked_fill(~case.allowed, float("-inf")).logsumexp(dim=-1)
-    _, key_valid = reduce_mask(case.attn_mask, False, case.instruction | case.visual, case.query.shape[2])
-    given_lse = triton_attention_mass(
-        case.query, case.key, key_valid, case.instruction, case.visual, case.scale, True, lse, 16, 16
-    )
-    assert_close(given_lse, ref, atol=2e-5, rtol=2e-5)
-    assert_close(_visual_attention_mass_cuda(*case.args()), ref, atol=2e-5, rtol=2e-5)
-    per_head = build_case(1, 1, 2, 20, 8, torch.float32, "per-head", seed=4)
-    fallback = _visual_attention_mass_cuda(*per_head.args())
-    for a, e in zip(fallback, torch_attention_mass(*per_head.args()), strict=True):
-        assert torch.equal(a, e)
+    given_lse = triton_attention_mass(*case.args(), lse, 16, 16)
+    assert_close(given_lse, torch_attention_mass(*case.args()), atol=2e-5, rtol=2e-5)
 
 
 @interpreted_only
@@ -323,19 +366,17 @@ def test_kernel_at_production_tiles(dtype):
     from fitprune_fx.kernels.triton_mass import triton_attention_mass
 
     case = build_case(2, 2, 2, 150, 128, dtype, "pad-bool", seed=11)
-    s = case.query.shape[2]
-    causal, key_valid = reduce_mask(case.attn_mask, case.is_causal, case.instruction | case.visual, s)
-    ours = triton_attention_mass(
-        case.query, case.key, key_valid, case.instruction, case.visual, case.scale, causal, None, 64, 64
-    )
+    ours = triton_attention_mass(*case.args(), None, 64, 64)
     diff = assert_close(ours, torch_attention_mass(*case.args()), atol=2e-5, rtol=2e-5)
     print(f"production tiles max abs diff {diff:.3g} ({dtype})")
 
 
 @interpreted_only
-def test_kernel_llava_like_prompt():
-    """A left-padded LLaVA-like batch: system text, a block of visual tokens, then the question."""
-    from fitprune_fx.kernels.attention_mass import _visual_attention_mass_cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_llava_like_prompt_through_cuda_path_without_host_sync(causal):
+    """A left-padded LLaVA-like batch (system text, visual block, question) through the CUDA
+    implementation: Triton's result, and not one device value read on the host on the way."""
+    from fitprune_fx.kernels.attention_mass import cuda_attention_mass
 
     b, h, hkv, s, d = 2, 4, 2, 70, 16
     g = torch.Generator().manual_seed(0)
@@ -346,6 +387,10 @@ def test_kernel_llava_like_prompt():
     pos = torch.arange(s)[None, :]
     visual = (pos >= torch.tensor([[5], [14]])) & (pos < torch.tensor([[53], [62]]))
     instruction = valid & (pos >= torch.tensor([[53], [62]]))
-    args = (query, key, mask[:, None], instruction, visual, d**-0.5, False)
-    diff = assert_close(_visual_attention_mass_cuda(*args), torch_attention_mass(*args), atol=2e-5, rtol=2e-5)
+    args = (query, key, mask[:, None], instruction, visual, d**-0.5, causal)
+    with HostSyncRecorder() as recorder, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to PyTorch would warn
+        ours = cuda_attention_mass(*args)
+    assert recorder.syncs == []
+    diff = assert_close(ours, torch_attention_mass(*args), atol=2e-5, rtol=2e-5)
     print(f"llava-like max abs diff {diff:.3g}")

@@ -3,6 +3,6 @@
 Importing this package registers `torch.ops.fitprune.visual_attention_mass`.
 """
 
-from .attention_mass import reduce_mask, torch_attention_mass, visual_attention_mass
+from .attention_mass import cuda_attention_mass, torch_attention_mass, visual_attention_mass
 
-__all__ = ["reduce_mask", "torch_attention_mass", "visual_attention_mass"]
+__all__ = ["cuda_attention_mass", "torch_attention_mass", "visual_attention_mass"]

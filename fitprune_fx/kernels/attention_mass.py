@@ -16,10 +16,14 @@ The op is one node for Inductor (a fake implementation gives its shapes). Implem
   chunks without a weighted row are skipped (they would add exact zeros).
 * Triton (CUDA, `triton_mass.py`): a log-sum-exp pass, then a tiled pass that recomputes
   probabilities as exp(logit - lse) per (query block, key block) tile, keeps the running max
-  over heads in registers and reduces rows with the weights. It needs the mask in the form
-  "causal (or none) & per-key validity [B, S]", which `reduce_mask` checks at run time; any
-  other mask falls back to the PyTorch implementation.
+  over heads in registers and reduces rows with the weights. It reads the mask tile by tile.
+
+The CUDA path never reads a device value on the host (no synchronisation, so a pruned prefill
+can be captured in a CUDA graph): the choice between Triton and PyTorch looks at shapes and
+dtypes only, and a Triton compile or launch error falls back to PyTorch with one warning.
 """
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -54,11 +58,14 @@ def torch_attention_mass(
     scale: float,
     is_causal: bool,
     chunk_elements: int = CHUNK_ELEMENTS,
+    skip_unweighted: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """PyTorch implementation: (cross [B, S], selfsum [B, S]) fp32, chunked over query rows.
 
     query [B, H, S, D], key [B, Hkv, S, D]; instruction / visual [B, S] bool row weights.
     With a single chunk the result is bit-identical to materialising all probabilities.
+    `skip_unweighted` skips chunks whose rows carry no weight, which reads the weights on the
+    host; the CUDA path turns it off (same result, no synchronisation).
     """
     b, h, s, _ = query.shape
     k = key.float()
@@ -69,13 +76,15 @@ def torch_attention_mass(
     additive = attn_mask is not None and attn_mask.dtype != torch.bool
     shared_mask = allowed.shape[1] == 1  # one mask for all heads: NaN rows are NaN in every head
     weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
-    rows_used = (instruction | visual).any(dim=0)  # [S]: rows that carry weight in some example
-    first = int(rows_used.to(torch.int8).argmax()) if bool(rows_used.any()) else s  # earlier rows: weight 0
+    first = 0
+    if skip_unweighted:
+        rows_used = (instruction | visual).any(dim=0)  # [S]: rows that carry weight in some example
+        first = int(rows_used.to(torch.int8).argmax()) if bool(rows_used.any()) else s  # earlier: weight 0
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * s))
     mass = torch.zeros((weights.shape[0], 2, s), dtype=torch.float32, device=query.device)
     for r0 in range(first, s, rows_per_chunk):
         rows = slice(r0, min(s, r0 + rows_per_chunk))
-        if not bool(rows_used[rows].any()):
+        if skip_unweighted and not bool(rows_used[rows].any()):
             continue  # every row of this chunk has weight 0: it would add exact zeros
         # One additive bias at [B|1, 1|H, R, S] instead of a broadcast masked_fill over all heads.
         bias = torch.zeros(allowed[:, :, rows].shape, device=query.device)
@@ -91,35 +100,6 @@ def torch_attention_mass(
         head_max = torch.nan_to_num(probs.amax(dim=1), nan=0.0)  # [B, R, S]
         mass = mass + torch.bmm(weights[:, :, rows].expand(head_max.shape[0], -1, -1), head_max)
     return mass[:, 0].clone(), mass[:, 1].clone()  # separate outputs: a custom op may not alias
-
-
-def reduce_mask(
-    attn_mask: Tensor | None, is_causal: bool, rows_used: Tensor, seq_len: int
-) -> tuple[bool, Tensor | None] | None:
-    """(causal, key_valid [B, S] bool or None) equivalent to the mask on the weighted rows, or None.
-
-    Equivalence is only needed on rows that carry weight (`rows_used` [B, S]): a LLaVA prefill
-    mask is `causal & key_valid` there (left padding masks the padded keys; the rows of padding
-    queries, whatever transformers puts in them, have weight 0). Per-head masks, additive masks
-    with values other than 0 / "masked", and any other pattern return None (use PyTorch).
-    """
-    if attn_mask is None:
-        return is_causal, None
-    if attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or tuple(attn_mask.shape[-2:]) != (seq_len, seq_len):
-        return None
-    allowed = allowed_mask(attn_mask, is_causal, seq_len, attn_mask.device)[:, 0]  # [B|1, S, S]
-    if attn_mask.dtype != torch.bool and bool(torch.where(allowed, attn_mask[:, 0], 0).ne(0).any()):
-        return None  # a real additive bias (e.g. ALiBi) on some allowed entry
-    # Only entries of weighted rows matter: key j is valid if some weighted row may see it (not
-    # the diagonal: old transformers let fully masked padding rows attend everywhere).
-    unused = ~rows_used[:, :, None]  # [B, S, 1]
-    key_valid = (allowed & ~unused).any(dim=1)  # [B, S]
-    tril = torch.ones((seq_len, seq_len), dtype=torch.bool, device=allowed.device).tril()
-    for causal in (True, False):
-        expected = key_valid[:, None, :] & tril if causal else key_valid[:, None, :]  # [B, S|1, S]
-        if bool(((allowed == expected) | unused).all()):
-            return causal, key_valid
-    return None
 
 
 _SCHEMA = (
@@ -144,15 +124,64 @@ def visual_attention_mass(
 
 @visual_attention_mass.register_kernel("cuda")
 def _visual_attention_mass_cuda(query, key, attn_mask, instruction, visual, scale, is_causal):
+    return cuda_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
+
+
+# (dtype, head_dim, mask dtype, causal) launches whose Triton compile or launch failed: PyTorch from then on.
+_TRITON_FAILED: set[tuple] = set()
+_WARNED: set[str] = set()
+
+
+def cuda_attention_mass(
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    instruction: Tensor,
+    visual: Tensor,
+    scale: float,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """The CUDA implementation: Triton when it can run, PyTorch otherwise (one warning per reason).
+
+    Decides from shapes and dtypes only, so it never synchronises with the device.
+    """
+    args = (query, key, attn_mask, instruction, visual, scale, is_causal)
+    launch = (query.dtype, query.shape[-1], None if attn_mask is None else attn_mask.dtype, is_causal)
+    reason = _triton_unusable(query, attn_mask)
+    if reason is None and launch not in _TRITON_FAILED:  # a failed launch warned once already
+        try:
+            from .triton_mass import triton_attention_mass
+
+            return triton_attention_mass(*args)
+        except Exception as e:  # noqa: BLE001  (a compile or launch error of any kind: never crash)
+            _TRITON_FAILED.add(launch)
+            reason = f"the Triton kernel failed for {launch}: {type(e).__name__}: {str(e)[:300]}"
+    if reason is not None:
+        _warn_once(reason)
+    return torch_attention_mass(*args, skip_unweighted=False)
+
+
+def _triton_unusable(query: Tensor, attn_mask: Tensor | None) -> str | None:
+    """Why the Triton kernel cannot take these inputs (None: it can). Reads metadata only."""
     try:
-        from .triton_mass import triton_attention_mass
-    except ImportError:  # triton is an optional dependency
-        return torch_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
-    reduced = reduce_mask(attn_mask, is_causal, instruction | visual, query.shape[2])
-    if reduced is None:
-        return torch_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
-    causal, key_valid = reduced
-    return triton_attention_mass(query, key, key_valid, instruction, visual, scale, causal)
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'fitprune-fx[triton]')"
+    if attn_mask is None:
+        return None
+    b, h, s, _ = query.shape
+    fits = attn_mask.dim() == 4 and all(
+        size in (1, full) for size, full in zip(attn_mask.shape, (b, h, s, s), strict=True)
+    )
+    if not fits or attn_mask.shape[-1] != s:
+        return f"attention mask of shape {tuple(attn_mask.shape)} is not [B|1, 1|H, S|1, S] for {(b, h, s)}"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"fitprune: attention mass computed with PyTorch, not Triton: {reason}", stacklevel=3)
 
 
 @visual_attention_mass.register_fake

@@ -12,10 +12,14 @@ Two passes over QK^T, neither of which writes an [H, S, S] tensor:
    block into partial[B, query blocks, S]. Summing the partials over query blocks in PyTorch
    is a fixed-order (deterministic) second stage; no atomics, so scores repeat bit for bit.
 
-Tiles above the causal diagonal and query blocks without a weighted row are skipped.
-Masks: causal flag + optional per-key validity [B|1, S] (see `reduce_mask`). Inputs may be
-fp16 / bf16 / fp32; dots accumulate in fp32 and fp32 inputs use IEEE (not TF32) products.
-Triton's CPU interpreter (TRITON_INTERPRET=1) multiplies bf16 bit patterns in `tl.dot`
+Masks are read tile by tile from the attention mask itself ([B|1, 1|H, S, S], bool or additive
+float with transformers' "dtype-min means masked"), so the host never inspects a mask: the launch
+makes no device-to-host synchronisation and can be captured in a CUDA graph. With `is_causal`,
+tiles above the diagonal and query blocks without a weighted row are skipped.
+
+Batch and head offsets are 64-bit (B*H*S*D can pass 2^31 elements). Inputs may be fp16 / bf16 /
+fp32; dots accumulate in fp32 and fp32 inputs use IEEE (not TF32) products. Triton's CPU
+interpreter (TRITON_INTERPRET=1) multiplies bf16 bit patterns in `tl.dot`
 (triton-lang/triton#11584), so under it bf16 tiles are cast to fp32 first (`DOT_FP32`); that is
 the same arithmetic, since bf16 x bf16 products are exact in fp32.
 """
@@ -28,22 +32,44 @@ import triton.language as tl
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+
+@triton.jit
+def _masked_logits(
+    q, k_t, offs_m, offs_n, row_ok, col_ok, mask_ptr, sm_i, sm_j, mask_floor, qk_scale,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+):  # fmt: skip
+    """Base-2 logits of one [BLOCK_M, BLOCK_N] tile, -inf where attention is not allowed."""
+    logits = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+    allowed = row_ok[:, None] & col_ok[None, :]
+    if IS_CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+    if MASK_KIND != 0:
+        m = tl.load(mask_ptr + offs_m[:, None] * sm_i + offs_n[None, :] * sm_j, mask=allowed, other=0)
+        if MASK_KIND == 1:  # bool mask (read as uint8): True = attend
+            allowed = allowed & (m != 0)
+        else:  # additive: entries at or below half the dtype minimum are masked, others add
+            m = m.to(tl.float32)
+            allowed = allowed & (m > mask_floor)
+            logits = logits + tl.where(allowed, m, 0.0) * 1.4426950408889634
+    return tl.where(allowed, logits, float("-inf"))
 
 
 @triton.jit
 def _row_lse_kernel(
-    Q, K, KV_VALID, LSE,
-    S, D, G, qk_scale,
+    Q, K, MASK, LSE,
+    S, D, G, qk_scale, mask_floor,
     sq_b, sq_h, sq_s, sq_d,
     sk_b, sk_h, sk_s, sk_d,
-    sv_b, sv_s,
+    sm_b, sm_h, sm_i, sm_j,
     sl_b, sl_h, sl_s,
-    IS_CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, DOT_FP32: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit batch / head offsets
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this block
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < S
@@ -55,6 +81,7 @@ def _row_lse_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
     k_base = K + b * sk_b + (h // G) * sk_h
+    mask_base = MASK + b * sm_b + h * sm_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each row (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(logit - m_i)
     hi = S
@@ -73,14 +100,10 @@ def _row_lse_kernel(
         )  # [BLOCK_D, BLOCK_N]: the key tile, transposed by addressing
         if DOT_FP32:
             k_t = k_t.to(tl.float32)
-        logits = tl.dot(q, k_t, input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N] fp32
-        allowed = row_ok[:, None] & col_ok[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_KV_VALID:
-            kv = tl.load(KV_VALID + b * sv_b + offs_n * sv_s, mask=col_ok, other=0)
-            allowed = allowed & (kv != 0)[None, :]
-        logits = tl.where(allowed, logits, float("-inf"))
+        logits = _masked_logits(
+            q, k_t, offs_m, offs_n, row_ok, col_ok, mask_base, sm_i, sm_j, mask_floor, qk_scale,
+            IS_CAUSAL, MASK_KIND,
+        )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(logits - m_safe[:, None]), axis=1)
@@ -93,20 +116,20 @@ def _row_lse_kernel(
 
 @triton.jit
 def _mass_kernel(
-    Q, K, LSE, KV_VALID, W_INSTR, W_VIS, P_CROSS, P_SELF,
-    S, D, HKV, G, qk_scale,
+    Q, K, LSE, MASK, W_INSTR, W_VIS, P_CROSS, P_SELF,
+    S, D, HKV, G, qk_scale, mask_floor,
     sq_b, sq_h, sq_s, sq_d,
     sk_b, sk_h, sk_s, sk_d,
     sl_b, sl_h, sl_s,
-    sv_b, sv_s,
+    sm_b, sm_h, sm_i, sm_j,
     sw_b, sw_s,
     sp_b, sp_m, sp_s,
-    IS_CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, DOT_FP32: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows i
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key columns j
     offs_d = tl.arange(0, BLOCK_D)
@@ -118,17 +141,17 @@ def _mass_kernel(
     if IS_CAUSAL:
         active = active & (pid_n * BLOCK_N < (pid_m + 1) * BLOCK_M)  # tile not wholly above diagonal
     if active:
-        allowed = row_ok[:, None] & col_ok[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
-        if HAS_KV_VALID:
-            kv = tl.load(KV_VALID + b * sv_b + offs_n * sv_s, mask=col_ok, other=0)
-            allowed = allowed & (kv != 0)[None, :]
         head_max = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # probabilities are >= 0
+        # Head pointers advance by their strides (heads run 0..H-1 in order: h = kvh * G + r),
+        # so no head index is multiplied out in 32 bits.
+        k_head = K + b * sk_b
+        q_head = Q + b * sq_b
+        lse_head = LSE + b * sl_b
+        mask_head = MASK + b * sm_b
         kvh = 0
         while kvh < HKV:  # a while loop for triton 3.6's interpreter, as in _row_lse_kernel
             k_t = tl.load(
-                K + b * sk_b + kvh * sk_h + offs_n[None, :] * sk_s + offs_d[:, None] * sk_d,
+                k_head + offs_n[None, :] * sk_s + offs_d[:, None] * sk_d,
                 mask=col_ok[None, :] & (offs_d[:, None] < D),
                 other=0.0,
             )  # [BLOCK_D, BLOCK_N], shared by the G query heads of this kv head
@@ -136,19 +159,26 @@ def _mass_kernel(
                 k_t = k_t.to(tl.float32)
             r = 0
             while r < G:
-                h = kvh * G + r
                 q = tl.load(
-                    Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d,
+                    q_head + offs_m[:, None] * sq_s + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None] & (offs_d[None, :] < D),
                     other=0.0,
                 )  # [BLOCK_M, BLOCK_D]
                 if DOT_FP32:
                     q = q.to(tl.float32)
-                lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m * sl_s, mask=row_ok, other=0.0)
-                logits = tl.dot(q, k_t, input_precision="ieee") * qk_scale
-                p = tl.where(allowed, tl.exp2(logits - lse[:, None]), 0.0)
+                lse = tl.load(lse_head + offs_m * sl_s, mask=row_ok, other=0.0)
+                lse = tl.where(lse == float("-inf"), 0.0, lse)  # fully masked row: every p is 0
+                logits = _masked_logits(
+                    q, k_t, offs_m, offs_n, row_ok, col_ok, mask_head, sm_i, sm_j, mask_floor,
+                    qk_scale, IS_CAUSAL, MASK_KIND,
+                )  # fmt: skip
+                p = tl.exp2(logits - lse[:, None])  # masked entries: exp2(-inf) = 0
                 head_max = tl.maximum(head_max, p)
+                q_head += sq_h
+                lse_head += sl_h
+                mask_head += sm_h  # sm_h = 0 for a mask shared by all heads
                 r += 1
+            k_head += sk_h
             kvh += 1
         cross = tl.sum(head_max * w_instr[:, None], axis=0)  # [BLOCK_N]
         selfsum = tl.sum(head_max * w_vis[:, None], axis=0)
@@ -160,7 +190,7 @@ def _mass_kernel(
 def row_lse(
     query: Tensor,
     key: Tensor,
-    key_valid: Tensor | None,
+    attn_mask: Tensor | None,
     scale: float,
     is_causal: bool,
     block_m: int = 64,
@@ -169,13 +199,13 @@ def row_lse(
     """Base-2 log-sum-exp [B, H, S] fp32 of each query row's masked logits (-inf: fully masked)."""
     b, h, s, d = query.shape
     lse = torch.empty((b, h, s), dtype=torch.float32, device=query.device)
-    kv, sv = _key_valid_arg(key_valid, query)
+    mask, strides, kind, floor = _mask_args(attn_mask, query)
     grid = (triton.cdiv(s, block_m), h, b)
     _row_lse_kernel[grid](
-        query, key, kv, lse,
-        s, d, h // key.shape[1], scale * LOG2E,
-        *query.stride(), *key.stride(), *sv, *lse.stride(),
-        IS_CAUSAL=is_causal, HAS_KV_VALID=key_valid is not None, DOT_FP32=_dot_fp32(query),
+        query, key, mask, lse,
+        s, d, h // key.shape[1], scale * LOG2E, floor,
+        *query.stride(), *key.stride(), *strides, *lse.stride(),
+        IS_CAUSAL=is_causal, MASK_KIND=kind, DOT_FP32=_dot_fp32(query),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )  # fmt: skip
     return lse
@@ -184,7 +214,7 @@ def row_lse(
 def triton_attention_mass(
     query: Tensor,
     key: Tensor,
-    key_valid: Tensor | None,
+    attn_mask: Tensor | None,
     instruction: Tensor,
     visual: Tensor,
     scale: float,
@@ -193,15 +223,15 @@ def triton_attention_mass(
     block_m: int = 64,
     block_n: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """(cross [B, S], selfsum [B, S]) fp32 with the mask `causal & key_valid[b, j]`.
+    """(cross [B, S], selfsum [B, S]) fp32, the op's contract (see `attention_mass.py`).
 
-    query [B, H, S, D], key [B, Hkv, S, D] (any strides); key_valid [B|1, S] bool or None;
-    instruction / visual [B, S] bool row weights. `lse` [B, H, S] (natural log, e.g. from an
-    attention kernel) skips the log-sum-exp pass. Block sizes must be >= 16 (tl.dot).
+    query [B, H, S, D], key [B, Hkv, S, D] (any strides); attn_mask None or [B|1, 1|H, S, S] bool
+    or additive float; instruction / visual [B, S] bool row weights. `lse` [B, H, S] (natural
+    log, e.g. from an attention kernel) skips the log-sum-exp pass. Block sizes must be >= 16.
     """
     b, h, s, d = query.shape
     if lse is None:
-        lse2 = row_lse(query, key, key_valid, scale, is_causal, block_m, block_n)
+        lse2 = row_lse(query, key, attn_mask, scale, is_causal, block_m, block_n)
     else:
         lse2 = lse.float() * LOG2E
     w_instr = instruction.expand(b, s).to(torch.float32).contiguous()
@@ -210,24 +240,33 @@ def triton_attention_mass(
     # partial[b, m, j]: rows of query block m summed; tiles skipped by the kernel stay 0
     p_cross = torch.zeros((b, blocks_m, s), dtype=torch.float32, device=query.device)
     p_self = torch.zeros_like(p_cross)
-    kv, sv = _key_valid_arg(key_valid, query)
+    mask, strides, kind, floor = _mask_args(attn_mask, query)
     grid = (triton.cdiv(s, block_n), blocks_m, b)
     _mass_kernel[grid](
-        query, key, lse2, kv, w_instr, w_vis, p_cross, p_self,
-        s, d, key.shape[1], h // key.shape[1], scale * LOG2E,
-        *query.stride(), *key.stride(), *lse2.stride(), *sv, *w_instr.stride(), *p_cross.stride(),
-        IS_CAUSAL=is_causal, HAS_KV_VALID=key_valid is not None, DOT_FP32=_dot_fp32(query),
+        query, key, lse2, mask, w_instr, w_vis, p_cross, p_self,
+        s, d, key.shape[1], h // key.shape[1], scale * LOG2E, floor,
+        *query.stride(), *key.stride(), *lse2.stride(), *strides, *w_instr.stride(), *p_cross.stride(),
+        IS_CAUSAL=is_causal, MASK_KIND=kind, DOT_FP32=_dot_fp32(query),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )  # fmt: skip
     return p_cross.sum(dim=1), p_self.sum(dim=1)
 
 
-def _key_valid_arg(key_valid: Tensor | None, query: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """int8 [B|1, S] validity tensor and its (batch, seq) strides; batch stride 0 broadcasts."""
-    if key_valid is None:
-        return torch.ones(1, dtype=torch.int8, device=query.device), (0, 0)
-    kv = key_valid.to(torch.int8).contiguous()
-    return kv, (0 if kv.shape[0] == 1 else kv.stride(0), kv.stride(1))
+def _mask_args(attn_mask: Tensor | None, query: Tensor) -> tuple[Tensor, tuple[int, ...], int, float]:
+    """(mask tensor, its 4 strides with 0 on broadcast dims, MASK_* kind, masked-entry floor).
+
+    Only metadata is read (shapes, strides, dtype): no device value reaches the host. A bool mask
+    is reinterpreted as uint8 without a copy.
+    """
+    if attn_mask is None:
+        return query, (0, 0, 0, 0), MASK_NONE, 0.0
+    if attn_mask.dim() != 4:
+        raise ValueError(f"attention mask must be 4-d [B|1, 1|H, S, S], got shape {tuple(attn_mask.shape)}")
+    shape, stride = attn_mask.shape, attn_mask.stride()
+    strides = tuple(0 if size == 1 else st for size, st in zip(shape, stride, strict=True))
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.view(torch.uint8), strides, MASK_BOOL, 0.0
+    return attn_mask, strides, MASK_ADDITIVE, torch.finfo(attn_mask.dtype).min / 2
 
 
 def _dot_fp32(query: Tensor) -> bool:
