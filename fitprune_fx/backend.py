@@ -29,6 +29,7 @@ from fitprune_fx.passes.locate import (
     locate_hidden_size,
 )
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
+from fitprune_fx.passes.run_time_checks import collect_run_time_checks, raise_failed_checks
 from fitprune_fx.passes.scorers import SCORERS, Scorer
 
 from . import pruned_cache
@@ -65,13 +66,20 @@ class FitpruneBackend:
 
     recipe: Recipe
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph uncompiled
+    mode: str | None = None  # Inductor mode ("reduce-overhead": CUDA graphs, "max-autotune", ...)
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
     pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
     _warned: set = field(default_factory=set)
     _merge_apart: bool = False  # the last graph compiled merged images but held no decoder layers
+    _config: dict = field(default_factory=dict)  # Inductor config patches of the graph being compiled
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def __call__(
+        self, gm: fx.GraphModule, example_inputs: list, mode: str | None = None, options: dict | None = None
+    ) -> Callable:
+        """Dynamo's entry point. `mode` / `options` arrive from `torch.compile(..., mode=, options=)`
+        (Inductor's mode and config patches)."""
+        self._config = _inductor_config(mode or self.mode, options)
         report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
         self.reports.append(report)
         windows = strip_sliding_window_marks(gm)  # always: the marks are not for Inductor
@@ -189,11 +197,23 @@ class FitpruneBackend:
             )
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+        """Compile `gm`; its fitprune run-time checks become an output read after each call."""
+        messages = collect_run_time_checks(gm)
         if self.compiler == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+            compiled = gm.forward
+        else:
+            from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+            compiled = compile_fx(gm, example_inputs, config_patches=self._config)
+        if not messages:
+            return compiled
+
+        def run_checked(*args):
+            *outputs, flags = compiled(*args)
+            raise_failed_checks(flags, messages)
+            return outputs
+
+        return run_checked
 
     @property
     def pruned_graphs(self) -> list[GraphReport]:
@@ -225,12 +245,15 @@ def fitprune_backend(
     *,
     compiler: str = "inductor",
     scorer: str | Callable | None = None,
+    mode: str | None = None,
 ) -> FitpruneBackend:
     """A Dynamo backend that prunes visual tokens per `recipe` and compiles with Inductor.
 
     `recipe` is a Recipe, a dict, a path to a recipe JSON, or a shipped recipe name such as
     "llava-1.5-7b/60.json". `scorer` overrides the recipe's scorer: a registered name or a
-    function `f(inputs: ScoringInputs) -> [B, S] scores` (lower is deleted first).
+    function `f(inputs: ScoringInputs) -> [B, S] scores` (lower is deleted first). `mode` is
+    Inductor's mode, e.g. "reduce-overhead" (CUDA graphs); `torch.compile(..., mode=...)` with
+    this backend passes it too.
     """
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
@@ -250,7 +273,7 @@ def fitprune_backend(
         scorer_fn = SCORERS[loaded.scorer]  # resolved now: re-registering the name later changes nothing
     pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
     _raise_recompile_limit()
-    return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn)
+    return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn, mode=mode)
 
 
 RECOMPILE_LIMIT = 64
@@ -272,6 +295,14 @@ def _raise_recompile_limit() -> None:
             RECOMPILE_LIMIT,
         )
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+
+
+def _inductor_config(mode: str | None, options: dict | None) -> dict:
+    """Inductor config patches for `mode` (as torch.compile(mode=...) sets them) plus `options`."""
+    from torch._inductor import list_mode_options
+
+    config = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    return {**config, **(options or {})}
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from fitprune_fx.passes.attention_marks import mark_sliding_window
+from fitprune_fx.passes.run_time_checks import RunTimeCheckFailed
 
 PADDING_ERROR = (
     "fitprune: a pruned KV cache was continued with an attention mask that forbids a cached column "
@@ -60,7 +61,7 @@ def cut_mask_to_pruned_keys(mask: torch.Tensor, key_length: int, query_length: i
     """Layer mask for a pruned layer: the old part's first columns plus the new block (see module doc).
 
     mask: [B|1, 1|H, q, M] bool (True = attend) or additive float; returns [..., q, key_length].
-    Asserts (asynchronously) that the old part forbids only a prefix of columns in every row.
+    Checks that the old part forbids only a prefix of columns in every row (see run_time_checks).
     """
     old = mask.shape[-1] - query_length  # columns before this call, in original positions
     kept_old = key_length - query_length  # of them, the ones this layer still holds
@@ -68,7 +69,11 @@ def cut_mask_to_pruned_keys(mask: torch.Tensor, key_length: int, query_length: i
     if allowed.dtype != torch.bool:  # additive mask: transformers uses dtype-min (or -inf) for "masked"
         allowed = allowed > torch.finfo(allowed.dtype).min / 2
     # left padding only: once a column is allowed, every later old column is allowed too
-    torch._assert_async((allowed[..., 1:] >= allowed[..., :-1]).all(), PADDING_ERROR)
+    left_padded = (allowed[..., 1:] >= allowed[..., :-1]).all()
+    if torch.compiler.is_compiling():  # the backend makes it a graph output checked after the call
+        torch._assert_async(left_padded, PADDING_ERROR)
+    elif not bool(left_padded):  # eager (a Dynamo fallback): on the host, never a device assert
+        raise RunTimeCheckFailed(PADDING_ERROR)
     return torch.cat([mask[..., :kept_old], mask[..., old:]], dim=-1)
 
 

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from .insert_compaction import insert_token_compaction
@@ -17,7 +18,7 @@ from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
 from .locate import UnsupportedGraph, locate_decoder
 from .sequence_length import propagate_compaction
-from .token_ops import visual_token_mask
+from .token_ops import VISUAL_COUNT_ERROR, has_visual_count, visual_token_mask
 
 
 @dataclass
@@ -65,8 +66,12 @@ def prune_visual_tokens(
 
     graph = gm.graph
     with graph.inserting_after(dec.merge):
-        visual = graph.call_function(visual_token_mask, (dec.image_mask, n))
-    inserted = [visual]
+        visual = graph.call_function(visual_token_mask, (dec.image_mask,))
+    with graph.inserting_after(visual):
+        count_ok = graph.call_function(has_visual_count, (visual, n))
+    with graph.inserting_after(count_ok):  # the backend turns it into a checked graph output
+        check = graph.call_function(torch._assert_async, (count_ok, VISUAL_COUNT_ERROR))
+    inserted = [visual, count_ok, check]
     shared = {t: t.node for t in dec.per_token}
     present = n
     for layer, d in plan.items():

@@ -14,12 +14,9 @@ def select_kept_tokens(scores: torch.Tensor, visual: torch.Tensor, num_delete: i
 
     The `num_delete` visual tokens with the lowest scores are deleted; ties go to the lower
     position first (stable sort). Non-visual tokens rank after every visual token, so text is
-    never deleted while an example has at least `num_delete` visual tokens, which is asserted.
+    never deleted: the pass checks each example's visual count at the merge and plans at most
+    that many deletions in all, and compaction keeps the count of every example exact.
     """
-    torch._assert_async(
-        (visual.sum(dim=1) >= num_delete).all(),
-        "fitprune: an example has fewer visual tokens than the recipe deletes at this layer",
-    )
     key = torch.where(visual, torch.nan_to_num(scores.float(), nan=0.0), float("inf"))
     order = torch.sort(key, dim=1, stable=True).indices  # [B, S], lowest score first
     return torch.sort(order[:, num_delete:], dim=1).values  # [B, S - d], original order
@@ -37,19 +34,19 @@ def gather_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor
     return torch.gather(x, dim, kept.reshape(index_shape).expand(out_shape))
 
 
-def visual_token_mask(image_mask: torch.Tensor, per_example: int | None = None) -> torch.Tensor:
-    """[B, S] bool visual-token mask from the image merge's mask ([B, S, 1] or [B, S, D]).
+VISUAL_COUNT_ERROR = (
+    "fitprune: the examples of this batch carry different numbers of visual tokens (different image "
+    "counts, or LLaVA-NeXT images whose sizes give different counts); the pruned graph needs the same "
+    "count in every example: call the model with batch 1, or batch only prompts whose images give the "
+    "same visual count"
+)
 
-    With `per_example`, asserts at run time that every example has exactly that many visual
-    tokens (the recipe was turned into static counts for it).
-    """
-    visual = (image_mask[..., 0] if image_mask.dim() == 3 else image_mask).bool()
-    if per_example is not None:
-        torch._assert_async(
-            (visual.sum(dim=1) == per_example).all(),
-            "fitprune: the examples of this batch carry different numbers of visual tokens (different "
-            "image counts, or LLaVA-NeXT images whose sizes give different counts); the pruned graph "
-            "needs the same count in every example: call the model with batch 1, or batch only prompts "
-            "whose images give the same visual count",
-        )
-    return visual
+
+def visual_token_mask(image_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool visual-token mask from the image merge's mask ([B, S, 1] or [B, S, D])."""
+    return (image_mask[..., 0] if image_mask.dim() == 3 else image_mask).bool()
+
+
+def has_visual_count(visual: torch.Tensor, per_example: int) -> torch.Tensor:
+    """0-d bool: every example has exactly `per_example` visual tokens (the recipe's static counts)."""
+    return (visual.sum(dim=1) == per_example).all()
