@@ -223,6 +223,7 @@ class Results:
     pruned_graphs: dict[str, int] = field(default_factory=dict)
     vision_ms: float | None = None
     compile_s: dict[str, dict] = field(default_factory=dict)
+    peak_mib: dict[str, float] = field(default_factory=dict)  # CUDA: peak allocated during one prefill
     decode: dict[str, dict] = field(default_factory=dict)
 
 
@@ -259,6 +260,11 @@ def measure_prefill(
             call(name)
         for _, name in tqdm(list(round_robin(names, args.repeats)), desc="prefill", file=sys.stdout):
             times[name].append(call(name))
+        if args.device.startswith("cuda"):
+            for name in names:
+                torch.cuda.reset_peak_memory_stats()
+                call(name)
+                results.peak_mib[name] = torch.cuda.max_memory_allocated() / 2**20
         if args.vision_repeats:
             pv = inputs["pixel_values"]
             vision = [
@@ -391,6 +397,8 @@ def overhead_table(results: Results, names: list[str]) -> str:
             f"| vision tower + projector (eager) share of unpruned prefill | "
             f"{100 * results.vision_ms / base:.1f} % ({results.vision_ms:.1f} ms) | small |"
         )
+    for name, mib in results.peak_mib.items():
+        lines.append(f"| peak GPU memory of one prefill, {name} | {mib:.0f} MiB | below unpruned |")
     c = results.compile_s
     if UNPRUNED in c:
         for name in (n for n in c if n != UNPRUNED):

@@ -272,7 +272,7 @@ def fitprune_backend(
             )
         scorer_fn = SCORERS[loaded.scorer]  # resolved now: re-registering the name later changes nothing
     pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
-    _raise_recompile_limit()
+    _configure_dynamo()
     return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn, mode=mode)
 
 
@@ -285,9 +285,18 @@ of 8 is reached within a few calls, after which it silently runs the model eager
 """
 
 
-def _raise_recompile_limit() -> None:
+def _configure_dynamo() -> None:
+    """Raise the recompile limit (see RECOMPILE_LIMIT) and keep float attributes static.
+
+    After a frame is compiled with two values of a float attribute (attention `scaling` of two
+    models with different head sizes in one process), Dynamo makes the float a graph input; the
+    scorer needs its value at compile time. Static floats only mean a recompile per value.
+    """
     import torch._dynamo
 
+    if not torch._dynamo.config.specialize_float:
+        log.info("fitprune: setting torch._dynamo.config.specialize_float = True")
+        torch._dynamo.config.specialize_float = True
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         log.info(
             "fitprune: raising torch._dynamo.config.recompile_limit from %d to %d",

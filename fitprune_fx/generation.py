@@ -77,7 +77,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
 ) -> nn.Module:
     """Compile `model` in place so that `generate` and direct calls prune per `recipe`; return it.
 
-    `backend_options` go to `fitprune_backend` (e.g. `compiler="eager"`, `scorer=...`). The
+    `backend_options` go to `fitprune_backend` (`compiler="eager"`, `scorer=...`, `mode=...`). The
     backend is kept at `model.fitprune_backend` (read `.summary()` / `.reports` after a call).
     Besides `model.compile(backend=...)`, this wraps `model.generate` to refuse what a pruned cache
     cannot serve exactly (a StaticCache, right padding, the generation modes of

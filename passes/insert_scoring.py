@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .locate import AttentionSite, example_value
+from .locate import AttentionSite, UnsupportedGraph, example_value
 from .scorers import bind_scorer, random_constants, score_tokens
 from .token_ops import select_kept_tokens
 
@@ -33,6 +33,12 @@ def insert_importance_scoring(
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, fx.Node):
+        raise UnsupportedGraph(
+            f"layer {site.layer}'s attention scale is a dynamic graph input (Dynamo turns a float "
+            "attribute into one after compiling models with other values); keep floats static with "
+            "torch._dynamo.config.specialize_float = True (a FitPrune backend sets it when created)"
+        )
     doomed = random_constants(site.layer, visual_count, num_delete, seed) if scorer == "random" else ()
     with graph.inserting_after(site.sdpa):
         scores = graph.call_function(

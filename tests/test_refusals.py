@@ -201,3 +201,19 @@ def test_a_model_no_family_claims_compiles_unchanged_with_one_warning():
     assert len([w for w in caught if "fitprune" in str(w.message)]) == 1
     torch.testing.assert_close(out, expected)
     assert not backend.pruned_graphs
+
+
+def test_models_with_other_head_sizes_in_one_process_are_all_pruned():
+    """Dynamo makes a float attribute (attention `scaling`) a graph input once the same code ran
+    with two values; the backend keeps floats static, so every model is still pruned exactly."""
+    torch._dynamo.config.specialize_float = False  # as a fresh process has it
+    for heads in (4, 2, 8):
+        model = tiny_llava(num_layers=3, num_heads=heads, num_kv_heads=heads // 2, seed=heads)
+        inputs = make_inputs(model, [PromptSpec(2, 4)], seed=heads)
+        backend = fitprune_backend(_recipe(model, {0: 5, 1: 3}), compiler="eager")
+        recorder = KeptRecorder(backend)
+        with torch.no_grad():
+            out = torch.compile(model, backend=recorder)(**inputs)
+        ref = reference_prefill(model, **inputs, prune={0: 5, 1: 3})
+        assert len(backend.pruned_graphs) == 1, backend.summary()
+        torch.testing.assert_close(out.logits[0], ref.logits[0, ref.kept_final[0]], atol=1e-4, rtol=1e-4)
