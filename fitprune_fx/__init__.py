@@ -3,26 +3,68 @@
 from fitprune_fx import fitprune_backend
 model.compile(backend=fitprune_backend("llava-1.5-7b/60.json"))   # in place: generate prunes too
 fitprune_fx.compile(model, "llava-1.5-7b/60.json")                 # same, plus generate checks
+
+Names load on first use (PEP 562), so `import fitprune_fx` and the command line start without
+importing torch; `torch.compile(..., backend="fitprune")` finds the backend through the
+`torch_dynamo_backends` entry point.
 """
 
-from fitprune_fx.passes.scorers import ScoringInputs, register_scorer
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-from .backend import FitpruneBackend, GraphReport, fitprune_backend
-from .fit import fit
-from .generation import UnsupportedCacheError, check_generate_path, compile
-from .recipe import ModelInfo, Recipe, RecipeError
+_EXPORTS = {
+    "FitpruneBackend": "fitprune_fx.backend",
+    "GraphReport": "fitprune_fx.backend",
+    "fitprune_backend": "fitprune_fx.backend",
+    "named_backend": "fitprune_fx.named_backend",
+    "fit": "fitprune_fx.fit",
+    "UnsupportedCacheError": "fitprune_fx.generation",
+    "check_generate_path": "fitprune_fx.generation",
+    "compile": "fitprune_fx.generation",
+    "ModelInfo": "fitprune_fx.recipe",
+    "Recipe": "fitprune_fx.recipe",
+    "RecipeError": "fitprune_fx.recipe",
+    "RunTimeCheckFailed": "fitprune_fx.passes.run_time_checks",
+    "ScoringInputs": "fitprune_fx.passes.scorers",
+    "register_scorer": "fitprune_fx.passes.scorers",
+}
 
-__all__ = [
+__all__ = [  # = sorted(_EXPORTS), spelled out for linters
     "FitpruneBackend",
     "GraphReport",
     "ModelInfo",
     "Recipe",
     "RecipeError",
+    "RunTimeCheckFailed",
     "ScoringInputs",
     "UnsupportedCacheError",
     "check_generate_path",
     "compile",
     "fit",
     "fitprune_backend",
+    "named_backend",
     "register_scorer",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fitprune_fx' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from fitprune_fx.passes.run_time_checks import RunTimeCheckFailed
+    from fitprune_fx.passes.scorers import ScoringInputs, register_scorer
+
+    from .backend import FitpruneBackend, GraphReport, fitprune_backend
+    from .fit import fit
+    from .generation import UnsupportedCacheError, check_generate_path, compile
+    from .named_backend import named_backend
+    from .recipe import ModelInfo, Recipe, RecipeError

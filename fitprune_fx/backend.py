@@ -60,7 +60,7 @@ class GraphReport:
         )
 
 
-@dataclass
+@dataclass(repr=False)
 class FitpruneBackend:
     """A Dynamo backend callable that applies a recipe. Keep it to read `.reports` afterwards."""
 
@@ -142,6 +142,13 @@ class FitpruneBackend:
         run = self._count_runs(self._compile(candidate, example_inputs))
         run.graph_module = candidate  # the rewritten graph, for inspection
         return run
+
+    def __repr__(self) -> str:  # short: Dynamo puts it at the head of BackendCompilerFailed
+        r = self.recipe
+        return (
+            f"FitpruneBackend(recipe for {r.model.name!r}: {r.model.num_layers} layers, scorer {r.scorer}; "
+            f"{len(self.reports)} graphs so far)"
+        )
 
     def _warn_unchanged(self, report: GraphReport) -> None:
         """One warning per distinct reason; every graph's reason stays in `reports`."""
@@ -328,22 +335,3 @@ def _fake_mode(gm: fx.GraphModule):
         if mode is not None:
             return mode
     raise UnsupportedGraph("no fake tensor values on the graph (not captured by Dynamo?)")
-
-
-def _register_named_backend() -> None:
-    """Make `torch.compile(model, backend="fitprune", options={"recipe": ...})` work."""
-    from torch._dynamo import register_backend
-    from torch._dynamo.backends.registry import _COMPILER_FNS
-
-    if "fitprune" in _COMPILER_FNS:
-        return
-
-    @register_backend(name="fitprune")
-    def fitprune(gm: fx.GraphModule, example_inputs: list, options: dict | None = None):
-        options = dict(options or {})
-        if "recipe" not in options:
-            raise RecipeError('backend="fitprune" needs options={"recipe": <path, dict or Recipe>}')
-        return fitprune_backend(options.pop("recipe"), **options)(gm, example_inputs)
-
-
-_register_named_backend()

@@ -36,8 +36,9 @@ def read_question_file(path: str | Path) -> list[dict[str, Any]]:
                 q = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            missing = [k for k in ("image", "text") if k not in q]
-            if not isinstance(q, dict) or missing:
+            fields = ("image", "text")
+            missing = [k for k in fields if k not in q] if isinstance(q, dict) else list(fields)
+            if missing:
                 raise CalibrationError(
                     f"{path}:{lineno}: expected an object with question_id, image and text; missing {missing}"
                 )

@@ -9,6 +9,7 @@ fitprune-fx inspect recipe.json --config MODEL_DIR --image-size 672x336 [--image
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,18 @@ PLOT_HINT = "pip install fitprune-fx[plot]"
 
 class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def check_output_path(flag: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before any long work starts."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise CLIError(f"{flag} {path}: is a folder; give a file name")
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CLIError(f"{flag} {path}: not writable")
 
 
 # ------------------------------------------------------------------------------------ fit
@@ -39,9 +52,19 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--samples", type=int, default=None, help="use the first N questions")
     p.add_argument("--batch-size", type=int, default=8, help="examples per layer call")
     p.add_argument("--tolerance", type=float, default=0.01, help="alpha search interval")
-    p.add_argument("--search", choices=["guided", "bisect"], default="guided")
+    p.add_argument(
+        "--search",
+        choices=["guided", "bisect"],
+        default="guided",
+        help="alpha search: guided (fewer exact walks, default) or plain bisection",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype (auto: as saved)",
+    )
     p.add_argument("--name", default=None, help="model name recorded in the recipe")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,20 +82,43 @@ def _load_model(path: str, device: str, dtype: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
         family_for(model)
+        processor = AutoProcessor.from_pretrained(path)
     except UnknownModel as e:
         raise CLIError(f"--model {path}: {e}") from e
-    processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:  # no config.json, unknown model type, missing files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--model {path}: cannot load a model and processor from this folder ({first})") from e
     return model.to(device).eval(), processor
+
+
+def check_question_file(data: str, images: str, limit: int | None) -> None:
+    """Parse the question file and find every image it names (cheap), or raise CLIError."""
+    from fitprune_fx.calibration import CalibrationError, read_question_file
+
+    try:
+        questions = read_question_file(data)[:limit]
+    except (CalibrationError, OSError, UnicodeDecodeError) as e:
+        raise CLIError(f"--data {data}: {e}") from e
+    if not questions:
+        raise CLIError(f"--data {data}: no questions (the file is empty)")
+    missing = [q["image"] for q in questions if not (Path(images) / str(q["image"])).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CLIError(
+            f"--images {images}: {len(missing)} of {len(questions)} images named in {data} are not there "
+            f"(e.g. {', '.join(map(repr, missing[:3]))}{more}); point --images at the folder holding them"
+        )
 
 
 def run_fit(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from fitprune_fx.calibration import has_chat_template, load_question_file
+    from fitprune_fx.calibration import CalibrationError, has_chat_template, load_question_file
     from fitprune_fx.fit import FitSession
+    from fitprune_fx.fit_search import BudgetOutOfReach
 
     if not 0.0 < args.budget < 1.0:
         raise CLIError(f"--budget {args.budget}: give a fraction in (0, 1), e.g. 0.6 for 60%")
@@ -80,6 +126,8 @@ def run_fit(args: argparse.Namespace) -> int:
         ok = Path(path).is_file() if kind == "file" else Path(path).is_dir()
         if not ok:
             raise CLIError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
+    check_output_path("-o", args.output)
+    check_question_file(args.data, args.images, args.samples)  # before the (slow) model load
     if args.threads:
         import torch
 
@@ -94,7 +142,10 @@ def run_fit(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the chat-template note above says it once
-        calibration = load_question_file(args.data, args.images, processor, limit=args.samples)
+        try:
+            calibration = load_question_file(args.data, args.images, processor, limit=args.samples)
+        except (CalibrationError, OSError) as e:
+            raise CLIError(f"--data {args.data}: {e}") from e
     layers = model.config.text_config.num_hidden_layers
     # Steps: one per example (embedding), one per layer (statistics), one per exact walk.
     bar = tqdm(total=len(calibration) + layers, desc="fit", unit="step", disable=args.no_progress)
@@ -109,6 +160,8 @@ def run_fit(args: argparse.Namespace) -> int:
         bar.set_description("fit: alpha search")
         name = args.name or Path(args.model).name
         recipe = session.recipe(args.budget, args.tolerance, name=name, strategy=args.search)
+    except BudgetOutOfReach as e:
+        raise CLIError(f"--budget {args.budget}: {e}") from e
     finally:
         bar.close()
     recipe.to_json(args.output)
@@ -200,6 +253,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.recipe)
     except (RecipeError, OSError) as e:
         raise CLIError(f"cannot load recipe {args.recipe}: {e}") from e
+    if args.plot:
+        check_output_path("--plot", args.plot)
     n = args.visual_tokens
     if n is not None and n < 1:
         raise CLIError(f"--visual-tokens {n}: give a positive number of visual tokens")
@@ -260,6 +315,39 @@ def plot_tokens(recipe, path: str, num_visual: int | None = None) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------- demo
+def add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="fit, compile and evaluate on the shipped shapes-llava model",
+        description=(
+            "On the small LLaVA shipped with fitprune-fx: fit a recipe for --budget on generated "
+            "calibration questions, compile the model with it, check the compiled model against the "
+            "eager reference, and print accuracy and prefill latency unpruned vs pruned."
+        ),
+    )
+    p.add_argument("--budget", type=float, default=0.5, help="FLOPs reduction to fit for (default 0.5)")
+    p.add_argument("--calibration", type=int, default=32, help="calibration questions (default 32)")
+    p.add_argument("--eval", type=int, default=256, help="held-out questions (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per forward call (default 16)")
+    p.add_argument(
+        "--compiler",
+        choices=["inductor", "eager"],
+        default="inductor",
+        help="inductor (default), or eager to run the rewritten graph uncompiled (no compile wait)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if not 0.0 < args.budget < 1.0:
+        raise CLIError(f"--budget {args.budget}: give a fraction in (0, 1), e.g. 0.5 for 50%")
+    from fitprune_fx.testbed.demo import run_demo as demo  # torch and transformers load here
+
+    return demo(args)
+
+
 # ----------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -269,8 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     add_fit_parser(subparsers)
     add_inspect_parser(subparsers)
-    from fitprune_fx.testbed.demo import add_demo_parser  # heavy imports only when the CLI runs
-
     add_demo_parser(subparsers)
     return parser
 
@@ -279,10 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fitprune-fx`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except CLIError as e:
         print(f"fitprune-fx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fitprune-fx inspect ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # as a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -14,6 +14,18 @@ if TYPE_CHECKING:
     from .fit import FitSession
 
 
+
+class BudgetOutOfReach(ValueError):
+    """The budget needs more FLOPs cut than the fit can reach on this model (`reachable`)."""
+
+    def __init__(self, budget: float, reachable: float) -> None:
+        super().__init__(
+            f"budget {budget:.3f} is out of reach: the most the fit can cut on this model is "
+            f"{reachable:.3f} of the reference FLOPs (alpha = 1); ask for at most {reachable:.3f}"
+        )
+        self.budget = budget
+        self.reachable = reachable
+
 @dataclass
 class SearchResult:
     alpha: float
@@ -109,8 +121,5 @@ def search(
             shift = probe - _static_equivalent(session, walks[probe], fine)
     alpha = bisect(exact, lo, hi, tolerance)
     if not exact(alpha):  # only when nothing below 1 passed: alpha is 1
-        raise ValueError(
-            f"budget {budget:.3f} is out of reach: even alpha = {alpha:g} only gives a "
-            f"{walks[alpha].reduction:.3f} reference FLOPs reduction on this model"
-        )
+        raise BudgetOutOfReach(budget, walks[alpha].reduction)
     return SearchResult(alpha, walks[alpha], list(walks.values()))

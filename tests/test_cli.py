@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
+import sys
 import warnings
 
 import pytest
@@ -206,3 +208,101 @@ def test_console_script_installed():
         pytest.skip("console script not on PATH (package not installed)")
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "fit" in res.stdout and "inspect" in res.stdout
+
+
+# ---------------------------------------------------------------------------- user mistakes
+def run_cli(*argv: str, stdin_pipe_to: str | None = None) -> subprocess.CompletedProcess:
+    """The installed console script in a subprocess (or `python -m`), as a user runs it."""
+    exe = shutil.which("fitprune-fx")
+    cmd = [exe] if exe else [sys.executable, "-m", "fitprune_fx.cli"]
+    if stdin_pipe_to:  # `fitprune-fx ... | head -1`
+        line = " ".join(shlex.quote(a) for a in [*cmd, *argv]) + f" | {stdin_pipe_to}"
+        return subprocess.run(
+            ["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True, timeout=300
+        )
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(run: subprocess.CompletedProcess, command: str, *phrases: str) -> None:
+    """Exit status 2, one `fitprune-fx <command>: error: ...` line naming the problem, no traceback."""
+    assert run.returncode == 2, (run.returncode, run.stderr[-3000:])
+    assert "Traceback" not in run.stderr and "Traceback" not in run.stdout, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith(f"fitprune-fx {command}: error: ")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def fit_argv(workspace):
+    root, model_dir, images, data = workspace
+    return ["fit", "--model", str(model_dir), "--data", str(data), "--images", str(images), "--budget", "0.4"]
+
+
+def test_fit_images_folder_without_the_images(workspace, fit_argv, tmp_path):
+    run = run_cli(
+        *fit_argv[:-4], "--images", str(tmp_path), "--budget", "0.4", "-o", str(tmp_path / "r.json")
+    )
+    assert_user_error(run, "fit", "6 of 6 images", "'img0.png'", "point --images at the folder")
+
+
+def test_fit_budget_out_of_reach_names_the_reachable_maximum(fit_argv, tmp_path):
+    run = run_cli(*fit_argv[:-1], "0.99", "-o", str(tmp_path / "r.json"))
+    assert_user_error(run, "fit", "--budget 0.99", "out of reach", "ask for at most 0.")
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        ("", "no questions"),
+        ("{not json\n", "not valid JSON"),
+        ('{"image": "img0.png"}\n', "missing ['text']"),
+        ("[1, 2]\n", "expected an object"),
+    ],  # fmt: skip
+)
+def test_fit_bad_question_files(workspace, fit_argv, tmp_path, content, phrase):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(content)
+    argv = [*fit_argv]
+    argv[argv.index("--data") + 1] = str(bad)
+    assert_user_error(run_cli(*argv, "-o", str(tmp_path / "r.json")), "fit", phrase)
+
+
+def test_fit_model_folder_that_is_not_a_model(fit_argv, tmp_path):
+    argv = [*fit_argv]
+    argv[argv.index("--model") + 1] = str(tmp_path)
+    assert_user_error(run_cli(*argv, "-o", str(tmp_path / "r.json")), "fit", "cannot load a model")
+
+
+def test_output_paths_are_checked_before_the_work(fit_argv, tmp_path):
+    run = run_cli(*fit_argv, "-o", "/nonexistent/dir/r.json")
+    assert_user_error(run, "fit", "-o /nonexistent/dir/r.json", "does not exist")
+    assert len(run.stderr.splitlines()) == 1  # refused before the model loaded: nothing else printed
+    run = run_cli("inspect", "llava-1.5-7b/60.json", "--plot", "/nonexistent/x.png")
+    assert_user_error(run, "inspect", "--plot /nonexistent/x.png", "does not exist")
+    assert_user_error(run_cli(*fit_argv, "-o", str(tmp_path)), "fit", "is a folder")
+
+
+def test_inspect_into_a_closed_pipe_is_quiet():
+    run = run_cli("inspect", "llava-1.5-7b/60.json", stdin_pipe_to="head -1")
+    assert run.stdout.count("\n") == 1 and "Traceback" not in run.stderr and "Broken pipe" not in run.stderr
+
+
+def test_help_is_fast_and_complete():
+    """Help never imports torch or transformers (it took 4 s when it did); every option says what it does."""
+    probe = (
+        "import sys; from fitprune_fx.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    from fitprune_fx.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"fit", "inspect", "demo"}
+    for name, sub in commands.items():
+        assert sub.description, name
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings)

@@ -24,17 +24,6 @@ from . import synthetic
 from .shapes_model import answer_ids, encode, load_shapes_llava
 
 
-def add_demo_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="fit, compile and evaluate on the shipped shapes-llava model")
-    p.add_argument("--budget", type=float, default=0.5, help="FLOPs reduction to fit for (default 0.5)")
-    p.add_argument("--calibration", type=int, default=32, help="calibration questions (default 32)")
-    p.add_argument("--eval", type=int, default=256, help="held-out questions (default 256)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--compiler", choices=["inductor", "eager"], default="inductor")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.set_defaults(func=run_demo)
-
-
 def _batches(processor, examples, batch_size):
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
