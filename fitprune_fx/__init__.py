@@ -16,7 +16,7 @@ _EXPORTS = {
     "FitpruneBackend": "fitprune_fx.backend",
     "GraphReport": "fitprune_fx.backend",
     "fitprune_backend": "fitprune_fx.backend",
-    "named_backend": "fitprune_fx.named_backend",
+    "named_backend": "fitprune_fx.backend_by_name",
     "fit": "fitprune_fx.fit",
     "UnsupportedCacheError": "fitprune_fx.generation",
     "check_generate_path": "fitprune_fx.generation",
@@ -66,5 +66,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .backend import FitpruneBackend, GraphReport, fitprune_backend
     from .fit import fit
     from .generation import UnsupportedCacheError, check_generate_path, compile
-    from .named_backend import named_backend
+    from .backend_by_name import named_backend
     from .recipe import ModelInfo, Recipe, RecipeError

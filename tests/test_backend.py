@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
+import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe, RecipeError, fitprune_backend, register_scorer
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
@@ -85,13 +86,16 @@ def test_named_backend_with_options():
     m = tiny_llava("llama", seed=5)
     inputs = make_inputs(m, [PromptSpec(2, 3)], seed=1)
     torch._dynamo.reset()
-    compiled = torch.compile(
-        m, backend="fitprune", options={"recipe": recipe_for(m, {0: 7}), "compiler": "eager"}
-    )
+    recipe = recipe_for(m, {0: 7})
+    compiled = torch.compile(m, backend="fitprune", options={"recipe": recipe, "compiler": "eager"})
     with torch.no_grad():
         out = compiled(**inputs)
     assert out.logits.shape[1] == inputs["input_ids"].shape[1] - 7
     assert_matches_reference(m, inputs, out, {0: 7})
+    # every graph went to one backend, reachable afterwards with the same options
+    shared = fitprune_fx.named_backend(recipe, compiler="eager")
+    assert len(shared.pruned_graphs) == 1 and len(shared.reports) >= 2
+    assert "pruned with fitprune after layers [0:-7]" in shared.summary()
 
 
 def test_user_scorer_function():

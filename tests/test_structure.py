@@ -101,3 +101,15 @@ def test_model_specific_names_live_in_family_modules_only():
         if hits:
             offenders[name] = sorted(hits)
     assert not offenders, offenders
+
+
+def test_no_public_name_is_shadowed_by_a_submodule():
+    """Importing `fitprune_fx.<x>` sets the package attribute <x> to the module, which would hide a
+    lazily exported function of the same name (`fitprune_fx.named_backend` was one)."""
+    import fitprune_fx
+
+    package = Path(fitprune_fx.__file__).parent
+    clashes = [
+        name for name in fitprune_fx.__all__ if (package / f"{name}.py").exists() or (package / name).is_dir()
+    ]
+    assert not clashes
