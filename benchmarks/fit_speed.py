@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fitprune_fx.fit import FitSession
+from fitprune_fx.fitting import FitSession
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
 

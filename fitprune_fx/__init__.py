@@ -17,7 +17,7 @@ _EXPORTS = {
     "GraphReport": "fitprune_fx.backend",
     "fitprune_backend": "fitprune_fx.backend",
     "named_backend": "fitprune_fx.backend_by_name",
-    "fit": "fitprune_fx.fit",
+    "fit": "fitprune_fx.fitting",
     "UnsupportedCacheError": "fitprune_fx.generation",
     "check_generate_path": "fitprune_fx.generation",
     "compile": "fitprune_fx.generation",
@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from fitprune_fx.passes.scorers import ScoringInputs, register_scorer
 
     from .backend import FitpruneBackend, GraphReport, fitprune_backend
-    from .fit import fit
-    from .generation import UnsupportedCacheError, check_generate_path, compile
     from .backend_by_name import named_backend
+    from .fitting import fit
+    from .generation import UnsupportedCacheError, check_generate_path, compile
     from .recipe import ModelInfo, Recipe, RecipeError

@@ -117,8 +117,8 @@ def run_fit(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from fitprune_fx.calibration import CalibrationError, has_chat_template, load_question_file
-    from fitprune_fx.fit import FitSession
     from fitprune_fx.fit_search import BudgetOutOfReach
+    from fitprune_fx.fitting import FitSession
 
     if not 0.0 < args.budget < 1.0:
         raise CLIError(f"--budget {args.budget}: give a fraction in (0, 1), e.g. 0.6 for 60%")

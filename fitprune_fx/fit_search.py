@@ -11,8 +11,7 @@ from fitprune_fx.flops import projected_reduction
 from .fit_walk import Walk, static_walk
 
 if TYPE_CHECKING:
-    from .fit import FitSession
-
+    from .fitting import FitSession
 
 
 class BudgetOutOfReach(ValueError):
@@ -25,6 +24,7 @@ class BudgetOutOfReach(ValueError):
         )
         self.budget = budget
         self.reachable = reachable
+
 
 @dataclass
 class SearchResult:

@@ -21,7 +21,7 @@ from fitprune_fx.flops import projected_reduction
 from .fit_statistics import VISUAL, CalibrationState, compact
 
 if TYPE_CHECKING:
-    from .fit import FitSession
+    from .fitting import FitSession
 
 # select(layer, cross [B, w], self [B, w], is_visual [B, w]) -> drop mask [B, w]
 Selector = Callable[[int, Tensor, Tensor, Tensor], Tensor]

@@ -1,4 +1,4 @@
-"""Tests for the FitPrune fit (fitprune_fx.fit): statistics, walk, search, rounding, recipe."""
+"""Tests for the FitPrune fit (fitprune_fx.fit, fitprune_fx.fitting): statistics, walk, search, rounding, recipe."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fitprune_fx.fit import (
+from fitprune_fx.fitting import (
     VISUAL,
     FitSession,
     fit,

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fitprune_fx.backend import fitprune_backend
-from fitprune_fx.fit import fit
+from fitprune_fx.fitting import fit
 from fitprune_fx.recipe import Recipe
 from fitprune_fx.reference import reference_prefill
 
