@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from fitprune_fx.passes.locate import (
     has_final_norm,
     has_image_merge,
     has_unrecognised_attention,
+    locate_decoder,
     locate_hidden_size,
 )
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
@@ -48,15 +51,20 @@ class GraphReport:
     action: str  # "pruned" | "unchanged"
     reason: str = ""
     result: PruneResult | None = None
+    layers: int = 0  # decoder layers in the graph
+    compile_s: float | None = None  # Inductor time of a decoder graph
 
     def __str__(self) -> str:
+        took = f" [compiled in {self.compile_s:.1f} s]" if self.compile_s is not None else ""
         if self.result is None:
-            return f"graph {self.index} ({self.nodes} nodes): unchanged, {self.reason}"
+            return f"graph {self.index} ({self.nodes} nodes): unchanged, {self.reason}{took}"
         r = self.result
         layers = ", ".join(f"{layer}:-{d}" for layer, d in r.deletions.items())
+        symbolic = " (S = prompt length: one graph serves every length)" if r.seq_len == "S" else ""
         return (
             f"graph {self.index} ({self.nodes} nodes): pruned with {r.scorer} after layers [{layers}]; "
-            f"{r.visual_tokens} visual tokens/example; tokens per layer {' -> '.join(r.tokens_per_layer)}"
+            f"{r.visual_tokens} visual tokens/example; tokens per layer "
+            f"{' -> '.join(r.tokens_per_layer)}{symbolic}{took}"
         )
 
 
@@ -67,6 +75,7 @@ class FitpruneBackend:
     recipe: Recipe
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph uncompiled
     mode: str | None = None  # Inductor mode ("reduce-overhead": CUDA graphs, "max-autotune", ...)
+    progress: bool = True  # one stderr line before each decoder graph's Inductor compile
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
     pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
@@ -82,6 +91,14 @@ class FitpruneBackend:
         self._config = _inductor_config(mode or self.mode, options)
         report = GraphReport(len(self.reports), len(gm.graph.nodes), "unchanged")
         self.reports.append(report)
+        try:
+            return self._route(gm, example_inputs, report)
+        except Exception as e:
+            report.reason = report.reason or f"compile raised {type(e).__name__}: {_first_line(e)}"
+            raise
+
+    def _route(self, gm: fx.GraphModule, example_inputs: list, report: GraphReport) -> Callable:
+        """Prune a decoder graph, or compile it unchanged with the reason in `report`."""
         windows = strip_sliding_window_marks(gm)  # always: the marks are not for Inductor
         layouts = graph_layouts()
         layout = next((lay for lay in layouts if has_decoder_layers(gm, lay)), None)
@@ -100,12 +117,13 @@ class FitpruneBackend:
                 report.reason += " (image merge only)"
             log.debug("fitprune: %s", report)
             return self._compile(gm, example_inputs)
+        report.layers = len(layout.layers(gm))
         # Dynamo compiles a call's graphs in order: a merge-only graph just before this one means
         # the merge and the decoder were split apart. Consumed here, so later decode steps are not
         # mistaken for it.
         merge_apart, self._merge_apart = self._merge_apart, False
         try:
-            self._check_recipe_fits(gm, layout)
+            check_recipe_fits(self.recipe, gm, layout)
             if windows:
                 layers = sorted({layout.layer_index(n) for n, _ in windows} - {None})
                 raise UnsupportedGraph(
@@ -132,27 +150,28 @@ class FitpruneBackend:
                 )
                 self._warn_unchanged(report)
             log.info("fitprune: %s", report)
-            return self._compile(gm, example_inputs)
+            return self._compile(gm, example_inputs, report)
         except UnsupportedGraph as e:
             report.reason = f"not understood: {e}"
             self._warn_unchanged(report)
-            return self._compile(gm, example_inputs)
+            return self._compile(gm, example_inputs, report)
         report.action = "pruned"
         log.info("fitprune: %s", report)
-        run = self._count_runs(self._compile(candidate, example_inputs))
+        run = self._count_runs(self._compile(candidate, example_inputs, report))
         run.graph_module = candidate  # the rewritten graph, for inspection
         return run
 
     def __repr__(self) -> str:  # short: Dynamo puts it at the head of BackendCompilerFailed
         r = self.recipe
-        return (
-            f"FitpruneBackend(recipe for {r.model.name!r}: {r.model.num_layers} layers, scorer {r.scorer}; "
-            f"{len(self.reports)} graphs so far)"
-        )
+        return f"FitpruneBackend(recipe for {r.model.name!r}: {r.model.num_layers} layers, scorer {r.scorer})"
 
     def _warn_unchanged(self, report: GraphReport) -> None:
-        """One warning per distinct reason; every graph's reason stays in `reports`."""
-        log.warning("fitprune: %s", report)
+        """One warning per distinct reason; every graph's reason stays in `reports`.
+
+        Logged at INFO only: with no logging configured, a WARNING record would print the same
+        news a second time (Python's last-resort handler).
+        """
+        log.info("fitprune: %s", report)
         self.warn_once(
             report.reason.split(";")[0],
             f"fitprune: decoder graph compiled WITHOUT pruning ({report.reason}). "
@@ -179,39 +198,33 @@ class FitpruneBackend:
 
         return run
 
-    def _check_recipe_fits(self, gm: fx.GraphModule, layout: DecoderLayout) -> None:
-        """Refuse a recipe made for another model (a user error, so it raises)."""
-        info = self.recipe.model
-        hidden = locate_hidden_size(gm, layout)
-        if hidden is not None and hidden != info.hidden_size:
-            raise RecipeError(
-                f"recipe is for hidden size {info.hidden_size} ({info.name}) but the compiled model "
-                f"has hidden size {hidden}; fit a recipe for this model (fitprune-fx fit) or "
-                "rescale one with Recipe.rescaled_to(ModelInfo.from_config(model.config))"
-            )
-        layers = layout.layers(gm)
-        ends_here = has_final_norm(gm, layout)  # the graph holds the decoder's last layer
-        if layers and ((ends_here and layers[-1] + 1 != info.num_layers) or layers[-1] >= info.num_layers):
-            raise RecipeError(
-                f"recipe is for {info.num_layers} decoder layers ({info.name}) but the compiled "
-                f"model has {layers[-1] + 1}; fit a recipe for this model or rescale one with "
-                "Recipe.rescaled_to(ModelInfo.from_config(model.config))"
-            )
-        if layers and has_image_merge(gm, layout) and (layers[0] != 0 or not ends_here):
-            raise UnsupportedGraph(
-                f"this graph holds decoder layers {layers[0]}..{layers[-1]} only (a graph break splits "
-                "the decoder), so deleted tokens cannot be carried to the layers after it"
-            )
+    def _compile(
+        self, gm: fx.GraphModule, example_inputs: list, decoder: GraphReport | None = None
+    ) -> Callable:
+        """Compile `gm`; its fitprune run-time checks become an output read after each call.
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        """Compile `gm`; its fitprune run-time checks become an output read after each call."""
+        A decoder graph (`decoder` is its report) announces its Inductor compile on stderr when
+        `progress` is on: it is the long wait of a first call (tens of seconds).
+        """
         messages = collect_run_time_checks(gm)
         if self.compiler == "eager":
             compiled = gm.forward
         else:
             from torch._inductor.compile_fx import compile_fx
 
+            if decoder is not None and self.progress:
+                what = "pruned" if decoder.action == "pruned" else "unpruned"
+                if decoder.result is None and decoder.reason.startswith("no image merge"):
+                    what = "decode-step"
+                sys.stderr.write(
+                    f"fitprune: compiling {what} decoder graph {decoder.index} ({decoder.layers} layers) "
+                    "with Inductor; the first call waits for it\n"
+                )
+                sys.stderr.flush()
+            start = time.perf_counter()
             compiled = compile_fx(gm, example_inputs, config_patches=self._config)
+            if decoder is not None:
+                decoder.compile_s = time.perf_counter() - start
         if not messages:
             return compiled
 
@@ -247,12 +260,48 @@ class FitpruneBackend:
         return "\n".join(lines)
 
 
+def check_recipe_fits(recipe: Recipe, gm: fx.GraphModule, layout: DecoderLayout) -> None:
+    """Refuse a recipe made for another model (a user error, so it raises), naming every mismatch."""
+    info = recipe.model
+    hidden = locate_hidden_size(gm, layout)
+    layers = layout.layers(gm)
+    ends_here = has_final_norm(gm, layout)  # the graph holds the decoder's last layer
+    mismatches = []
+    if layers and ((ends_here and layers[-1] + 1 != info.num_layers) or layers[-1] >= info.num_layers):
+        mismatches.append(f"decoder layers: recipe {info.num_layers}, model {layers[-1] + 1}")
+    if hidden is not None and hidden != info.hidden_size:
+        mismatches.append(f"hidden size: recipe {info.hidden_size}, model {hidden}")
+    if mismatches:
+        try:
+            visual = f"{locate_decoder(gm, layout).visual_per_example} per example in this call"
+        except UnsupportedGraph:
+            visual = "unknown"
+        mismatches.append(f"visual tokens: recipe {info.num_visual_tokens} per image, model {visual}")
+        raise RecipeError(
+            f"recipe is for another model ({info.name}): "
+            + "; ".join(mismatches)
+            + ". Fit a recipe for this model (fitprune-fx fit) or rescale one with "
+            "Recipe.rescaled_to(ModelInfo.from_config(model.config))"
+        )
+    if layers and has_image_merge(gm, layout) and (layers[0] != 0 or not ends_here):
+        raise UnsupportedGraph(
+            f"this graph holds decoder layers {layers[0]}..{layers[-1]} only (a graph break splits "
+            "the decoder), so deleted tokens cannot be carried to the layers after it"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 def fitprune_backend(
     recipe: Recipe | dict | str | os.PathLike,
     *,
     compiler: str = "inductor",
     scorer: str | Callable | None = None,
     mode: str | None = None,
+    progress: bool = True,
 ) -> FitpruneBackend:
     """A Dynamo backend that prunes visual tokens per `recipe` and compiles with Inductor.
 
@@ -260,7 +309,8 @@ def fitprune_backend(
     "llava-1.5-7b/60.json". `scorer` overrides the recipe's scorer: a registered name or a
     function `f(inputs: ScoringInputs) -> [B, S] scores` (lower is deleted first). `mode` is
     Inductor's mode, e.g. "reduce-overhead" (CUDA graphs); `torch.compile(..., mode=...)` with
-    this backend passes it too.
+    this backend passes it too. `progress` prints one line before each decoder graph's Inductor
+    compile (the long wait of a first call).
     """
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
@@ -280,7 +330,7 @@ def fitprune_backend(
         scorer_fn = SCORERS[loaded.scorer]  # resolved now: re-registering the name later changes nothing
     pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
     _configure_dynamo()
-    return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn, mode=mode)
+    return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn, mode=mode, progress=progress)
 
 
 RECOMPILE_LIMIT = 64
@@ -292,8 +342,22 @@ of 8 is reached within a few calls, after which it silently runs the model eager
 """
 
 
+class PlaceholderCheckGraphBreak(logging.Filter):
+    """Drops Dynamo's 31-line warning about one known graph break: transformers' image-placeholder
+    check (`get_placeholder_mask`) calls `.item()` under Dynamo. It is expected and harmless here
+    (the image merge and the decoder stay in one graph, as the pass needs); `TORCH_LOGS=graph_breaks`
+    still lists it. Other graph-break warnings pass through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Graph break from `Tensor.item()`") and "get_placeholder_mask" in message
+        )
+
+
 def _configure_dynamo() -> None:
-    """Raise the recompile limit (see RECOMPILE_LIMIT) and keep float attributes static.
+    """Raise the recompile limit (see RECOMPILE_LIMIT), keep float attributes static, and quiet
+    the placeholder-check graph-break warning (`PlaceholderCheckGraphBreak`).
 
     After a frame is compiled with two values of a float attribute (attention `scaling` of two
     models with different head sizes in one process), Dynamo makes the float a graph input; the
@@ -304,6 +368,9 @@ def _configure_dynamo() -> None:
     if not torch._dynamo.config.specialize_float:
         log.info("fitprune: setting torch._dynamo.config.specialize_float = True")
         torch._dynamo.config.specialize_float = True
+    tensor_log = logging.getLogger("torch._dynamo.variables.tensor")
+    if not any(isinstance(f, PlaceholderCheckGraphBreak) for f in tensor_log.filters):
+        tensor_log.addFilter(PlaceholderCheckGraphBreak())
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         log.info(
             "fitprune: raising torch._dynamo.config.recompile_limit from %d to %d",

@@ -265,7 +265,11 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
         add, residual = _find_residual_add(graph, layer, node, layout)
         sites[layer] = AttentionSite(layer, node, query, key, mask, is_causal, scale, add, residual)
     if not sites:
-        raise UnsupportedGraph("no scaled_dot_product_attention in the decoder layers (eager attention?)")
+        raise UnsupportedGraph(
+            "no scaled_dot_product_attention in the decoder layers: the model runs another attention "
+            'implementation (eager?); load it with attn_implementation="sdpa" or call '
+            'model.set_attn_implementation("sdpa") before compiling'
+        )
     layers = sorted(sites)
     if layers != list(range(layers[0], layers[-1] + 1)):
         raise UnsupportedGraph(f"decoder layers {layers} are not contiguous in this graph")

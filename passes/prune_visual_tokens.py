@@ -27,7 +27,7 @@ class PruneResult:
 
     deletions: dict[int, int]  # layer -> visual tokens deleted per example
     visual_tokens: int  # visual tokens per example entering the decoder
-    seq_len: str  # sequence length entering the decoder ("s29" when symbolic)
+    seq_len: str  # sequence length entering the decoder ("S" when symbolic: any prompt length)
     tokens_per_layer: list[str] = field(default_factory=list)  # at each layer's input, then output
     size_rewrites: int = 0
     scorer: str = "fitprune"
@@ -97,9 +97,17 @@ def prune_visual_tokens(
     graph.lint()
     gm.recompile()
 
-    tokens, s = [], dec.seq_len
+    # Lengths as numbers, or as "S-52" when Dynamo made the prompt length symbolic (S).
+    symbolic = not isinstance(dec.seq_len, int)
+    tokens, deleted = [], 0
     for layer in sorted(dec.sites):
-        tokens.append(str(s))
-        s = s - plan.get(layer, 0)
-    tokens.append(str(s))
-    return PruneResult(plan, n, str(dec.seq_len), tokens, rewrites, scorer)
+        tokens.append(_length(dec.seq_len, deleted, symbolic))
+        deleted += plan.get(layer, 0)
+    tokens.append(_length(dec.seq_len, deleted, symbolic))
+    return PruneResult(plan, n, _length(dec.seq_len, 0, symbolic), tokens, rewrites, scorer)
+
+
+def _length(seq_len, deleted: int, symbolic: bool) -> str:
+    if not symbolic:
+        return str(seq_len - deleted)
+    return f"S-{deleted}" if deleted else "S"

@@ -88,7 +88,9 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def token_validity(inputs: ScoringInputs) -> torch.Tensor:
     """[B, S] bool: non-padding tokens, read off the mask diagonal (a token always sees itself)."""
     allowed = allowed_keys(inputs)
-    diag = allowed[:, 0].diagonal(dim1=-2, dim2=-1)  # [B|1, S]
+    pos = torch.arange(allowed.shape[-1], device=allowed.device)
+    # indexing, not .diagonal(): Inductor's diagonal lowering warns (a deprecated torch helper)
+    diag = allowed[:, 0, pos, pos]  # [B|1, S]
     return diag.expand(inputs.visual.shape[0], -1)
 
 

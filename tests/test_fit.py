@@ -1,4 +1,4 @@
-"""Tests for the FitPrune fit (fitprune_fx.fit, fitprune_fx.fitting): statistics, walk, search, rounding, recipe."""
+"""Tests for the FitPrune fit (fitprune_fx.fitting): statistics, walk, search, rounding, recipe."""
 
 from __future__ import annotations
 
