@@ -223,4 +223,9 @@ class FlopsReport:
             f"full {100 * self.full_reduction:.2f}% (with {self.num_text_tokens} text tokens); "
             "1 multiply-accumulate = 1 FLOP"
         )
+        lines.append(
+            "ref: the FitPrune paper's FLOPs model, visual tokens only (the budget a recipe is fitted to); "
+            "full: every projection, attention and MLP of the decoder over text and visual tokens "
+            "(text tokens from --text-tokens, never deleted), which is what a prefill actually runs"
+        )
         return "\n".join(lines)

@@ -109,3 +109,23 @@ def test_the_placeholder_check_graph_break_is_quiet_and_others_are_not():
     )
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "Graph break from `Tensor.item()`" in loud.stderr
+
+
+def test_an_unpadded_batch_1_call_and_generate_warn_nothing(capfd):
+    """The old padded-decode hint fired on unpadded batch-1 calls; no fitprune warning may fire on
+    the plain path (direct call, then generate), and nothing but progress lines goes to stderr."""
+    import warnings
+
+    import fitprune_fx
+
+    model = tiny_llava(num_layers=3, seed=4)
+    inputs = make_inputs(model, [PromptSpec(2, 3)], seed=4)
+    assert bool(inputs["attention_mask"].all())
+    fitprune_fx.compile(model, _recipe(model, {0: 5}), compiler="eager")
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        model(**inputs)
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert [str(w.message) for w in caught if "fitprune" in str(w.message)] == []
+    assert model.fitprune_backend.pruned_runs == 2
+    assert [line for line in capfd.readouterr().err.splitlines() if "fitprune" in line] == []
