@@ -179,8 +179,10 @@ def test_report_table_has_a_line_per_layer_and_the_reductions():
     report = FlopsReport.build({0: 3, 2: 4}, 4, 10, 32, 64, num_text=5)
     text = str(report)
     lines = text.splitlines()
-    assert len(lines) == 1 + 4 + 2  # header, layers, total, reductions
+    assert len(lines) == 1 + 4 + 3  # header, layers, total, reductions, legend of the columns
     assert lines[1].split()[:3] == ["0", "10", "7"]
     assert lines[3].split()[:3] == ["2", "7", "3"]
-    assert f"{100 * report.reference_reduction:.2f}%" in lines[-1]
-    assert f"{100 * report.full_reduction:.2f}%" in lines[-1]
+    assert f"{100 * report.reference_reduction:.2f}%" in lines[-2]
+    assert f"{100 * report.full_reduction:.2f}%" in lines[-2]
+    assert lines[-1].startswith("ref: the FitPrune paper's FLOPs model")
+    assert "full: every projection" in lines[-1]
