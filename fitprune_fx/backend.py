@@ -34,9 +34,10 @@ from fitprune_fx.passes.locate import (
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.run_time_checks import collect_run_time_checks, raise_failed_checks
 from fitprune_fx.passes.scorers import SCORERS, Scorer
+from fitprune_fx.passes.visual_token_marks import strip_visual_token_marks
 
 from . import pruned_cache
-from .families import graph_layouts
+from .families import graph_layouts, install_families
 from .recipe import Recipe, RecipeError
 
 log = logging.getLogger("fitprune_fx")
@@ -101,7 +102,11 @@ class FitpruneBackend:
         """Prune a decoder graph, or compile it unchanged with the reason in `report`."""
         windows = strip_sliding_window_marks(gm)  # always: the marks are not for Inductor
         layouts = graph_layouts()
-        layout = next((lay for lay in layouts if has_decoder_layers(gm, lay)), None)
+        # Families may share a decoder layout and differ in how images enter: prefer the one whose
+        # image merge (or visual-token mark) this graph holds.
+        with_decoder = [lay for lay in layouts if has_decoder_layers(gm, lay)]
+        layout = next((lay for lay in with_decoder if has_image_merge(gm, lay)), None)
+        layout = layout or next(iter(with_decoder), None)
         if layout is None:
             report.reason = "no decoder layers in this graph"
             merge = any(has_image_merge(gm, lay) for lay in layouts)
@@ -206,6 +211,7 @@ class FitpruneBackend:
         A decoder graph (`decoder` is its report) announces its Inductor compile on stderr when
         `progress` is on: it is the long wait of a first call (tens of seconds).
         """
+        strip_visual_token_marks(gm)  # the pass has read them; compiled code never runs them
         messages = collect_run_time_checks(gm)
         if self.compiler == "eager":
             compiled = gm.forward
@@ -329,6 +335,7 @@ def fitprune_backend(
             )
         scorer_fn = SCORERS[loaded.scorer]  # resolved now: re-registering the name later changes nothing
     pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
+    install_families()  # e.g. Qwen2-VL's visual-token marks
     _configure_dynamo()
     return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn, mode=mode, progress=progress)
 

@@ -36,6 +36,7 @@ class DecoderLayout:
     decoder: str
     rope: str = "rotary_emb"
     merge_methods: tuple[str, ...] = ()
+    merge_ops: tuple = ()  # ops that stand for the merge (visual-token marks: visual_token_marks.py)
     causal: bool = True
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _scope_re: re.Pattern = field(init=False, repr=False, compare=False)
@@ -67,6 +68,8 @@ class DecoderLayout:
     def is_image_merge(self, node: fx.Node) -> bool:
         if node.op == "call_method":
             return node.target in self.merge_methods
+        if node.op == "call_function" and node.target in self.merge_ops:
+            return True
         targets = tuple(getattr(t, name) for name in self.merge_methods for t in (torch, torch.Tensor))
         return node.op == "call_function" and node.target in targets
 

@@ -18,6 +18,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_int
 
 from .layout import DecoderLayout, module_path
+from .visual_token_marks import is_visual_token_mark
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
@@ -229,7 +230,6 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
     merge = _find_image_merge(gm, layout)
     image_mask = merge.args[1] if len(merge.args) > 1 else merge.kwargs.get("mask")
     embeds = example_value(merge)
-    features = example_value(merge.args[2] if len(merge.args) > 2 else merge.kwargs["source"])
     if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
         raise UnsupportedGraph("image merge output is not [batch, seq, hidden]")
     batch, seq_len, hidden = embeds.shape
@@ -237,7 +237,14 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
         # A new batch size made Dynamo's batch dim dynamic. Per-example counts need it static:
         # specialize with a guard, so each batch size gets its own graph (bounded like counts).
         batch = guard_int(batch)
-    num_visual = features.numel() // hidden
+    if is_visual_token_mark(merge):  # (embeds, visual [B, S], count): the count is an argument
+        count = merge.args[2]
+        num_visual = example_value(count) if isinstance(count, fx.Node) else count
+        if not isinstance(num_visual, (int, torch.SymInt)):
+            raise UnsupportedGraph(f"visual-token mark without a visual count ({count!r})")
+    else:
+        features = example_value(merge.args[2] if len(merge.args) > 2 else merge.kwargs["source"])
+        num_visual = features.numel() // hidden
     if isinstance(num_visual, torch.SymInt):
         # Dynamo made the count dynamic (image count or LLaVA-NeXT image size changed). The recipe
         # needs a static count: specialize on this one with a guard, so each distinct count gets

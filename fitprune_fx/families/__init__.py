@@ -16,6 +16,7 @@ from fitprune_fx.passes.layout import DecoderLayout
 from .base import ModelFamily, UnknownModel
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .qwen2_vl import QwenVLFamily
 
 FAMILIES: list[ModelFamily] = []
 
@@ -28,6 +29,13 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 register_family(LlavaFamily())
 register_family(LlavaNextFamily())
+register_family(QwenVLFamily())
+
+
+def install_families() -> None:
+    """Let every family patch what it needs (see `ModelFamily.install`)."""
+    for family in FAMILIES:
+        family.install()
 
 
 def family_for(model_or_config) -> ModelFamily:
@@ -55,8 +63,10 @@ __all__ = [
     "LlavaFamily",
     "LlavaNextFamily",
     "ModelFamily",
+    "QwenVLFamily",
     "UnknownModel",
     "family_for",
     "graph_layouts",
+    "install_families",
     "register_family",
 ]

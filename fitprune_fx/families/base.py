@@ -40,6 +40,10 @@ class ModelFamily:
         """Visual tokens an image of `height` x `width` pixels puts in the prompt."""
         return self.visual_tokens_per_image(config)
 
+    def install(self) -> None:
+        """Patch what the family needs patched in transformers (class-wide, idempotent); called when
+        a backend is created, before any graph is traced. Default: nothing."""
+
     def embed_prompt(
         self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, **image_inputs
     ) -> Tensor:

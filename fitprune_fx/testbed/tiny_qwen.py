@@ -1,0 +1,78 @@
+"""Tiny random Qwen2-VL / Qwen2.5-VL models and left-padded prompts for them (built in code)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMAGE, VIDEO, VISION_START, VISION_END = 3, 4, 5, 6  # special token ids of the tiny models
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+
+
+def tiny_qwen_vl(variant: str = "qwen2_vl", num_layers: int = 3, seed: int = 0) -> nn.Module:
+    """A Qwen2-VL (`variant="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) with a 1-block vision tower."""
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        rope_parameters=rope,
+    )
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)  # fmt: skip
+    if variant == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=PATCH,
+                      spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)  # fmt: skip
+        config, cls = (
+            Qwen2VLConfig(vision_config=vision, text_config=text, **ids),
+            Qwen2VLForConditionalGeneration,
+        )
+    elif variant == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                      window_size=56, fullatt_block_indexes=[0])  # fmt: skip
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"variant must be 'qwen2_vl' or 'qwen2_5_vl', not {variant!r}")
+    config._attn_implementation = "sdpa"
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = None
+    config.text_config.bos_token_id = config.text_config.eos_token_id = None
+    return cls(config).eval()
+
+
+def make_qwen_inputs(
+    model: nn.Module, before: list[int], after: list[int], grid: tuple[int, int] = (8, 8), seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts, one image each (`grid` patches, (h/2)*(w/2) visual tokens), text around it.
+
+    Returns input_ids, attention_mask, pixel_values, image_grid_thw and mm_token_type_ids, the
+    tensors Qwen2-VL's processor produces.
+    """
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    tokens = (h // MERGE) * (w // MERGE)
+    rows = []
+    for b, a in zip(before, after, strict=True):
+        text = lambda n: torch.randint(8, 128, (n,), generator=g).tolist()  # noqa: E731
+        rows.append(text(b) + [VISION_START] + [IMAGE] * tokens + [VISION_END] + text(a))
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    patches = len(rows) * h * w
+    pixels = torch.randn(patches, 3 * TEMPORAL * PATCH * PATCH, generator=g)
+    return dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        image_grid_thw=torch.tensor([[1, h, w]] * len(rows)),
+        mm_token_type_ids=(ids == IMAGE).long(),
+    )

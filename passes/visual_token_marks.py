@@ -1,0 +1,47 @@
+"""`fitprune::visual_token_mark`: where the visual tokens are, for families whose image merge runs
+in another Dynamo graph than the decoder.
+
+Qwen2-VL's M-RoPE position code breaks the graph between the image merge and the decoder, so the
+decoder graph never sees the merge. Such a family computes the [B, S] visual mask and its count
+before the graph break and marks the decoder's input embeddings with them inside the decoder's own
+graph: `inputs_embeds = visual_token_mark(inputs_embeds, visual, count)`. The pass treats the mark
+as the image merge (mask = `visual`, visual tokens = `count`, static: a Python int, or a SymInt the
+pass specialises); the backend then replaces the mark by its input, so Inductor never sees it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+
+@torch.library.custom_op("fitprune::visual_token_mark", mutates_args=())
+def visual_token_mark(embeds: torch.Tensor, visual: torch.Tensor, count: int) -> torch.Tensor:
+    """`embeds` [B, S, C] unchanged (a copy: a custom op may not alias); `visual` [B, S] bool marks
+    the visual tokens, `count` is their number over the whole batch."""
+    return embeds.clone()
+
+
+@visual_token_mark.register_fake
+def _visual_token_mark_fake(embeds, visual, count):
+    return torch.empty_like(embeds)
+
+
+# Dynamo records the op packet, AOT traces the overload: both mean the mark
+VISUAL_TOKEN_MARKS = (torch.ops.fitprune.visual_token_mark, torch.ops.fitprune.visual_token_mark.default)
+
+
+def is_visual_token_mark(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in VISUAL_TOKEN_MARKS
+
+
+def strip_visual_token_marks(gm: fx.GraphModule) -> int:
+    """Replace every mark by its `embeds` input; returns how many were removed."""
+    marks = [n for n in gm.graph.nodes if is_visual_token_mark(n)]
+    for node in marks:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    if marks:
+        gm.graph.lint()
+        gm.recompile()
+    return len(marks)
