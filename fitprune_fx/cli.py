@@ -351,7 +351,7 @@ def run_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fitprune-fx", description="FitPrune visual-token pruning for LLaVA models."
+        prog="fitprune-fx", description="FitPrune visual-token pruning for multimodal LLMs."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
