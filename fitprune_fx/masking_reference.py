@@ -53,7 +53,9 @@ class MaskingReference:
         self.prune = {int(k): int(v) for k, v in prune.items()}
         self.scorer = scorer
         self.options = dict(scorer_options or {})
-        self.image_token_id = family_for(model).image_token_id(model.config)
+        family = family_for(model)
+        self.image_token_id = family.image_token_id(model.config)
+        self.visual_ids = torch.tensor(family.visual_token_ids(model.config))  # images (and videos)
         self.deleted: dict[int, Tensor] = {}  # layer -> [B, S] bool, tokens deleted after it (last prefill)
         self._chunk: dict[str, Tensor | None] = {}
         self._gone: Tensor | None = None  # [B, q] bool: chunk rows deleted so far in this forward
@@ -82,7 +84,7 @@ class MaskingReference:
         """Remember the call's token ids and 2-D padding mask: the attention function needs them."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
-            raise ValueError("MaskingReference needs input_ids (visual tokens are found by image_token_id)")
+            raise ValueError("MaskingReference needs input_ids (visual tokens are found by their token ids)")
         self._chunk = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
 
     # -- the attention function --------------------------------------------------------------
@@ -100,7 +102,7 @@ class MaskingReference:
         K = key.shape[-2]
         if layer == 0:  # a new forward call
             self._gone = torch.zeros(B, q, dtype=torch.bool, device=query.device)
-            self._prunes = K == q and bool((self._chunk["input_ids"] == self.image_token_id).any())
+            self._prunes = K == q and bool(self._visual(self._chunk["input_ids"]).any())
             if self._prunes:
                 self.deleted = {}
         # deletions after earlier layers: hide those keys from this layer on, in its cache too
@@ -122,13 +124,16 @@ class MaskingReference:
             self._delete(layer, probs)
         return out, None
 
+    def _visual(self, ids: Tensor) -> Tensor:
+        return torch.isin(ids, self.visual_ids.to(ids.device))
+
     def _delete(self, layer: int, probs: Tensor) -> None:
         """Score the visual rows still present (first chunk: rows = columns) and hide the d lowest."""
         ids, mask2d = self._chunk["input_ids"], self._chunk["attention_mask"]
         valid = (
             torch.ones_like(ids, dtype=torch.bool) if mask2d is None else mask2d[:, -ids.shape[1] :].bool()
         )
-        visual = (ids == self.image_token_id) & valid  # [B, q]
+        visual = self._visual(ids) & valid  # [B, q]
         d = self.prune[layer]
         for b in range(ids.shape[0]):
             rows = (~self._gone[b]).nonzero().squeeze(1)  # present rows, in position order

@@ -114,3 +114,40 @@ def test_a_user_sees_tokens_per_layer_and_mixed_counts_are_refused():
     eager = fitprune_backend(fraction_recipe(model, {1: 0.5}), compiler="eager")
     with pytest.raises(RuntimeError, match="different numbers of visual tokens"), torch.no_grad():
         torch.compile(model, backend=eager)(**mixed)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_image_and_a_video_are_pruned_together(variant):
+    """Video tokens are visual tokens: a prompt with an image (16) and a video (8) prunes from all 24."""
+    model = tiny_qwen_vl(variant, num_layers=3, seed=10)
+    oracle = copy.deepcopy(model)
+    inputs = make_qwen_inputs(model, [2, 4], [3, 1], video=(2, 4, 4), seed=11)
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, {1: 0.5}), compiler="eager"))
+    with torch.no_grad():
+        out = torch.compile(model, backend=recorder)(**inputs).logits
+    assert recorder.backend.pruned_graphs[0].result.visual_tokens == 24
+    with torch.no_grad(), MaskingReference(oracle, {1: 12}) as masking:
+        expected = oracle(**inputs).logits
+    batch, seq_len = inputs["input_ids"].shape
+    kept = compose_kept(recorder.kept, seq_len, batch)[-1]
+    for b in range(batch):
+        assert torch.equal(kept[b], (~masking.deleted[1][b]).nonzero().squeeze(1))
+        valid = inputs["attention_mask"][b, kept[b]].bool()
+        torch.testing.assert_close(out[b][valid], expected[b, kept[b]][valid], atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_and_sampling_match_masking():
+    """Beams (cache reorder over pruned layers) and seeded sampling: same tokens as the oracle."""
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=3, seed=12)
+    oracle = copy.deepcopy(model)
+    inputs = make_qwen_inputs(model, [2, 6], [5, 2], seed=13)
+    fitprune_fx.compile(model, fraction_recipe(model, FRACTIONS), compiler="eager")
+    prune = plan(model, inputs, FRACTIONS)
+    for gen in (dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=20)):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            got = model.generate(**inputs, max_new_tokens=5, **gen)
+        torch.manual_seed(0)
+        with torch.no_grad(), MaskingReference(oracle, prune):
+            expected = oracle.generate(**inputs, max_new_tokens=5, **gen)
+        assert torch.equal(got, expected), gen

@@ -32,6 +32,10 @@ class ModelFamily:
         """The token id that marks visual tokens in `input_ids`."""
         raise NotImplementedError
 
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        """Every token id whose rows hold visual features (images, and videos where a model has them)."""
+        return (self.image_token_id(config),)
+
     def visual_tokens_per_image(self, config: Any) -> int:
         """Visual tokens of one image (for varying counts: the count a recipe's numbers refer to)."""
         raise NotImplementedError

@@ -50,29 +50,43 @@ def tiny_qwen_vl(variant: str = "qwen2_vl", num_layers: int = 3, seed: int = 0) 
 
 
 def make_qwen_inputs(
-    model: nn.Module, before: list[int], after: list[int], grid: tuple[int, int] = (8, 8), seed: int = 0
+    model: nn.Module,
+    before: list[int],
+    after: list[int],
+    grid: tuple[int, int] = (8, 8),
+    seed: int = 0,
+    video: tuple[int, int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompts, one image each (`grid` patches, (h/2)*(w/2) visual tokens), text around it.
+    """Left-padded prompts, one image each (`grid` patches, (h/2)*(w/2) visual tokens), text around it;
+    with `video=(t, h, w)` also a video after the image (t*(h/2)*(w/2) visual tokens).
 
-    Returns input_ids, attention_mask, pixel_values, image_grid_thw and mm_token_type_ids, the
-    tensors Qwen2-VL's processor produces.
+    Returns input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids (and
+    pixel_values_videos, video_grid_thw): the tensors Qwen2-VL's processor produces.
     """
     g = torch.Generator().manual_seed(seed)
     h, w = grid
     tokens = (h // MERGE) * (w // MERGE)
+    frames = 0 if video is None else video[0] * (video[1] // MERGE) * (video[2] // MERGE)
     rows = []
     for b, a in zip(before, after, strict=True):
         text = lambda n: torch.randint(8, 128, (n,), generator=g).tolist()  # noqa: E731
-        rows.append(text(b) + [VISION_START] + [IMAGE] * tokens + [VISION_END] + text(a))
+        row = text(b) + [VISION_START] + [IMAGE] * tokens + [VISION_END]
+        if video is not None:
+            row += text(2) + [VISION_START] + [VIDEO] * frames + [VISION_END]
+        rows.append(row + text(a))
     length = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    patches = len(rows) * h * w
-    pixels = torch.randn(patches, 3 * TEMPORAL * PATCH * PATCH, generator=g)
-    return dict(
+    channels = 3 * TEMPORAL * PATCH * PATCH
+    out = dict(
         input_ids=ids,
         attention_mask=mask,
-        pixel_values=pixels,
+        pixel_values=torch.randn(len(rows) * h * w, channels, generator=g),
         image_grid_thw=torch.tensor([[1, h, w]] * len(rows)),
-        mm_token_type_ids=(ids == IMAGE).long(),
+        mm_token_type_ids=(ids == IMAGE).long() + 2 * (ids == VIDEO).long(),  # text 0, image 1, video 2
     )
+    if video is not None:
+        t, vh, vw = video
+        out["pixel_values_videos"] = torch.randn(len(rows) * t * vh * vw, channels, generator=g)
+        out["video_grid_thw"] = torch.tensor([[t, vh, vw]] * len(rows))
+    return out
