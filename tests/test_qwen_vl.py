@@ -19,11 +19,7 @@ VARIANTS = ["qwen2_vl", "qwen2_5_vl"]
 FRACTIONS = {0: 0.375, 2: 0.25}  # of 16 visual tokens per example: 6 after layer 0, 4 after layer 2
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def fraction_recipe(model, fractions) -> Recipe:

@@ -13,12 +13,7 @@ from fitprune_fx.reference import reference_prefill
 from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
 from graph_harness import KeptRecorder
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _recipe(model, prune, **kw) -> Recipe:

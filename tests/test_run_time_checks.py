@@ -18,12 +18,7 @@ from fitprune_fx.passes.token_ops import VISUAL_COUNT_ERROR
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 from host_syncs import HostSyncRecorder
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _asserts(gm: fx.GraphModule) -> list[fx.Node]:

@@ -11,12 +11,7 @@ import torch
 from fitprune_fx import ModelInfo, Recipe, RecipeError, fitprune_backend
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _recipe(model, prune) -> Recipe:

@@ -122,11 +122,6 @@ def visual_attention_mass(
     return torch_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
 
 
-@visual_attention_mass.register_kernel("cuda")
-def _visual_attention_mass_cuda(query, key, attn_mask, instruction, visual, scale, is_causal):
-    return cuda_attention_mass(query, key, attn_mask, instruction, visual, scale, is_causal)
-
-
 # (dtype, head_dim, mask dtype, causal) launches whose Triton compile or launch failed: PyTorch from then on.
 _TRITON_FAILED: set[tuple] = set()
 _WARNED: set[str] = set()
@@ -182,6 +177,9 @@ def _warn_once(reason: str) -> None:
     if reason not in _WARNED:
         _WARNED.add(reason)
         warnings.warn(f"fitprune: attention mass computed with PyTorch, not Triton: {reason}", stacklevel=3)
+
+
+visual_attention_mass.register_kernel("cuda")(cuda_attention_mass)
 
 
 @visual_attention_mass.register_fake
