@@ -4,7 +4,8 @@ At a pruning layer l (kept = [B, S'] indices):
   * the attention output [B, H, S, D] is gathered on dim 2 before it reaches o_proj,
   * the residual stream entering layer l is gathered on dim 1 where it is added back,
   * every per-token tensor shared by the layers (RoPE cos/sin, the 4-D attention mask) is
-    gathered for the layers after l only,
+    gathered for the layers after l only, and so is a visual residual addend (DeepStack) for
+    the adds that come after layer l's attention,
   * the visual-token mask is gathered for the next pruning layer.
 Layer l's keys and values (its KV cache) are untouched: they hold every token.
 """
@@ -16,6 +17,7 @@ from torch import fx
 from .layout import DecoderLayout
 from .locate import AttentionSite, PerTokenTensor
 from .token_ops import gather_tokens
+from .visual_token_marks import is_visual_residual_add
 
 
 def _gather(graph: fx.Graph, after: fx.Node, x: fx.Node, kept: fx.Node, dims: tuple[int, ...]):
@@ -55,9 +57,15 @@ def insert_token_compaction(
     residual = gather(site.residual, (1,))
     site.residual_add.replace_input_with(site.residual, residual)
 
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
     def after_this_layer(user: fx.Node) -> bool:
+        if user in inserted:
+            return False
+        if is_visual_residual_add(user):  # between layers: after this layer's attention?
+            return order[user] > order[site.residual_add]
         layer = layout.layer_index(user)
-        return layer is not None and layer > site.layer and user not in inserted
+        return layer is not None and layer > site.layer
 
     for tensor, current in list(shared.items()):
         compacted = gather(current, tensor.token_dims)

@@ -14,6 +14,15 @@ import torch
 from torch import fx
 
 
+_ROOT = "L['self']"  # how Dynamo names the module its frame starts at
+VISION_RE = re.compile(r"vision|visual|clip|siglip", re.IGNORECASE)
+
+
+def _module_classes(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return " ".join(getattr(kind, "__name__", str(kind)) for _, kind in stack.values())
+
+
 def module_path(node: fx.Node) -> str:
     """Innermost module path of a node, e.g. "L['self'].model.<decoder>.layers.3.self_attn"."""
     stack = node.meta.get("nn_module_stack")
@@ -43,23 +52,32 @@ class DecoderLayout:
     _norm_re: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # `<decoder>.layers.3`, `<decoder>.layers[3]`, `<decoder>.layers['3']`
-        prefix = re.escape(self.decoder) + r"\.layers(?:\.|\[')?"
+        # `<decoder>.layers.3`, `<decoder>.layers[3]`, `<decoder>.layers['3']`; or `L['self'].layers.3`
+        # when Dynamo's frame starts at the decoder itself (after a graph break in the model around it)
+        root = rf"(?:{re.escape(self.decoder)}|^{re.escape(_ROOT)})"
+        prefix = root + r"\.layers(?:\.|\[')?"
         object.__setattr__(self, "_layer_re", re.compile(prefix + r"(\d+)(?:'\])?(?:\]|\.|$)"))
         object.__setattr__(self, "_scope_re", re.compile(prefix + r"\d+(?:'\])?\]?$"))
-        object.__setattr__(self, "_norm_re", re.compile(re.escape(self.decoder) + r"\.norm$"))
+        object.__setattr__(self, "_norm_re", re.compile(root + r"\.norm$"))
+
+    def _in_decoder(self, node: fx.Node, path: str) -> bool:
+        """A path under the frame's root is the decoder's only if no module around it is visual."""
+        return not path.startswith(_ROOT + ".") or not VISION_RE.search(_module_classes(node))
 
     def layer_index(self, node: fx.Node) -> int | None:
         """Decoder layer a node belongs to, or None outside the decoder layers."""
-        m = self._layer_re.search(module_path(node))
-        return int(m.group(1)) if m else None
+        path = module_path(node)
+        m = self._layer_re.search(path)
+        return int(m.group(1)) if m and self._in_decoder(node, path) else None
 
     def in_layer_scope(self, node: fx.Node) -> bool:
         """True for nodes of a decoder layer's own forward (not of a submodule such as self_attn)."""
-        return bool(self._scope_re.search(module_path(node)))
+        path = module_path(node)
+        return bool(self._scope_re.search(path)) and self._in_decoder(node, path)
 
     def is_final_norm(self, node: fx.Node) -> bool:
-        return bool(self._norm_re.search(module_path(node)))
+        path = module_path(node)
+        return bool(self._norm_re.search(path)) and self._in_decoder(node, path)
 
     def is_rope(self, node: fx.Node) -> bool:
         """True for the shared rotary embedding (cos/sin computed once for all layers)."""

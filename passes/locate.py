@@ -8,8 +8,11 @@ backend then compiles the graph unchanged.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import re
+import sys
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -17,8 +20,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import guard_int
 
-from .layout import DecoderLayout, module_path
-from .visual_token_marks import is_visual_token_mark
+from .layout import VISION_RE, DecoderLayout, module_path
+from .visual_token_marks import is_visual_residual_add, is_visual_token_mark
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
@@ -64,7 +67,7 @@ class PerTokenTensor:
 
     node: fx.Node
     token_dims: tuple[int, ...]
-    role: str  # "rope" or "attention_mask"
+    role: str  # "rope", "attention_mask" or "visual_addend" (read between layers, not by them)
 
 
 @dataclass
@@ -104,9 +107,6 @@ def has_image_merge(gm: fx.GraphModule, layout: DecoderLayout) -> bool:
     return any(layout.is_image_merge(n) for n in gm.graph.nodes)
 
 
-_VISION_RE = re.compile(r"vision|visual|clip|siglip", re.IGNORECASE)
-
-
 def has_unrecognised_attention(gm: fx.GraphModule, layouts: list[DecoderLayout]) -> bool:
     """True when the graph calls SDPA outside the decoder layers the layouts know and outside vision
     modules: decoder layers under another module path, or split into per-layer graphs by a break."""
@@ -117,9 +117,35 @@ def has_unrecognised_attention(gm: fx.GraphModule, layouts: list[DecoderLayout])
             continue
         stack = node.meta.get("nn_module_stack") or {}
         names = " ".join(f"{path} {getattr(kind, '__name__', kind)}" for path, kind in stack.values())
-        if not _VISION_RE.search(names):
+        if not stack:  # a frame Dynamo resumed after a graph break: ask the source which class it is
+            names = " ".join(_classes_on_stack(node.meta.get("stack_trace") or ""))
+        if not VISION_RE.search(names):
             return True
     return False
+
+
+_FRAME_RE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _classes_on_stack(stack_trace: str) -> list[str]:
+    """Names of the classes whose source holds the frames of a node's stack trace."""
+    return [name for path, line in _FRAME_RE.findall(stack_trace) if (name := _class_at(path, int(line)))]
+
+
+@functools.cache
+def _class_at(path: str, line: int) -> str | None:
+    module = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == path), None)
+    if module is None:
+        return None
+    for cls in vars(module).values():
+        if isinstance(cls, type) and cls.__module__ == module.__name__:
+            try:
+                lines, start = inspect.getsourcelines(cls)
+            except (OSError, TypeError):
+                continue
+            if start <= line < start + len(lines):
+                return cls.__name__
+    return None
 
 
 def has_final_norm(gm: fx.GraphModule, layout: DecoderLayout) -> bool:
@@ -208,13 +234,25 @@ def _per_token_tensors(
             found.append(PerTokenTensor(node, (2, 3), "attention_mask"))
         elif layout.is_rope(node) and value.dim() == 3 and same_size(shape[1], seq_len):
             found.append(PerTokenTensor(node, (1,), "rope"))
-        elif layout.is_image_merge(node):
-            continue  # the embeddings: layer 0's input, before any pruning
+        elif layout.is_image_merge(node) or is_visual_residual_add(node):
+            continue  # the residual stream: the embeddings (layer 0's input), or between layers
         else:
             raise UnsupportedGraph(
                 f"{node.name} (shape {shape}, from {module_path(node) or 'the model'}) is a per-token "
                 "tensor read by the decoder layers that the pass does not know how to compact"
             )
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first_layer = min(order[s.sdpa] for s in sites.values())
+    for node in gm.graph.nodes:  # addends of the residual stream between layers (DeepStack)
+        if not is_visual_residual_add(node):
+            continue
+        addend = node.args[1]
+        value = example_value(addend)
+        if not (isinstance(value, torch.Tensor) and value.dim() == 3 and same_size(value.shape[1], seq_len)):
+            raise UnsupportedGraph(f"visual residual addend {addend.name} is not [B, {seq_len}, C]")
+        if order[addend] > first_layer:  # its compaction is inserted at the pruning layer
+            raise UnsupportedGraph(f"visual residual addend {addend.name} is made after the first decoder layer")
+        found.append(PerTokenTensor(addend, (1,), "visual_addend"))
     return found
 
 

@@ -15,7 +15,7 @@ from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.testbed.tiny_qwen import IMAGE, make_qwen_inputs, tiny_qwen_vl
 from graph_harness import KeptRecorder, compose_kept
 
-VARIANTS = ["qwen2_vl", "qwen2_5_vl"]
+VARIANTS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 FRACTIONS = {0: 0.375, 2: 0.25}  # of 16 visual tokens per example: 6 after layer 0, 4 after layer 2
 
 
@@ -147,3 +147,25 @@ def test_beam_search_and_sampling_match_masking():
         with torch.no_grad(), MaskingReference(oracle, prune):
             expected = oracle.generate(**inputs, max_new_tokens=5, **gen)
         assert torch.equal(got, expected), gen
+
+
+def test_qwen3_dense_deepstack_is_the_models_own_arithmetic(monkeypatch):
+    """The family's DeepStack rewrite (dense addends, `visual_residual_add`) against transformers' own
+    boolean-indexed DeepStack, restored from the wrapped originals: logits bitwise equal."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
+
+    model = tiny_qwen_vl("qwen3_vl", num_layers=3, seed=14)
+    fitprune_backend(fraction_recipe(model, {1: 0.5}))  # installs the family's wrappers
+    inputs = make_qwen_inputs(model, [2, 4], [3, 1], video=(2, 4, 4), seed=15)
+    with torch.no_grad():
+        ours = model(**inputs).logits
+    for cls, name in ((qwen3.Qwen3VLModel, "forward"), (qwen3.Qwen3VLTextModel, "forward"),
+                      (qwen3.Qwen3VLTextModel, "_deepstack_process")):  # fmt: skip
+        function = getattr(cls, name)
+        assert getattr(function, "_fitprune", False), (cls, name)
+        while hasattr(function, "__wrapped__") and getattr(function, "_fitprune", False):
+            function = function.__wrapped__
+        monkeypatch.setattr(cls, name, function)
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    assert torch.equal(ours, stock)

@@ -17,6 +17,7 @@ from .base import ModelFamily, UnknownModel
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .qwen2_vl import QwenVLFamily
+from .qwen3_vl import Qwen3VLFamily
 
 FAMILIES: list[ModelFamily] = []
 
@@ -30,6 +31,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 register_family(LlavaFamily())
 register_family(LlavaNextFamily())
 register_family(QwenVLFamily())
+register_family(Qwen3VLFamily())
 
 
 def install_families() -> None:
@@ -63,6 +65,7 @@ __all__ = [
     "LlavaFamily",
     "LlavaNextFamily",
     "ModelFamily",
+    "Qwen3VLFamily",
     "QwenVLFamily",
     "UnknownModel",
     "family_for",

@@ -90,7 +90,12 @@ def _find_visual_tokens(forward):
 
     @functools.wraps(forward)
     def wrapper(self, input_ids=None, *args, **kwargs):
-        has_pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # Qwen3-VL's generate encodes images up front
+        has_pixels = (
+            kwargs.get("pixel_values") is not None
+            or kwargs.get("pixel_values_videos") is not None
+            or any(v is not None for v in encoded.values())
+        )
         if input_ids is not None and has_pixels:
             visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
             kwargs[_VISUAL] = visual

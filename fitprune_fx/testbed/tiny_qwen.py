@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL models and left-padded prompts for them (built in code)."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and left-padded prompts for them (built in code)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ PATCH, MERGE, TEMPORAL = 14, 2, 2
 
 
 def tiny_qwen_vl(variant: str = "qwen2_vl", num_layers: int = 3, seed: int = 0) -> nn.Module:
-    """A Qwen2-VL (`variant="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) with a 1-block vision tower."""
+    """A Qwen2-VL (`variant="qwen2_vl"`), Qwen2.5-VL (`"qwen2_5_vl"`, both with a 1-block vision tower)
+    or Qwen3-VL (`"qwen3_vl"`: 3 vision blocks, DeepStack into decoder layers 0-2)."""
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     text = dict(
@@ -41,8 +42,18 @@ def tiny_qwen_vl(variant: str = "qwen2_vl", num_layers: int = 3, seed: int = 0) 
                       window_size=56, fullatt_block_indexes=[0])  # fmt: skip
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
+    elif variant == "qwen3_vl":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        # 3 vision blocks, each feeding a DeepStack level (added after decoder layers 0, 1, 2)
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
+                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])  # fmt: skip
+        text.update(head_dim=16, rope_parameters={**rope, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        config = Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        cls = Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"variant must be 'qwen2_vl' or 'qwen2_5_vl', not {variant!r}")
+        raise ValueError(f"variant must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl', not {variant!r}")
     config._attn_implementation = "sdpa"
     config.bos_token_id = config.eos_token_id = config.pad_token_id = None
     config.text_config.bos_token_id = config.text_config.eos_token_id = None
@@ -58,7 +69,8 @@ def make_qwen_inputs(
     video: tuple[int, int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompts, one image each (`grid` patches, (h/2)*(w/2) visual tokens), text around it;
-    with `video=(t, h, w)` also a video after the image (t*(h/2)*(w/2) visual tokens).
+    with `video=(t, h, w)` also a video after the image (t*(h/2)*(w/2) visual tokens; for Qwen3-VL
+    each of the t frames after its own text, as its processor puts timestamps between frames).
 
     Returns input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids (and
     pixel_values_videos, video_grid_thw): the tensors Qwen2-VL's processor produces.
@@ -71,7 +83,10 @@ def make_qwen_inputs(
     for b, a in zip(before, after, strict=True):
         text = lambda n: torch.randint(8, 128, (n,), generator=g).tolist()  # noqa: E731
         row = text(b) + [VISION_START] + [IMAGE] * tokens + [VISION_END]
-        if video is not None:
+        if video is not None and model.config.model_type == "qwen3_vl":  # a timestamp before each frame
+            for _ in range(video[0]):
+                row += text(2) + [VISION_START] + [VIDEO] * (frames // video[0]) + [VISION_END]
+        elif video is not None:
             row += text(2) + [VISION_START] + [VIDEO] * frames + [VISION_END]
         rows.append(row + text(a))
     length = max(len(r) for r in rows)

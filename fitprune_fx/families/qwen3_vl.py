@@ -1,0 +1,75 @@
+"""Qwen3-VL (`Qwen3VLForConditionalGeneration`): Qwen2-VL's layout and visual-token marks, plus DeepStack.
+
+DeepStack adds features from intermediate vision layers to the hidden states of the first decoder
+layers, at the visual rows: after decoder layer k (k < number of DeepStack levels),
+`hidden[visual_pos_masks] += deepstack_visual_embeds[k]` ([N_visual, C], in visual-row order).
+transformers does that by boolean indexing, which has a data-dependent shape in a graph.
+
+The exact rule under pruning: a kept visual token receives its own DeepStack features; a deleted
+token's features are dropped with it. `install` makes that a compaction like any other: the text
+model's forward turns each level into a dense addend [B, S, C] (the features scattered into the
+visual rows, zero elsewhere) and the DeepStack step adds it with `fitprune::visual_residual_add`;
+the pass gathers the addend with the kept tokens for the adds after a pruning layer. On unpruned
+runs the dense add is bitwise the model's own arithmetic (x + 0 = x at non-visual rows).
+
+Visual counts, videos, M-RoPE positions and rope deltas behave as in Qwen2-VL (`qwen2_vl.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .qwen2_vl import QwenVLFamily, _find_visual_tokens, _mark_visual_tokens
+
+
+class Qwen3VLFamily(QwenVLFamily):
+    name = "qwen3-vl"
+
+    def claims(self, config: Any) -> bool:
+        return getattr(config, "model_type", None) == "qwen3_vl"
+
+    def install(self) -> None:
+        """Wrap the multimodal and text forwards and the DeepStack step (class-wide, once)."""
+        from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
+
+        if getattr(qwen3.Qwen3VLModel.forward, "_fitprune", False):
+            return
+        qwen3.Qwen3VLModel.forward = _find_visual_tokens(qwen3.Qwen3VLModel.forward)
+        text = qwen3.Qwen3VLTextModel
+        text.forward = _mark_visual_tokens(_dense_deepstack(text.forward))
+        text._deepstack_process = _add_dense_deepstack(text._deepstack_process)
+
+
+def _dense_deepstack(forward):
+    """Text forward: DeepStack levels [N_visual, C] -> dense addends [B, S, C] (zero at other rows)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        levels, rows = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+        embeds = kwargs.get("inputs_embeds")
+        if levels is not None and rows is not None and embeds is not None:
+            where = rows[..., None].to(embeds.device)  # [B, S, 1]
+            kwargs["deepstack_visual_embeds"] = [
+                torch.zeros_like(embeds).masked_scatter(where, level.to(embeds.device, embeds.dtype))
+                for level in levels
+            ]
+        return forward(self, *args, **kwargs)
+
+    wrapper._fitprune = True
+    return wrapper
+
+
+def _add_dense_deepstack(deepstack_process):
+    """DeepStack step: a dense addend goes through `fitprune::visual_residual_add` (the pass sees it)."""
+
+    @functools.wraps(deepstack_process)
+    def wrapper(self, hidden_states, visual_pos_masks, visual_embeds):
+        if visual_embeds.dim() == 3:  # dense, from `_dense_deepstack`, already in the embeddings' dtype
+            return torch.ops.fitprune.visual_residual_add(hidden_states, visual_embeds)
+        return deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds)
+
+    wrapper._fitprune = True
+    return wrapper
