@@ -105,7 +105,9 @@ class FitpruneBackend:
         # Families may share a decoder layout and differ in how images enter: prefer the one whose
         # image merge (or visual-token mark) this graph holds.
         # A visual-token mark is the more specific sign: a marked graph may scatter other tensors too.
-        with_decoder = sorted((lay for lay in layouts if has_decoder_layers(gm, lay)), key=lambda lay: not lay.merge_ops)
+        with_decoder = sorted(
+            (lay for lay in layouts if has_decoder_layers(gm, lay)), key=lambda lay: not lay.merge_ops
+        )
         layout = next((lay for lay in with_decoder if has_image_merge(gm, lay)), None)
         layout = layout or next(iter(with_decoder), None)
         if layout is None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-
 _ROOT = "L['self']"  # how Dynamo names the module its frame starts at
 VISION_RE = re.compile(r"vision|visual|clip|siglip", re.IGNORECASE)
 

@@ -251,7 +251,9 @@ def _per_token_tensors(
         if not (isinstance(value, torch.Tensor) and value.dim() == 3 and same_size(value.shape[1], seq_len)):
             raise UnsupportedGraph(f"visual residual addend {addend.name} is not [B, {seq_len}, C]")
         if order[addend] > first_layer:  # its compaction is inserted at the pruning layer
-            raise UnsupportedGraph(f"visual residual addend {addend.name} is made after the first decoder layer")
+            raise UnsupportedGraph(
+                f"visual residual addend {addend.name} is made after the first decoder layer"
+            )
         found.append(PerTokenTensor(addend, (1,), "visual_addend"))
     return found
 

@@ -68,9 +68,11 @@ def _visual_residual_add_fake(hidden, addend):
     return hidden + addend  # a shape mismatch (an addend left uncompacted) fails here, at pass time
 
 
-VISUAL_RESIDUAL_ADDS = (torch.ops.fitprune.visual_residual_add, torch.ops.fitprune.visual_residual_add.default)
+VISUAL_RESIDUAL_ADDS = (
+    torch.ops.fitprune.visual_residual_add,
+    torch.ops.fitprune.visual_residual_add.default,
+)
 
 
 def is_visual_residual_add(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in VISUAL_RESIDUAL_ADDS
-

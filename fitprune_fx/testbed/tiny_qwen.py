@@ -49,7 +49,9 @@ def tiny_qwen_vl(variant: str = "qwen2_vl", num_layers: int = 3, seed: int = 0) 
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2,
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
                       num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])  # fmt: skip
-        text.update(head_dim=16, rope_parameters={**rope, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        text.update(
+            head_dim=16, rope_parameters={**rope, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        )
         config = Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
         cls = Qwen3VLForConditionalGeneration
     else:
