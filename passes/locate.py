@@ -75,8 +75,8 @@ class DecoderGraph:
     """What the pass needs to know about a decoder graph."""
 
     sites: dict[int, AttentionSite]
-    merge: fx.Node  # the family's merge op: (inputs_embeds, image_mask, image_features)
-    image_mask: fx.Node  # [B, S, 1 or D] bool
+    merge: fx.Node  # the family's (last) merge op: (inputs_embeds, image_mask, image_features)
+    image_masks: list[fx.Node]  # one per merge (images, videos): [B, S, 1 or D] or [B, S] bool
     batch_size: int
     seq_len: int | torch.SymInt
     visual_per_example: int
@@ -201,13 +201,18 @@ def _find_residual_add(
     raise UnsupportedGraph(f"layer {layer}: no residual add after the attention found")
 
 
-def _find_image_merge(gm: fx.GraphModule, layout: DecoderLayout) -> fx.Node:
+def _find_image_merges(gm: fx.GraphModule, layout: DecoderLayout) -> list[fx.Node]:
+    """The merge nodes, in order; several (images, then videos) must form a chain, each scattering
+    into the previous one's result, so the last one holds every visual row."""
     merges = [n for n in gm.graph.nodes if layout.is_image_merge(n)]
     if not merges:
         raise NoVisualTokens("no image merge in this decoder graph (decode step or text-only prompt)")
-    if len(merges) > 1:
-        raise UnsupportedGraph(f"{len(merges)} image merge nodes ({merges[0].target}); expected one")
-    return merges[0]
+    for before, after in zip(merges, merges[1:], strict=False):
+        if after.args[0] is not before or is_visual_token_mark(after):
+            raise UnsupportedGraph(
+                f"{len(merges)} image merge nodes ({merges[0].target}) that do not form one chain"
+            )
+    return merges
 
 
 def _per_token_tensors(
@@ -267,8 +272,9 @@ def same_size(a, b) -> bool:
 
 def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
     """Analyse a Dynamo graph holding a decoder laid out as `layout`; raise UnsupportedGraph if not one."""
-    merge = _find_image_merge(gm, layout)
-    image_mask = merge.args[1] if len(merge.args) > 1 else merge.kwargs.get("mask")
+    merges = _find_image_merges(gm, layout)
+    merge = merges[-1]
+    image_masks = [m.args[1] if len(m.args) > 1 else m.kwargs.get("mask") for m in merges]
     embeds = example_value(merge)
     if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
         raise UnsupportedGraph("image merge output is not [batch, seq, hidden]")
@@ -283,8 +289,8 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
         if not isinstance(num_visual, (int, torch.SymInt)):
             raise UnsupportedGraph(f"visual-token mark without a visual count ({count!r})")
     else:
-        features = example_value(merge.args[2] if len(merge.args) > 2 else merge.kwargs["source"])
-        num_visual = features.numel() // hidden
+        sources = [example_value(m.args[2] if len(m.args) > 2 else m.kwargs["source"]) for m in merges]
+        num_visual = sum(features.numel() // hidden for features in sources)
     if isinstance(num_visual, torch.SymInt):
         # Dynamo made the count dynamic (image count or LLaVA-NeXT image size changed). The recipe
         # needs a static count: specialize on this one with a guard, so each distinct count gets
@@ -335,7 +341,7 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
     return DecoderGraph(
         sites=sites,
         merge=merge,
-        image_mask=image_mask,
+        image_masks=image_masks,
         batch_size=int(batch),
         seq_len=seq_len,
         visual_per_example=int(num_visual) // int(batch),

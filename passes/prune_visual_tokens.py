@@ -66,7 +66,7 @@ def prune_visual_tokens(
 
     graph = gm.graph
     with graph.inserting_after(dec.merge):
-        visual = graph.call_function(visual_token_mask, (dec.image_mask,))
+        visual = graph.call_function(visual_token_mask, tuple(dec.image_masks))
     with graph.inserting_after(visual):
         count_ok = graph.call_function(has_visual_count, (visual, n))
     with graph.inserting_after(count_ok):  # the backend turns it into a checked graph output

@@ -42,9 +42,14 @@ VISUAL_COUNT_ERROR = (
 )
 
 
-def visual_token_mask(image_mask: torch.Tensor) -> torch.Tensor:
-    """[B, S] bool visual-token mask from the image merge's mask ([B, S, 1] or [B, S, D])."""
-    return (image_mask[..., 0] if image_mask.dim() == 3 else image_mask).bool()
+def visual_token_mask(*image_masks: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool visual-token mask from the merges' masks ([B, S], [B, S, 1] or [B, S, D]; images
+    and videos): a row is visual when any merge writes it."""
+    visual = None
+    for mask in image_masks:
+        mask = (mask[..., 0] if mask.dim() == 3 else mask).bool()
+        visual = mask if visual is None else visual | mask
+    return visual
 
 
 def has_visual_count(visual: torch.Tensor, per_example: int) -> torch.Tensor:

@@ -169,3 +169,36 @@ def test_qwen3_dense_deepstack_is_the_models_own_arithmetic(monkeypatch):
     with torch.no_grad():
         stock = model(**inputs).logits
     assert torch.equal(ours, stock)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_processor_inputs_prune_like_masking(variant):
+    """Inputs from the real processor class (`Qwen2VLProcessor` ...: prompt expansion, image_grid_thw,
+    mm_token_type_ids), two image shapes that give the same count, left padding: kept sets vs masking."""
+    import numpy as np
+
+    from fitprune_fx.testbed.tiny_processors import qwen_vl_processor
+
+    model = tiny_qwen_vl(variant, num_layers=3, seed=16)
+    oracle = copy.deepcopy(model)
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (100, 150, 3), dtype=np.uint8),
+        rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
+    ]
+    prompts = ["w1 w2 <|vision_start|><|image_pad|><|vision_end|> what is in the image ?",
+               "w3 <|vision_start|><|image_pad|><|vision_end|> what ?"]  # fmt: skip
+    inputs = dict(qwen_vl_processor(model)(text=prompts, images=images, return_tensors="pt", padding=True))
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 8], [1, 8, 6]]  # 12 visual tokens each
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, {0: 0.25, 1: 0.25}), compiler="eager"))
+    with torch.no_grad():
+        out = torch.compile(model, backend=recorder)(**inputs).logits
+    assert recorder.backend.pruned_graphs[0].result.deletions == {0: 3, 1: 3}
+    with torch.no_grad(), MaskingReference(oracle, {0: 3, 1: 3}) as masking:
+        expected = oracle(**inputs).logits
+    batch, seq_len = inputs["input_ids"].shape
+    kept = compose_kept(recorder.kept, seq_len, batch)[-1]
+    for b in range(batch):
+        assert torch.equal(kept[b], (~masking.deleted[1][b]).nonzero().squeeze(1))
+        valid = inputs["attention_mask"][b, kept[b]].bool()
+        torch.testing.assert_close(out[b][valid], expected[b, kept[b]][valid], atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ from fitprune_fx.passes.layout import DecoderLayout
 from .base import ModelFamily, UnknownModel
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_vl import QwenVLFamily
 from .qwen3_vl import Qwen3VLFamily
 
@@ -30,6 +31,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 register_family(LlavaFamily())
 register_family(LlavaNextFamily())
+register_family(LlavaOnevisionFamily())
 register_family(QwenVLFamily())
 register_family(Qwen3VLFamily())
 
@@ -64,6 +66,7 @@ __all__ = [
     "FAMILIES",
     "LlavaFamily",
     "LlavaNextFamily",
+    "LlavaOnevisionFamily",
     "ModelFamily",
     "Qwen3VLFamily",
     "QwenVLFamily",

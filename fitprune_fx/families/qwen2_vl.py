@@ -6,11 +6,7 @@ as LLaVA's RoPE). Images and videos enter through `masked_scatter` into the rows
 `config.image_token_id` / `config.video_token_id`; both are visual tokens.
 
 The merge never shares a Dynamo graph with the decoder (the M-RoPE position code in between breaks
-the graph), so `install` wraps two forwards, class-wide: the multimodal model's, which computes
-the visual mask and its count from `input_ids` on a prompt that carries pixels, and the text
-model's, which marks its input embeddings with them (`fitprune::visual_token_mark`, see
-`passes/visual_token_marks.py`) inside the decoder's graph. Decode steps carry no pixels and stay
-unmarked. Positions after a pruned prefill continue exactly: transformers derives them from the
+the graph), so `install` marks the visual tokens inside the decoder's graph (`visual_marks.py`). Positions after a pruned prefill continue exactly: transformers derives them from the
 cache length (layer 0, never pruned) and its `rope_deltas`.
 
 Visual counts depend on the image size (dynamic resolution), so recipes use fractions like
@@ -20,25 +16,19 @@ LLaVA-NeXT's. The eager reference (`fitprune_fx.reference`) does not model M-RoP
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from fitprune_fx.passes.layout import DecoderLayout
-from fitprune_fx.passes.visual_token_marks import VISUAL_TOKEN_MARKS
-
 from .base import ModelFamily
+from .visual_marks import MARKED_LAYOUT, mark_visual_tokens
 
-QWEN_VL_LAYOUT = DecoderLayout(decoder="language_model", merge_ops=VISUAL_TOKEN_MARKS)
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-_VISUAL, _COUNT = "fitprune_visual_tokens", "fitprune_visual_count"
 
 
 class QwenVLFamily(ModelFamily):
     name = "qwen2-vl"
-    layout = QWEN_VL_LAYOUT
+    layout = MARKED_LAYOUT
     counts_vary_with_image = True
 
     def claims(self, config: Any) -> bool:
@@ -72,51 +62,9 @@ class QwenVLFamily(ModelFamily):
         )
 
     def install(self) -> None:
-        """Wrap the multimodal and text models' forwards (class-wide, once) to mark visual tokens."""
+        """Mark visual tokens in the decoder graph (`visual_marks`), class-wide, once."""
         from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen25
         from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2
 
-        for outer, text in (
-            (qwen2.Qwen2VLModel, qwen2.Qwen2VLTextModel),
-            (qwen25.Qwen2_5_VLModel, qwen25.Qwen2_5_VLTextModel),
-        ):
-            if not getattr(outer.forward, "_fitprune", False):
-                outer.forward = _find_visual_tokens(outer.forward)
-                text.forward = _mark_visual_tokens(text.forward)
-
-
-def _find_visual_tokens(forward):
-    """Multimodal forward: on a prompt with pixels, pass the visual mask and count to the text model."""
-
-    @functools.wraps(forward)
-    def wrapper(self, input_ids=None, *args, **kwargs):
-        encoded = kwargs.get("mm_encoder_outputs") or {}  # Qwen3-VL's generate encodes images up front
-        has_pixels = (
-            kwargs.get("pixel_values") is not None
-            or kwargs.get("pixel_values_videos") is not None
-            or any(v is not None for v in encoded.values())
-        )
-        if input_ids is not None and has_pixels:
-            visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-            kwargs[_VISUAL] = visual
-            kwargs[_COUNT] = int(visual.sum())  # host value: a static count for the pruned graph
-        return forward(self, input_ids, *args, **kwargs)
-
-    wrapper._fitprune = True
-    return wrapper
-
-
-def _mark_visual_tokens(forward):
-    """Text-model forward: mark the input embeddings with the visual mask (inside the decoder graph)."""
-
-    @functools.wraps(forward)
-    def wrapper(self, *args, **kwargs):
-        visual, count = kwargs.pop(_VISUAL, None), kwargs.pop(_COUNT, None)
-        if visual is not None and kwargs.get("inputs_embeds") is not None:
-            kwargs["inputs_embeds"] = torch.ops.fitprune.visual_token_mark(
-                kwargs["inputs_embeds"], visual, count
-            )
-        return forward(self, *args, **kwargs)
-
-    wrapper._fitprune = True
-    return wrapper
+        mark_visual_tokens(qwen2.Qwen2VLModel, qwen2.Qwen2VLTextModel)
+        mark_visual_tokens(qwen25.Qwen2_5_VLModel, qwen25.Qwen2_5_VLTextModel)

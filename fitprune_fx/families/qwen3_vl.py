@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .qwen2_vl import QwenVLFamily, _find_visual_tokens, _mark_visual_tokens
+from .qwen2_vl import QwenVLFamily
+from .visual_marks import mark_visual_tokens
 
 
 class Qwen3VLFamily(QwenVLFamily):
@@ -35,12 +36,11 @@ class Qwen3VLFamily(QwenVLFamily):
         """Wrap the multimodal and text forwards and the DeepStack step (class-wide, once)."""
         from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3
 
-        if getattr(qwen3.Qwen3VLModel.forward, "_fitprune", False):
-            return
-        qwen3.Qwen3VLModel.forward = _find_visual_tokens(qwen3.Qwen3VLModel.forward)
         text = qwen3.Qwen3VLTextModel
-        text.forward = _mark_visual_tokens(_dense_deepstack(text.forward))
-        text._deepstack_process = _add_dense_deepstack(text._deepstack_process)
+        if not getattr(text._deepstack_process, "_fitprune", False):
+            text.forward = _dense_deepstack(text.forward)  # inside the mark's wrapper: the mark goes first
+            text._deepstack_process = _add_dense_deepstack(text._deepstack_process)
+        mark_visual_tokens(qwen3.Qwen3VLModel, text)
 
 
 def _dense_deepstack(forward):
