@@ -37,6 +37,10 @@ def processed(model, prompts: list[str], sizes: list[tuple[int, int]], seed: int
     return dict(out)
 
 
+def fraction_recipe(model, fractions) -> Recipe:
+    return Recipe.from_fractions(ModelInfo.from_config(model.config), fractions)
+
+
 def plan(model, inputs, fractions) -> dict[int, int]:
     visual = torch.isin(inputs["input_ids"][0], torch.tensor([IMAGE, VIDEO]))
     info = dataclasses.replace(ModelInfo.from_config(model.config), num_visual_tokens=int(visual.sum()))
@@ -61,7 +65,7 @@ def test_prefill_equals_the_eager_reference_on_processor_inputs():
     model = tiny_llava_onevision(num_layers=4, seed=1)
     inputs = processed(model, ["w1 w2 w3 <image> what is in the image ?", "<image> what ?"], [(40, 60)] * 2)
     prune = plan(model, inputs, FRACTIONS)
-    recorder = KeptRecorder(fitprune_backend(Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS), compiler="eager"))  # fmt: skip
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, FRACTIONS), compiler="eager"))
     with torch.no_grad():
         out = torch.compile(model, backend=recorder)(**inputs)
     assert recorder.backend.pruned_graphs[0].result.deletions == prune
@@ -81,8 +85,7 @@ def test_an_image_and_a_video_are_pruned_together():
     inputs["input_ids"] = torch.cat([inputs["input_ids"], video["input_ids"][:, 1:]], dim=1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], video["attention_mask"][:, 1:]], dim=1)
     inputs["pixel_values_videos"] = video["pixel_values_videos"]
-    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {1: 0.5})
-    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, {1: 0.5}), compiler="eager"))
     with torch.no_grad():
         out = torch.compile(model, backend=recorder)(**inputs).logits
     result = recorder.backend.pruned_graphs[0].result
@@ -101,7 +104,7 @@ def test_greedy_generate_matches_masking_on_a_left_padded_batch():
     model = tiny_llava_onevision(num_layers=4, seed=4)
     oracle = copy.deepcopy(model)
     inputs = processed(model, ["w1 w2 w3 <image> what is in the image ?", "<image> what ?"], [(40, 60)] * 2)
-    fitprune_fx.compile(model, Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS), compiler="eager")  # fmt: skip
+    fitprune_fx.compile(model, fraction_recipe(model, FRACTIONS), compiler="eager")
     gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         got = model.generate(**inputs, **gen)
@@ -117,7 +120,7 @@ def test_greedy_generate_matches_masking_on_a_left_padded_batch():
 def test_zero_recipe_reproduces_the_model():
     model = tiny_llava_onevision(num_layers=3, seed=5)
     inputs = processed(model, ["w1 <image> what ?"], [(90, 30)])
-    backend = fitprune_backend(Recipe.from_fractions(ModelInfo.from_config(model.config), {1: 0.0}), compiler="eager")  # fmt: skip
+    backend = fitprune_backend(fraction_recipe(model, {1: 0.0}), compiler="eager")
     with torch.no_grad():
         expected = model(**inputs).logits
         out = torch.compile(model, backend=backend)(**inputs).logits

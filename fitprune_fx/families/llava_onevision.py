@@ -41,7 +41,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return (self.image_token_id(config), int(config.video_token_id))
 
     def image_tokens(self, config: Any, height: int, width: int) -> int:
-        """Visual tokens of a `height` x `width` image, by transformers' LlavaOnevisionProcessor arithmetic."""
+        """Visual tokens of a `height` x `width` image, by LlavaOnevisionProcessor's arithmetic."""
         from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
         vision = config.vision_config

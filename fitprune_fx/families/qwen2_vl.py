@@ -6,8 +6,9 @@ as LLaVA's RoPE). Images and videos enter through `masked_scatter` into the rows
 `config.image_token_id` / `config.video_token_id`; both are visual tokens.
 
 The merge never shares a Dynamo graph with the decoder (the M-RoPE position code in between breaks
-the graph), so `install` marks the visual tokens inside the decoder's graph (`visual_marks.py`). Positions after a pruned prefill continue exactly: transformers derives them from the
-cache length (layer 0, never pruned) and its `rope_deltas`.
+the graph), so `install` marks the visual tokens inside the decoder's graph (`visual_marks.py`).
+Positions after a pruned prefill continue exactly: transformers derives them from the cache length
+(layer 0, never pruned) and its `rope_deltas`.
 
 Visual counts depend on the image size (dynamic resolution), so recipes use fractions like
 LLaVA-NeXT's. The eager reference (`fitprune_fx.reference`) does not model M-RoPE;
