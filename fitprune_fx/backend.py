@@ -104,9 +104,11 @@ class FitpruneBackend:
         layouts = graph_layouts()
         # Families may share a decoder layout and differ in how images enter: prefer the one whose
         # image merge (or visual-token mark) this graph holds.
-        # A visual-token mark is the more specific sign: a marked graph may scatter other tensors too.
+        # The more specific layout first: a visual-token mark (a marked graph may scatter other tensors
+        # too), then a layout that names its layer classes (it claims fewer graphs).
         with_decoder = sorted(
-            (lay for lay in layouts if has_decoder_layers(gm, lay)), key=lambda lay: not lay.merge_ops
+            (lay for lay in layouts if has_decoder_layers(gm, lay)),
+            key=lambda lay: (not lay.merge_ops, not lay.layer_classes),
         )
         layout = next((lay for lay in with_decoder if has_image_merge(gm, lay)), None)
         layout = layout or next(iter(with_decoder), None)

@@ -39,6 +39,8 @@ class DecoderLayout:
     `merge_methods` are the tensor methods that scatter image features into token embeddings.
     `causal`: every decoder self-attention is causal whatever mask the model passes, so scoring
     may add causality to the mask (the Triton scorer then skips tiles above the diagonal).
+    `layer_classes`: class names of the decoder layers, for a layout whose module paths and merge
+    look like another family's (Gemma 3's bidirectional image attention vs LLaVA's causal one).
     """
 
     decoder: str
@@ -46,6 +48,7 @@ class DecoderLayout:
     merge_methods: tuple[str, ...] = ()
     merge_ops: tuple = ()  # ops that stand for the merge (visual-token marks: visual_token_marks.py)
     causal: bool = True
+    layer_classes: tuple[str, ...] = ()  # when set: only layers of these classes (tells look-alikes apart)
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _scope_re: re.Pattern = field(init=False, repr=False, compare=False)
     _norm_re: re.Pattern = field(init=False, repr=False, compare=False)
@@ -59,8 +62,11 @@ class DecoderLayout:
         object.__setattr__(self, "_scope_re", re.compile(prefix + r"\d+(?:'\])?\]?$"))
         object.__setattr__(self, "_norm_re", re.compile(root + r"\.norm$"))
 
-    def _in_decoder(self, node: fx.Node, path: str) -> bool:
-        """A path under the frame's root is the decoder's only if no module around it is visual."""
+    def _in_decoder(self, node: fx.Node, path: str, layer: bool = True) -> bool:
+        """A path under the frame's root is the decoder's only if no module around it is visual; with
+        `layer_classes`, a node of a `layer` must be inside one of them."""
+        if layer and self.layer_classes and not set(_module_classes(node).split()) & set(self.layer_classes):
+            return False
         return not path.startswith(_ROOT + ".") or not VISION_RE.search(_module_classes(node))
 
     def layer_index(self, node: fx.Node) -> int | None:
@@ -76,7 +82,7 @@ class DecoderLayout:
 
     def is_final_norm(self, node: fx.Node) -> bool:
         path = module_path(node)
-        return bool(self._norm_re.search(path)) and self._in_decoder(node, path)
+        return bool(self._norm_re.search(path)) and self._in_decoder(node, path, layer=False)
 
     def is_rope(self, node: fx.Node) -> bool:
         """True for the shared rotary embedding (cos/sin computed once for all layers)."""

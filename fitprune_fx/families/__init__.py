@@ -14,6 +14,7 @@ from __future__ import annotations
 from fitprune_fx.passes.layout import DecoderLayout
 
 from .base import ModelFamily, UnknownModel
+from .gemma3 import Gemma3Family
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .llava_onevision import LlavaOnevisionFamily
@@ -34,6 +35,7 @@ register_family(LlavaNextFamily())
 register_family(LlavaOnevisionFamily())
 register_family(QwenVLFamily())
 register_family(Qwen3VLFamily())
+register_family(Gemma3Family())
 
 
 def install_families() -> None:
@@ -64,6 +66,7 @@ def graph_layouts() -> list[DecoderLayout]:
 
 __all__ = [
     "FAMILIES",
+    "Gemma3Family",
     "LlavaFamily",
     "LlavaNextFamily",
     "LlavaOnevisionFamily",
