@@ -11,6 +11,7 @@ instruction and visual rows and reuses them for those rows' output.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,33 +41,59 @@ def _text_model(model: nn.Module) -> nn.Module:
 class _Embedded(Exception):
     """Raised by a hook to stop the model's forward once the decoder inputs exist."""
 
-    def __init__(self, embeds: Tensor) -> None:
+    def __init__(self, kwargs: dict) -> None:
         super().__init__()
-        self.embeds = embeds
+        self.kwargs = kwargs
+
+
+@dataclass
+class _DecoderInputs:
+    """What the model hands its decoder for one batch."""
+
+    embeds: Tensor  # [b, S, C] text + visual features
+    positions: Tensor | None  # [b, S, 3] M-RoPE (t, h, w) positions, or None: 0..S-1 per row
+    deepstack: Tensor | None  # [b, S, L, C] DeepStack features added after layers 0..L-1 (Qwen3-VL)
+
+
+_NOT_MODEL_INPUTS = {"labels"}
 
 
 @torch.no_grad()
-def _embed(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Decoder input embeddings (text + projected image features): vision tower runs once."""
+def _embed(model: nn.Module, batch: Mapping[str, Tensor]) -> _DecoderInputs:
+    """The decoder's inputs for a batch, captured at the text model's call: the vision tower runs once.
+
+    Every processor output goes to the model (image sizes, grids, token types, videos), so the
+    family's own code merges the features and computes positions.
+    """
     lm = _text_model(model)
 
     def hook(_module, args, kwargs):
-        raise _Embedded(kwargs["inputs_embeds"])
+        raise _Embedded(kwargs)
 
     handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         inner = getattr(model, "model", model)
-        inner(
-            input_ids=batch["input_ids"],
-            pixel_values=batch.get("pixel_values"),
-            attention_mask=batch.get("attention_mask"),
-            **{k: v for k, v in batch.items() if k == "image_sizes"},
-        )
+        inner(**{k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS})
     except _Embedded as e:
-        return e.embeds
+        return _decoder_inputs(e.kwargs)
     finally:
         handle.remove()
     raise RuntimeError("the language model was never called; cannot capture its inputs")
+
+
+def _decoder_inputs(kwargs: dict) -> _DecoderInputs:
+    embeds = kwargs["inputs_embeds"]
+    positions = kwargs.get("position_ids")
+    if positions is not None and positions.dim() == 3:  # M-RoPE: [3, b, S], or [4, b, S] with text first
+        positions = positions[-3:].permute(1, 2, 0)  # [b, S, 3]
+    else:
+        positions = None
+    deepstack = None
+    levels, rows = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+    if levels is not None and rows is not None:
+        dense = [torch.zeros_like(embeds).masked_scatter(rows[..., None], x.to(embeds.dtype)) for x in levels]
+        deepstack = torch.stack(dense, dim=2)  # [b, S, L, C]
+    return _DecoderInputs(embeds, positions, deepstack)
 
 
 # --------------------------------------------------------------------- attention statistics
@@ -170,17 +197,21 @@ class CalibrationState:
 
     hidden: Tensor  # [B, w, h] model dtype
     kind: Tensor  # [B, w] int8: PAD / VISUAL / INSTRUCTION / OTHER
-    pos: Tensor  # [B, w] long RoPE position ids (original, never renumbered)
+    pos: Tensor  # [B, w] long RoPE position ids, or [B, w, 3] M-RoPE ones (original, never renumbered)
+    deepstack: Tensor | None = None  # [B, w, L, h] features added after layers 0..L-1, travel with rows
+
+    def with_hidden(self, hidden: Tensor) -> CalibrationState:
+        return dataclasses.replace(self, hidden=hidden)
 
     @property
     def valid(self) -> Tensor:
         return self.kind != PAD
 
 
-def token_kinds(input_ids: Tensor, attention_mask: Tensor, image_token_id: int) -> Tensor:
+def token_kinds(input_ids: Tensor, attention_mask: Tensor, visual_ids: tuple[int, ...]) -> Tensor:
     """[b, S] token kinds; instruction = non-visual, non-pad tokens after the last visual one."""
     valid = attention_mask.bool()
-    visual = (input_ids == image_token_id) & valid
+    visual = torch.isin(input_ids, torch.tensor(visual_ids, device=input_ids.device)) & valid
     idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     last_visual = torch.where(visual, idx, -1).amax(dim=1, keepdim=True)  # [b, 1]
     kind = torch.full_like(input_ids, OTHER, dtype=torch.int8)
@@ -199,9 +230,8 @@ def left_pack(keep: Tensor) -> tuple[Tensor, int]:
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x [B, w, ...] gathered along dim 1 by index [B, w']."""
-    if x.dim() == 2:
-        return x.gather(1, index)
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+    shaped = index.view(*index.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, shaped.expand(-1, -1, *x.shape[2:]))
 
 
 def compact(state: CalibrationState, keep: Tensor) -> CalibrationState:
@@ -209,7 +239,8 @@ def compact(state: CalibrationState, keep: Tensor) -> CalibrationState:
     index, _ = left_pack(keep)
     kind = gather_rows(state.kind, index)
     kind = torch.where(gather_rows(keep, index), kind, torch.zeros_like(kind))
-    return CalibrationState(gather_rows(state.hidden, index), kind, gather_rows(state.pos, index))
+    deepstack = None if state.deepstack is None else gather_rows(state.deepstack, index)
+    return CalibrationState(gather_rows(state.hidden, index), kind, gather_rows(state.pos, index), deepstack)
 
 
 class LayerRunner:
@@ -224,7 +255,10 @@ class LayerRunner:
         self._progress = progress
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.image_token_id = family_for(model).image_token_id(model.config)
+        family = family_for(model)
+        if not family.fits:
+            raise NotImplementedError(f"fit does not support {family.name} models yet: {family.fits_not_why}")
+        self.visual_ids = family.visual_token_ids(model.config)
         # Llama-style layers run as attention half + MLP half: deleted rows skip the MLP and a
         # walk's last layer skips it entirely (checked numerically on layer 0 before use).
         self.split = all(
@@ -237,34 +271,42 @@ class LayerRunner:
 
     def embed_all(self, calibration: Iterable[Mapping[str, Tensor]]) -> CalibrationState:
         """Embed every batch, then re-pad all examples into one left-padded state."""
-        hidden, kinds = [], []
+        hidden, kinds, positions, deepstacks = [], [], [], []
         for batch in as_batches(calibration):
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             ids = batch["input_ids"]
             mask = batch.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(ids)
-            emb = _embed(self.model, batch)
-            kind = token_kinds(ids, mask, self.image_token_id)
+            inputs = _embed(self.model, batch)
+            kind = token_kinds(ids, mask, self.visual_ids)
             for b in range(ids.shape[0]):
                 keep = mask[b].bool()
-                hidden.append(emb[b][keep])
+                hidden.append(inputs.embeds[b][keep])
                 kinds.append(kind[b][keep])
+                positions.append(None if inputs.positions is None else inputs.positions[b][keep])
+                deepstacks.append(None if inputs.deepstack is None else inputs.deepstack[b][keep])
             self._progress(ids.shape[0])
         if not hidden:
             raise ValueError("the calibration set is empty")
         width = max(x.shape[0] for x in hidden)
         count = len(hidden)
         self.num_examples = count
-        h = hidden[0].shape[-1]
-        state_h = torch.zeros(count, width, h, dtype=self.dtype, device=self.device)
-        state_k = torch.zeros(count, width, dtype=torch.int8, device=self.device)
-        for b, (x, k) in enumerate(zip(hidden, kinds, strict=True)):
-            state_h[b, width - x.shape[0] :] = x
-            state_k[b, width - x.shape[0] :] = k
-        # Positions as if unpadded: 0..len-1 right-aligned (pads get 0).
-        pos = (state_k != PAD).long().cumsum(dim=1) - 1
-        return CalibrationState(state_h, state_k, pos.clamp(min=0))
+
+        def left_padded(rows: list[Tensor], dtype) -> Tensor:
+            out = torch.zeros(count, width, *rows[0].shape[1:], dtype=dtype, device=self.device)
+            for b, x in enumerate(rows):
+                out[b, width - x.shape[0] :] = x
+            return out
+
+        state_h = left_padded(hidden, self.dtype)
+        state_k = left_padded(kinds, torch.int8)
+        if positions[0] is not None:  # the model's own M-RoPE positions (pads get 0)
+            pos = left_padded(positions, torch.long)
+        else:  # positions as if unpadded: 0..len-1 right-aligned (pads get 0)
+            pos = ((state_k != PAD).long().cumsum(dim=1) - 1).clamp(min=0)
+        deepstack = None if deepstacks[0] is None else left_padded(deepstacks, self.dtype)
+        return CalibrationState(state_h, state_k, pos, deepstack)
 
     def run(
         self, layer: int, state: CalibrationState, which: Tensor, attention_only: bool = False
@@ -290,6 +332,8 @@ class LayerRunner:
                 state.pos[sel, width - w :],
                 attention_only and self.split,
             )
+            if state.deepstack is not None and layer < state.deepstack.shape[2]:  # zero at other rows
+                o = o + state.deepstack[sel, width - w :, layer]
             k = slice(start, start + len(sel))
             out[k, : width - w] = 0
             out[k, width - w :] = o
@@ -312,7 +356,9 @@ class LayerRunner:
         first = torch.arange(min(2, self.num_examples), device=self.device)
         full, _, _ = self.run(0, state, first)
         half, _, _ = self.run(0, state, first, attention_only=True)
-        part = CalibrationState(half, state.kind[first], state.pos[first])
+        part = CalibrationState(
+            half, state.kind[first], state.pos[first]
+        )  # (layers with DeepStack: no split)
         self.mlp(0, part, torch.arange(len(first), device=self.device))
         valid = (part.kind != PAD)[..., None]
         tol = 1e-4 if self.dtype == torch.float32 else 2e-2
@@ -326,7 +372,7 @@ class LayerRunner:
         allowed = causal[None] & (kind != PAD)[:, None, :]
         window = getattr(self.config, "sliding_window", None)
         types = getattr(self.config, "layer_types", None)
-        if window and (types is None or types[layer] == "sliding_attention"):
+        if window and (types is None or types[layer] == "sliding_attention") and pos.dim() == 2:
             allowed &= (pos[:, :, None] - pos[:, None, :]) < window
         allowed |= torch.eye(w, dtype=torch.bool, device=kind.device)[None]
         return allowed[:, None]
@@ -346,12 +392,17 @@ class LayerRunner:
             rest, _ = left_pack(~scored)  # [b, R2] rows outside T and V
         req = _StatsRequest(rows=rows, rest=rest, row_t=row_t, row_v=row_v)
         mask = self._mask(layer, kind, pos)
-        cos_sin = self.lm.rotary_emb(hidden, pos)
+        rope_pos = pos if pos.dim() == 2 else pos.permute(2, 0, 1)  # M-RoPE: [3, b, w]
+        cos_sin = self.lm.rotary_emb(hidden, rope_pos)
         _local.request = req
         try:
             with _stats_attention_on(self.layers[layer : layer + 1]):
                 module = self.layers[layer]
-                kwargs = dict(attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+                kwargs = dict(
+                    attention_mask=mask,
+                    position_ids=pos if pos.dim() == 2 else None,
+                    position_embeddings=cos_sin,
+                )
                 if attention_only:
                     attn = module.self_attn(module.input_layernorm(hidden), **kwargs)[0]
                     out = hidden + attn

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fitprune_fx.flops import projected_reduction
 
-from .fit_statistics import VISUAL, CalibrationState, compact
+from .fit_statistics import VISUAL, compact
 
 if TYPE_CHECKING:
     from .fitting import FitSession
@@ -109,7 +109,7 @@ def walk(
             break
         if layer == L - 1:
             break
-        state = CalibrationState(out, state.kind, state.pos)
+        state = state.with_hidden(out)
         if bool(count.any()):
             state = compact(state, state.valid & ~drop)
             root &= count == 0

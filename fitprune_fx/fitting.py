@@ -166,7 +166,7 @@ class FitSession:
             _, s_mass = removable(self_, is_vis, torch.zeros_like(no_cap).double(), 0.0, no_cap)
             self.orig_cross.append(c_mass)
             self.orig_self.append(s_mass)
-            state = CalibrationState(out, state.kind, state.pos)
+            state = state.with_hidden(out)
             self._progress(1)
 
     def _layer_scores(self, layer: int, state: CalibrationState, todo: Tensor):

@@ -94,3 +94,9 @@ def test_the_real_sliding_full_pattern_runs_unpruned_with_one_warning():
     assert len(ours) == 1 and "sliding-window attention" in str(ours[0].message), ours
     assert not backend.pruned_graphs
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_fit_is_refused_with_the_reason():
+    model = tiny_gemma3(num_layers=2, seed=9)
+    with pytest.raises(NotImplementedError, match="Gemma 3's image tokens attend both ways"):
+        fitprune_fx.fit(model, [make_gemma3_inputs(model, [2], [3], seed=10)], 0.4)

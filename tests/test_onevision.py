@@ -126,3 +126,16 @@ def test_zero_recipe_reproduces_the_model():
         out = torch.compile(model, backend=backend)(**inputs).logits
     assert len(backend.pruned_graphs) == 1
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_fit_on_processor_inputs_gives_a_recipe_that_prunes():
+    model = tiny_llava_onevision(num_layers=4, seed=6)
+    calibration = [
+        processed(model, ["w1 <image> what is in the image ?"], [(40, 60)], seed=s) for s in range(4)
+    ]
+    recipe = fitprune_fx.fit(model, calibration, 0.4)
+    assert recipe.reference_reduction() >= 0.4
+    backend = fitprune_backend(recipe, compiler="eager")
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**calibration[0])
+    assert backend.pruned_graphs[0].result.deletions == recipe.pruning_plan(70)  # 70 tokens at 40x60

@@ -202,3 +202,32 @@ def test_processor_inputs_prune_like_masking(variant):
         assert torch.equal(kept[b], (~masking.deleted[1][b]).nonzero().squeeze(1))
         valid = inputs["attention_mask"][b, kept[b]].bool()
         torch.testing.assert_close(out[b][valid], expected[b, kept[b]][valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fit_runs_the_models_own_layers_and_its_recipe_prunes(variant):
+    """fit's layer runner reproduces the model layer by layer (M-RoPE positions of an image and a
+    video, Qwen3-VL's DeepStack features travelling with the rows; 1e-6 against transformers' own
+    hidden states), and `fit` returns a fraction recipe meeting the budget that then prunes."""
+    from fitprune_fx.fitting import FitSession
+
+    model = tiny_qwen_vl(variant, num_layers=4, seed=17)
+    batch = make_qwen_inputs(model, [2, 5], [6, 3], video=(2, 4, 4), seed=18)
+    session = FitSession(model, [batch])
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states  # layer outputs before DeepStack
+    valid = batch["attention_mask"].bool()
+    for layer in range(3):
+        ours = session.root_out[layer]
+        if session.start.deepstack is not None:
+            ours = ours - session.start.deepstack[:, :, layer]  # what the next layer sees, minus the add
+        assert (ours[valid] - hidden[layer + 1][valid]).abs().max() <= 1e-6, layer
+    assert (session.start.deepstack is not None) == (variant == "qwen3_vl")
+
+    calibration = [make_qwen_inputs(model, [2, 5], [6, 3], seed=s) for s in range(4)]
+    recipe = fitprune_fx.fit(model, calibration, 0.4)
+    assert recipe.prune_fraction and recipe.reference_reduction() >= 0.4
+    backend = fitprune_backend(recipe, compiler="eager")
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**calibration[0])
+    assert backend.pruned_graphs[0].result.deletions == plan(model, calibration[0], recipe.prune_fraction)

@@ -19,6 +19,8 @@ class ModelFamily:
     name: str = ""
     layout: DecoderLayout
     counts_vary_with_image: bool = False  # visual count depends on image size (recipes in fractions)
+    fits: bool = True  # `fit` models its decoder (statistics from the model's own layers)
+    fits_not_why: str = ""
 
     def claims(self, config: Any) -> bool:
         """True when this family knows models with this config."""

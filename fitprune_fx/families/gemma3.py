@@ -36,6 +36,11 @@ GEMMA3_LAYOUT = DecoderLayout(
 class Gemma3Family(ModelFamily):
     name = "gemma3"
     layout = GEMMA3_LAYOUT
+    fits = False
+    fits_not_why = (
+        "its statistics runner uses a causal mask, and Gemma 3's image tokens attend both ways; "
+        "write the recipe by hand (fractions or counts) or fit it on another model"
+    )
 
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "gemma3"
