@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fitprune_fx.calibration import as_batches
+from fitprune_fx.decoder_inputs import capture_decoder_inputs
 from fitprune_fx.families import family_for
 
 # Token kinds in the walk state.
@@ -36,64 +37,6 @@ _SPLIT_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"
 def _text_model(model: nn.Module) -> nn.Module:
     """The decoder stack (``LlamaModel``-like), as the model's family states it."""
     return family_for(model).text_model(model)
-
-
-class _Embedded(Exception):
-    """Raised by a hook to stop the model's forward once the decoder inputs exist."""
-
-    def __init__(self, kwargs: dict) -> None:
-        super().__init__()
-        self.kwargs = kwargs
-
-
-@dataclass
-class _DecoderInputs:
-    """What the model hands its decoder for one batch."""
-
-    embeds: Tensor  # [b, S, C] text + visual features
-    positions: Tensor | None  # [b, S, 3] M-RoPE (t, h, w) positions, or None: 0..S-1 per row
-    deepstack: Tensor | None  # [b, S, L, C] DeepStack features added after layers 0..L-1 (Qwen3-VL)
-
-
-_NOT_MODEL_INPUTS = {"labels"}
-
-
-@torch.no_grad()
-def _embed(model: nn.Module, batch: Mapping[str, Tensor]) -> _DecoderInputs:
-    """The decoder's inputs for a batch, captured at the text model's call: the vision tower runs once.
-
-    Every processor output goes to the model (image sizes, grids, token types, videos), so the
-    family's own code merges the features and computes positions.
-    """
-    lm = _text_model(model)
-
-    def hook(_module, args, kwargs):
-        raise _Embedded(kwargs)
-
-    handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        inner = getattr(model, "model", model)
-        inner(**{k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS})
-    except _Embedded as e:
-        return _decoder_inputs(e.kwargs)
-    finally:
-        handle.remove()
-    raise RuntimeError("the language model was never called; cannot capture its inputs")
-
-
-def _decoder_inputs(kwargs: dict) -> _DecoderInputs:
-    embeds = kwargs["inputs_embeds"]
-    positions = kwargs.get("position_ids")
-    if positions is not None and positions.dim() == 3:  # M-RoPE: [3, b, S], or [4, b, S] with text first
-        positions = positions[-3:].permute(1, 2, 0)  # [b, S, 3]
-    else:
-        positions = None
-    deepstack = None
-    levels, rows = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
-    if levels is not None and rows is not None:
-        dense = [torch.zeros_like(embeds).masked_scatter(rows[..., None], x.to(embeds.dtype)) for x in levels]
-        deepstack = torch.stack(dense, dim=2)  # [b, S, L, C]
-    return _DecoderInputs(embeds, positions, deepstack)
 
 
 # --------------------------------------------------------------------- attention statistics
@@ -278,7 +221,7 @@ class LayerRunner:
             mask = batch.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(ids)
-            inputs = _embed(self.model, batch)
+            inputs = capture_decoder_inputs(self.model, batch)
             kind = token_kinds(ids, mask, self.visual_ids)
             for b in range(ids.shape[0]):
                 keep = mask[b].bool()

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
+from .decoder_inputs import DecoderInputs, capture_decoder_inputs
 from .families import family_for
 
 SCORERS = ("fitprune", "fastv", "random")
@@ -81,8 +82,14 @@ def _text_model(model: nn.Module) -> nn.Module:
 
 
 def _check_supported(model: nn.Module) -> None:
-    """Refuse configurations this reference does not model (sliding-window attention)."""
+    """Refuse configurations this reference does not model (sliding-window attention, norms around
+    attention and MLP as in Gemma 3)."""
     for layer in _text_model(model).layers:
+        if hasattr(layer, "pre_feedforward_layernorm") or hasattr(layer, "post_feedforward_layernorm"):
+            raise NotImplementedError(
+                f"reference: {type(layer).__name__} has norms around attention and MLP that this reference "
+                "does not model; check it with fitprune_fx.masking_reference.MaskingReference"
+            )
         attn = layer.self_attn
         window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         if window is not None:
@@ -94,15 +101,28 @@ def _rope_function(attn: nn.Module) -> Callable:
     return sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
 
-def _embed_prompt(
-    model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None = None
-) -> Tensor:
-    """Token embeddings with the image features merged in, [B, S, C], the family's way.
+def _decoder_inputs(
+    model: nn.Module,
+    input_ids: Tensor,
+    pixel_values: Tensor | None,
+    attention_mask: Tensor,
+    image_sizes: Tensor | None,
+    model_inputs: dict,
+) -> DecoderInputs:
+    """Token embeddings with the visual features merged in, [B, S, C], the family's way.
 
     For LLaVA-NeXT (`image_sizes` given) each image contributes a size-dependent number of rows,
-    newline rows included; every one of them is a visual token.
+    newline rows included; every one of them is a visual token. Families with M-RoPE take their
+    embeddings, 3-D positions and DeepStack features from the model's own call.
     """
-    return family_for(model).embed_prompt(model, input_ids, pixel_values, image_sizes=image_sizes)
+    family = family_for(model)
+    if family.positions_from_model:
+        batch = dict(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **model_inputs
+        )
+        return capture_decoder_inputs(model, batch)
+    embeds = family.embed_prompt(model, input_ids, pixel_values, image_sizes=image_sizes, **model_inputs)
+    return DecoderInputs(embeds, None, None)
 
 
 def _attend(
@@ -121,8 +141,11 @@ def _attend(
     """
     B, L, _ = x.shape
     D = attn.head_dim
-    q = attn.q_proj(x).view(B, L, -1, D).transpose(1, 2)  # [B, Hq, L, D]
-    k = attn.k_proj(x).view(B, L, -1, D).transpose(1, 2)  # [B, Hkv, L, D]
+    q = attn.q_proj(x).view(B, L, -1, D)
+    k = attn.k_proj(x).view(B, L, -1, D)
+    if hasattr(attn, "q_norm"):  # per-head RMSNorm before RoPE (Qwen3)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq, L, D], [B, Hkv, L, D]
     v = attn.v_proj(x).view(B, L, -1, D).transpose(1, 2)  # [B, Hkv, L, D]
     q, k = _rope_function(attn)(q, k, cos, sin)
     k_all, v_all = k, v
@@ -205,6 +228,7 @@ def _prefill(
     scorer_options: dict | None,
     position_ids: Tensor | None,
     image_sizes: Tensor | None = None,
+    model_inputs: dict | None = None,
 ) -> tuple[ReferenceResult, list[_LayerKV], Tensor]:
     """The pruned prefill; also returns the per-layer caches and the last row's logits [B, V]."""
     if scorer not in SCORERS:
@@ -227,11 +251,14 @@ def _prefill(
     position_ids = position_ids.to(device).expand(B, S)
 
     # State of the current (compacted) sequence, one row per token still present:
-    h = _embed_prompt(model, input_ids, pixel_values, image_sizes)  # [B, L, C] residual stream
+    inputs = _decoder_inputs(model, input_ids, pixel_values, attention_mask, image_sizes, model_inputs or {})
+    h = inputs.embeds  # [B, L, C] residual stream
     index = torch.arange(S, device=device).expand(B, S)  # [B, L] original position of each row
-    pos = position_ids  # [B, L] RoPE position ids
+    pos = position_ids if inputs.positions is None else inputs.positions  # [B, L] RoPE or [B, L, 3] M-RoPE
+    deepstack = inputs.deepstack  # [B, L, levels, C] or None
     valid = attention_mask.bool()  # [B, L] not padding
-    visual = (input_ids == family_for(model).image_token_id(model.config)) & valid  # [B, L]
+    visual_ids = torch.tensor(family_for(model).visual_token_ids(model.config), device=device)
+    visual = torch.isin(input_ids, visual_ids) & valid  # [B, L]
     batch = torch.arange(B, device=device)[:, None]  # [B, 1] for row gathers
 
     caches: list[_LayerKV] = []
@@ -246,7 +273,7 @@ def _prefill(
                 tokens_per_layer[b].append(h.shape[1])
             # key j visible to query i: j is not padding and j is not after i (original order)
             allowed = valid[:, None, :] & (index[:, None, :] <= index[:, :, None])  # [B, L, L]
-            cos, sin = text.rotary_emb(h, pos)  # [B, L, D] each
+            cos, sin = text.rotary_emb(h, pos if pos.dim() == 2 else pos.permute(2, 0, 1))  # [B, L, D] each
             heads, probs, k, v = _attend(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
             caches.append(_LayerKV(k, v, valid))  # this layer holds every token at its input
 
@@ -273,11 +300,14 @@ def _prefill(
                 rows = torch.stack(keep_rows)  # [B, L'] (same d per example)
                 heads, h = heads[batch, rows], h[batch, rows]
                 index, pos, valid, visual = (t[batch, rows] for t in (index, pos, valid, visual))
+                deepstack = None if deepstack is None else deepstack[batch, rows]
                 for b in range(B):
                     kept[b].append(index[b].clone())
 
             h = h + layer.self_attn.o_proj(heads)  # attention residual, kept rows only
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if deepstack is not None and li < deepstack.shape[2]:  # kept visual rows get their own features
+                h = h + deepstack[:, :, li]
 
         for b in range(B):
             tokens_per_layer[b].append(h.shape[1])
@@ -310,12 +340,15 @@ def reference_prefill(
     scorer_options: dict | None = None,
     position_ids: Tensor | None = None,
     image_sizes: Tensor | None = None,
+    **model_inputs: Tensor,
 ) -> ReferenceResult:
     """Pruned prefill of a supported model; `prune` maps layer -> visual tokens deleted per example.
 
     position_ids defaults to 0..S-1 for every row, like calling the model directly; pass
     `attention_mask.cumsum(-1) - 1` to get what `generate` uses with left padding.
-    `image_sizes` ([num_images, 2]) is required for LLaVA-NeXT models.
+    `image_sizes` ([num_images, 2]) is required for LLaVA-NeXT models; `model_inputs` are the other
+    processor outputs a family needs (Qwen-VL: image_grid_thw, mm_token_type_ids, videos), whose
+    M-RoPE positions come from the model (position_ids is then ignored).
     """
     result, _, _ = _prefill(
         model,
@@ -327,6 +360,7 @@ def reference_prefill(
         scorer_options,
         position_ids,
         image_sizes,
+        model_inputs,
     )
     return result
 
@@ -363,6 +397,11 @@ def reference_generate(
     With output_logits, also returns the logits each new token was chosen from: [B, new, V].
     `image_sizes` ([num_images, 2]) is required for LLaVA-NeXT models.
     """
+    if family_for(model).positions_from_model:
+        raise NotImplementedError(
+            "reference_generate: decode positions of M-RoPE models (rope deltas) are not modelled; "
+            "check their generation with fitprune_fx.masking_reference.MaskingReference"
+        )
     B, S = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

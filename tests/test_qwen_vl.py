@@ -8,11 +8,14 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
-from fitprune_fx.testbed.tiny_qwen import IMAGE, make_qwen_inputs, tiny_qwen_vl
+from fitprune_fx.reference import reference_prefill
+from fitprune_fx.testbed.tiny_qwen import IMAGE, VIDEO, make_qwen_inputs, tiny_qwen_vl
 from graph_harness import KeptRecorder, compose_kept
 
 VARIANTS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -231,3 +234,49 @@ def test_fit_runs_the_models_own_layers_and_its_recipe_prunes(variant):
     with torch.no_grad():
         torch.compile(model, backend=backend)(**calibration[0])
     assert backend.pruned_graphs[0].result.deletions == plan(model, calibration[0], recipe.prune_fraction)
+
+
+@st.composite
+def fraction_recipes(draw):
+    layers = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
+    return {layer: draw(st.sampled_from([0.0, 0.125, 0.25, 0.375])) for layer in sorted(layers)}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    variant=st.sampled_from(VARIANTS),
+    video=st.booleans(),
+    seed=st.integers(0, 3),
+    fractions=fraction_recipes(),
+)
+@example(variant="qwen3_vl", video=True, seed=0, fractions={0: 0.25, 2: 0.25})  # DeepStack after a deletion
+@example(variant="qwen2_5_vl", video=False, seed=1, fractions={1: 0.375, 3: 0.125})
+def test_pass_equals_the_eager_reference_for_random_recipes(variant, video, seed, fractions):
+    """Kept sets after every pruning layer and logits at kept positions (fp32 1e-4) equal the eager
+    reference's, which runs its own attention over M-RoPE positions and DeepStack from the model."""
+    torch._dynamo.reset()
+    model = tiny_qwen_vl(variant, num_layers=4, seed=20 + seed)
+    inputs = make_qwen_inputs(model, [2, 5], [4, 2], video=(2, 4, 4) if video else None, seed=seed)
+    prune = plan_all(model, inputs, fractions)
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, fractions), compiler="eager"))
+    with torch.no_grad():
+        out = torch.compile(model, backend=recorder)(**inputs).logits
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+    ref = reference_prefill(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                            prune=prune, **extra)  # fmt: skip
+    batch, seq_len = inputs["input_ids"].shape
+    ours = compose_kept(recorder.kept, seq_len, batch)
+    for step in range(len(prune)):
+        for b in range(batch):
+            assert torch.equal(ours[step][b], ref.kept[b][step]), (step, b)
+    for b in range(batch):
+        kept = ours[-1][b]
+        valid = inputs["attention_mask"][b, kept].bool()
+        torch.testing.assert_close(out[b][valid], ref.logits[b, kept][valid], atol=1e-4, rtol=1e-4)
+
+
+def plan_all(model, inputs, fractions) -> dict[int, int]:
+    """The plan for every visual token of an example (images and videos)."""
+    n = int(torch.isin(inputs["input_ids"][0], torch.tensor([IMAGE, VIDEO])).sum())
+    info = dataclasses.replace(ModelInfo.from_config(model.config), num_visual_tokens=n)
+    return dict(Recipe.from_fractions(info, fractions).prune)

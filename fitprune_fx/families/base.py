@@ -19,6 +19,7 @@ class ModelFamily:
     name: str = ""
     layout: DecoderLayout
     counts_vary_with_image: bool = False  # visual count depends on image size (recipes in fractions)
+    positions_from_model: bool = False  # M-RoPE: the eager reference takes positions from the model
     fits: bool = True  # `fit` models its decoder (statistics from the model's own layers)
     fits_not_why: str = ""
 

@@ -11,8 +11,9 @@ Positions after a pruned prefill continue exactly: transformers derives them fro
 (layer 0, never pruned) and its `rope_deltas`.
 
 Visual counts depend on the image size (dynamic resolution), so recipes use fractions like
-LLaVA-NeXT's. The eager reference (`fitprune_fx.reference`) does not model M-RoPE;
-`fitprune_fx.masking_reference.MaskingReference` runs these models' own code and is their oracle.
+LLaVA-NeXT's. The eager reference and `fit` take embeddings and 3-D positions from the model's own
+call (`fitprune_fx.decoder_inputs`); the reference's prefill models M-RoPE, its own decode loop
+does not (rope deltas): generation is checked against `MaskingReference`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class QwenVLFamily(ModelFamily):
     name = "qwen2-vl"
     layout = MARKED_LAYOUT
     counts_vary_with_image = True
+    positions_from_model = True  # M-RoPE positions (and Qwen3-VL's DeepStack) come from the model's call
 
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) in MODEL_TYPES
@@ -57,10 +59,11 @@ class QwenVLFamily(ModelFamily):
         return self.image_tokens(config, 448, 448)  # the count a recipe's numbers refer to by default
 
     def embed_prompt(self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, **image_inputs):
-        raise NotImplementedError(
-            "the eager reference does not model Qwen2-VL's M-RoPE positions; check these models with "
-            "fitprune_fx.masking_reference.MaskingReference (it runs the model's own code)"
-        )
+        """The model's own merge (images and videos), captured at its decoder's call."""
+        from fitprune_fx.decoder_inputs import capture_decoder_inputs
+
+        batch = dict(input_ids=input_ids, pixel_values=pixel_values, **image_inputs)
+        return capture_decoder_inputs(model, batch).embeds
 
     def install(self) -> None:
         """Mark visual tokens in the decoder graph (`visual_marks`), class-wide, once."""
