@@ -46,4 +46,6 @@ def test_cli_inspect_at_image_sizes(tmp_path, capsys, name, size, tokens):
     assert cli_main(["inspect", str(path), "--config", str(tmp_path / "model"), "--image-size", size]) == 0
     out = capsys.readouterr().out
     quarter = round(tokens * 0.25)
-    assert f"image {size} (height x width): {tokens} visual tokens; deleted per layer {{0: {quarter}, 1: " in out
+    assert (
+        f"image {size} (height x width): {tokens} visual tokens; deleted per layer {{0: {quarter}, 1: " in out
+    )
