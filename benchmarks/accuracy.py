@@ -3,12 +3,15 @@
 For each budget r:
   * fitprune: `fit(model, calibration, r)` on generated calibration questions,
   * random:   the same per-layer schedule as fitprune, tokens chosen by the seeded random scorer,
+              repeated over `--random-seeds` seeds (mean, spread and range reported),
   * fastv:    one deletion after layer K (default 1, the paper's K=2 in 1-based numbering), the
               smallest count whose reference FLOPs reduction reaches r; if deleting every visual
               token after layer K cannot reach r, K moves earlier (printed in the table).
-Every recipe runs through the FitPrune backend (the pass), on held-out questions. The default
-top budget is 85 %: on the 4-layer model, layer 0's attention over every token is always paid,
-and FitPrune's fit reaches at most ~88.6 % (alpha = 1).
+Every recipe runs through the FitPrune backend (the pass), on held-out questions that share no
+(image, question) pair with the calibration set. Each accuracy comes with a 95 % Wilson interval
+and a per-question-kind breakdown, so a difference smaller than the interval or than random's
+seed spread reads as what it is: noise. The default top budget is 85 %: on the 4-layer model,
+layer 0's attention over every token is always paid, and FitPrune's fit reaches at most ~88.6 %.
 
     python benchmarks/accuracy.py                    # writes docs/accuracy.md and docs/accuracy.png
 """
@@ -16,6 +19,9 @@ and FitPrune's fit reaches at most ~88.6 % (alpha = 1).
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,22 +46,60 @@ def fastv_recipe(base: Recipe, budget: float, layer: int) -> Recipe:
 
 
 @torch.no_grad()
-def accuracy(model, processor, recipe: Recipe, examples, batch_size: int, compiler: str) -> float:
+def correctness(model, processor, recipe: Recipe, examples, batch_size: int, compiler: str) -> torch.Tensor:
+    """[N] bool: which held-out questions the pruned model answers right (last-position argmax)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=fitprune_backend(recipe, compiler=compiler))
-    correct = 0
+    right = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         logits = compiled(**encode(processor, chunk)).logits[:, -1]  # last position: never pruned
-        correct += int((logits.argmax(-1) == answer_ids(processor, chunk)).sum())
-    return correct / len(examples)
+        right.append(logits.argmax(-1) == answer_ids(processor, chunk))
+    return torch.cat(right)
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def disjoint_held_out(held_out, calibration):
+    """Held-out questions minus any (image, question) pair the calibration set also holds."""
+    seen = {(ex.image.tobytes(), ex.question) for ex in calibration}
+    return [ex for ex in held_out if (ex.image.tobytes(), ex.question) not in seen]
+
+
+@dataclass
+class Row:
+    method: str
+    budget: float
+    reduction: float
+    deletions: str
+    right: list[torch.Tensor]  # one [N] bool per run (random: one per seed)
+
+    def accuracies(self) -> list[float]:
+        return [float(r.float().mean()) for r in self.right]
+
+    def cell(self, mask: torch.Tensor | None = None) -> str:
+        """Accuracy over all questions (or those of `mask`): one run, or mean ± s.d. over seeds."""
+        accs = [float((r if mask is None else r[mask]).float().mean()) for r in self.right]
+        if len(accs) == 1:
+            return f"{accs[0]:.3f}"
+        return f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     p.add_argument("--calibration", type=int, default=64)
-    p.add_argument("--eval", type=int, default=512)
+    p.add_argument("--eval", type=int, default=768)
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the held-out questions")
+    p.add_argument("--random-seeds", type=int, default=5, help="seeds of the random scorer (>= 5)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fastv-layer", type=int, default=1)
     p.add_argument("--compiler", choices=["eager", "inductor"], default="eager")
@@ -68,55 +112,99 @@ def main() -> None:
     model, processor = load_shapes_llava()
     calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib")
     calib = [encode(processor, calibration[i : i + 16]) for i in range(0, len(calibration), 16)]
-    held_out = synthetic.make_dataset(args.eval, seed=0, split="test")
+    drawn = synthetic.make_dataset(args.eval, seed=args.eval_seed, split="test")
+    held_out = disjoint_held_out(drawn, calibration)
+    kinds = list(synthetic.QUESTION_WEIGHTS)
+    kind_of = [ex.kind for ex in held_out]
+    masks = {k: torch.tensor([x == k for x in kind_of]) for k in kinds}
 
     unpruned = Recipe(model=ModelInfo.from_config(model.config, name="shapes-llava"), prune={})
-    runs = [("unpruned", 0.0, unpruned)]
+    plans = [("unpruned", 0.0, [unpruned])]
     for budget in args.budgets:
         fitted = fit(model, calib, budget, name="shapes-llava")
-        rand = Recipe(model=fitted.model, prune=fitted.prune, scorer="random", scorer_options={"seed": 0})
-        runs += [
-            ("fitprune", budget, fitted),
-            ("fastv", budget, fastv_recipe(fitted, budget, args.fastv_layer)),
-            ("random", budget, rand),
+        randoms = [
+            Recipe(model=fitted.model, prune=fitted.prune, scorer="random", scorer_options={"seed": s})
+            for s in range(args.random_seeds)
+        ]
+        plans += [
+            ("fitprune", budget, [fitted]),
+            ("fastv", budget, [fastv_recipe(fitted, budget, args.fastv_layer)]),
+            (f"random ({args.random_seeds} seeds)", budget, randoms),
         ]
 
     rows = []
-    for method, budget, recipe in tqdm(runs, desc="evaluating"):
-        acc = accuracy(model, processor, recipe, held_out, args.batch_size, args.compiler)
-        layers = ", ".join(f"{k}:{v}" for k, v in recipe.prune.items() if v)
-        rows.append((method, budget, recipe.reference_reduction(), acc, layers))
+    bar = tqdm(total=sum(len(r) for _, _, r in plans), desc="evaluating")
+    for method, budget, recipes in plans:
+        right = []
+        for recipe in recipes:
+            right.append(correctness(model, processor, recipe, held_out, args.batch_size, args.compiler))
+            bar.update(1)
+        layers = ", ".join(f"{k}:{v}" for k, v in recipes[0].prune.items() if v)
+        rows.append(Row(method, budget, recipes[0].reference_reduction(), layers or "-", right))
+    bar.close()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"shapes-llava, {len(held_out)} held-out questions, calibration {args.calibration}",
-        "",
-        "| method | budget | FLOPs reduction | accuracy | deletions (layer:count) |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {m} | {b:.0%} | {r:.1%} | {a:.3f} | {layers or '-'} |" for m, b, r, a, layers in rows]
-    table = "\n".join(lines)
+    table = render(rows, masks, len(held_out), len(drawn), args)
     print(table)
     (args.out / "accuracy.md").write_text(table + "\n")
     plot(rows, args.out / "accuracy.png")
     print(f"wrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.png'}")
 
 
-def plot(rows, path: Path) -> None:
+def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, args) -> str:
+    kinds = list(masks)
+    lines = [
+        f"shapes-llava, {n} held-out questions (seed {args.eval_seed}; {drawn - n} of {drawn} drawn dropped "
+        f"as also in the calibration set), calibration {args.calibration}. Accuracy with its 95 % Wilson "
+        f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds, interval "
+        "of the mean accuracy's range. Per question kind (count of questions in brackets):",
+        "",
+        "| method | budget | FLOPs reduction | accuracy | 95 % interval | "
+        + " | ".join(f"{k} ({int(masks[k].sum())})" for k in kinds)
+        + " | deletions (layer:count) |",
+        "|---" * (6 + len(kinds)) + "|",
+    ]
+    for row in rows:
+        accs = row.accuracies()
+        if len(accs) == 1:
+            low, high = wilson(int(row.right[0].sum()), n)
+            interval = f"{low:.3f}–{high:.3f}"
+        else:
+            interval = f"seeds {min(accs):.3f}–{max(accs):.3f}"
+        per_kind = " | ".join(row.cell(masks[k]) for k in kinds)
+        lines.append(
+            f"| {row.method} | {row.budget:.0%} | {row.reduction:.1%} | {row.cell()} | {interval} | "
+            f"{per_kind} | {row.deletions} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    base = next(a for m, _, _, a, _ in rows if m == "unpruned")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    n = len(rows[0].right[0])
+    base = rows[0].accuracies()[0]
     ax.axhline(base, color="grey", linestyle="--", label="unpruned")
-    for method, marker in (("fitprune", "o"), ("fastv", "s"), ("random", "^")):
-        pts = [(r, a) for m, _, r, a, _ in rows if m == method]
-        ax.plot([100 * r for r, _ in pts], [a for _, a in pts], marker=marker, label=method)
+    for prefix, marker in (("fitprune", "o"), ("fastv", "s"), ("random", "^")):
+        picked = [r for r in rows if r.method.startswith(prefix)]
+        x = [100 * r.reduction for r in picked]
+        y = [statistics.mean(r.accuracies()) for r in picked]
+        if prefix == "random":  # seed spread
+            err = [statistics.stdev(r.accuracies()) if len(r.right) > 1 else 0.0 for r in picked]
+        else:  # Wilson interval, as a (lower, upper) distance
+            bounds = [wilson(int(r.right[0].sum()), n) for r in picked]
+            err = [
+                [a - lo for a, (lo, _) in zip(y, bounds, strict=True)],
+                [hi - a for a, (_, hi) in zip(y, bounds, strict=True)],
+            ]
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=picked[0].method if picked else prefix)
     ax.set_xlabel("FLOPs reduction (%)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("shapes-llava: accuracy at matched FLOPs")
+    ax.set_title("shapes-llava: accuracy at matched FLOPs (95 % intervals; random: seed s.d.)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

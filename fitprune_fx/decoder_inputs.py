@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from fitprune_fx.families import family_for
+if TYPE_CHECKING:
+    from fitprune_fx.families.base import ModelFamily
 
 _NOT_MODEL_INPUTS = {"labels"}
 
@@ -37,10 +39,13 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def capture_decoder_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> DecoderInputs:
+def capture_decoder_inputs(
+    model: nn.Module, batch: Mapping[str, Tensor], family: ModelFamily
+) -> DecoderInputs:
     """Run `model`'s multimodal model on `batch` (every processor output: image sizes, grids, token
-    types, videos) up to its decoder's call; return what the decoder was given."""
-    lm = family_for(model).text_model(model)
+    types, videos) up to its decoder's call; return what the decoder was given. `family` is the
+    model's family (`fitprune_fx.families.family_for(model)`)."""
+    lm = family.text_model(model)
 
     def hook(_module, args, kwargs):
         raise _Captured(kwargs)
@@ -50,23 +55,17 @@ def capture_decoder_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> Dec
         inner = getattr(model, "model", model)
         inner(**{k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS and v is not None})
     except _Captured as e:
-        return _decoder_inputs(e.kwargs)
+        return _decoder_inputs(e.kwargs, family)
     finally:
         handle.remove()
     raise RuntimeError("the language model was never called; cannot capture its inputs")
 
 
-def _decoder_inputs(kwargs: dict) -> DecoderInputs:
+def _decoder_inputs(kwargs: dict, family: ModelFamily) -> DecoderInputs:
     embeds = kwargs["inputs_embeds"]
     positions = kwargs.get("position_ids")
     if positions is not None and positions.dim() == 3:  # M-RoPE: [3, b, S], or [4, b, S] with text first
         positions = positions[-3:].permute(1, 2, 0)  # [b, S, 3]
     else:
         positions = None
-    deepstack = None
-    levels, rows = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
-    if levels is not None and rows is not None:
-        where = rows[..., None]
-        dense = [torch.zeros_like(embeds).masked_scatter(where, x.to(embeds.dtype)) for x in levels]
-        deepstack = torch.stack(dense, dim=2)  # [b, S, L, C], zero at non-visual rows
-    return DecoderInputs(embeds, positions, deepstack)
+    return DecoderInputs(embeds, positions, family.residual_addends(kwargs))

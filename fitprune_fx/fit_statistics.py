@@ -198,7 +198,7 @@ class LayerRunner:
         self._progress = progress
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        family = family_for(model)
+        self.family = family = family_for(model)
         if not family.fits:
             raise NotImplementedError(f"fit does not support {family.name} models yet: {family.fits_not_why}")
         self.visual_ids = family.visual_token_ids(model.config)
@@ -221,7 +221,7 @@ class LayerRunner:
             mask = batch.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(ids)
-            inputs = capture_decoder_inputs(self.model, batch)
+            inputs = capture_decoder_inputs(self.model, batch, self.family)
             kind = token_kinds(ids, mask, self.visual_ids)
             for b in range(ids.shape[0]):
                 keep = mask[b].bool()

@@ -120,7 +120,7 @@ def _decoder_inputs(
         batch = dict(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **model_inputs
         )
-        return capture_decoder_inputs(model, batch)
+        return capture_decoder_inputs(model, batch, family)
     embeds = family.embed_prompt(model, input_ids, pixel_values, image_sizes=image_sizes, **model_inputs)
     return DecoderInputs(embeds, None, None)
 

@@ -19,6 +19,7 @@ from fitprune_fx.testbed.tiny_qwen import IMAGE, VIDEO, make_qwen_inputs, tiny_q
 from graph_harness import KeptRecorder, compose_kept
 
 VARIANTS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+NEWER = ["qwen2_5_vl", "qwen3_vl"]  # for the slower tests: Qwen2-VL's decoder and marks are Qwen2.5-VL's
 FRACTIONS = {0: 0.375, 2: 0.25}  # of 16 visual tokens per example: 6 after layer 0, 4 after layer 2
 
 
@@ -115,7 +116,7 @@ def test_a_user_sees_tokens_per_layer_and_mixed_counts_are_refused():
         torch.compile(model, backend=eager)(**mixed)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", NEWER)
 def test_an_image_and_a_video_are_pruned_together(variant):
     """Video tokens are visual tokens: a prompt with an image (16) and a video (8) prunes from all 24."""
     model = tiny_qwen_vl(variant, num_layers=3, seed=10)
@@ -174,7 +175,7 @@ def test_qwen3_dense_deepstack_is_the_models_own_arithmetic(monkeypatch):
     assert torch.equal(ours, stock)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", NEWER)
 def test_processor_inputs_prune_like_masking(variant):
     """Inputs from the real processor class (`Qwen2VLProcessor` ...: prompt expansion, image_grid_thw,
     mm_token_type_ids), two image shapes that give the same count, left padding: kept sets vs masking."""
@@ -207,7 +208,7 @@ def test_processor_inputs_prune_like_masking(variant):
         torch.testing.assert_close(out[b][valid], expected[b, kept[b]][valid], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", NEWER)
 def test_fit_runs_the_models_own_layers_and_its_recipe_prunes(variant):
     """fit's layer runner reproduces the model layer by layer (M-RoPE positions of an image and a
     video, Qwen3-VL's DeepStack features travelling with the rows; 1e-6 against transformers' own
@@ -239,10 +240,10 @@ def test_fit_runs_the_models_own_layers_and_its_recipe_prunes(variant):
 @st.composite
 def fraction_recipes(draw):
     layers = draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
-    return {layer: draw(st.sampled_from([0.0, 0.125, 0.25, 0.375])) for layer in sorted(layers)}
+    return {layer: draw(st.sampled_from([0.0, 0.125, 0.25, 0.3])) for layer in sorted(layers)}  # sum <= 0.9
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     variant=st.sampled_from(VARIANTS),
     video=st.booleans(),
@@ -280,3 +281,41 @@ def plan_all(model, inputs, fractions) -> dict[int, int]:
     n = int(torch.isin(inputs["input_ids"][0], torch.tensor([IMAGE, VIDEO])).sum())
     info = dataclasses.replace(ModelInfo.from_config(model.config), num_visual_tokens=n)
     return dict(Recipe.from_fractions(info, fractions).prune)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen3_vl"])
+def test_multi_turn_chat_and_assisted_decoding_match_masking(variant):
+    """Turn 2 brings new text to the returned pruned cache (positions continue by the model's own
+    rope-delta code): tokens equal the oracle's in both turns. Prompt-lookup assisted decoding
+    (candidates, crop(-k) rollback of the pruned cache) gives plain greedy's tokens."""
+    model = tiny_qwen_vl(variant, num_layers=3, seed=19)
+    oracle = copy.deepcopy(model)
+    inputs = make_qwen_inputs(model, [2, 6], [5, 2], seed=20)
+    fitprune_fx.compile(model, fraction_recipe(model, FRACTIONS), compiler="eager")
+    prune = plan(model, inputs, FRACTIONS)
+    gen = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    turns = []
+    for m in (model, oracle):
+        with torch.no_grad(), MaskingReference(oracle, prune):
+            first = m.generate(**inputs, **gen)
+            text = torch.randint(8, 128, (2, 4), generator=torch.Generator().manual_seed(21))
+            ids = torch.cat([first.sequences, text], dim=1)
+            grow = ids.shape[1] - inputs["input_ids"].shape[1]
+            follow = dict(
+                input_ids=ids,
+                attention_mask=torch.cat(
+                    [inputs["attention_mask"], torch.ones(2, grow, dtype=torch.long)], 1
+                ),
+                mm_token_type_ids=torch.cat(
+                    [inputs["mm_token_type_ids"], torch.zeros(2, grow, dtype=torch.long)], 1
+                ),
+                past_key_values=first.past_key_values,
+            )
+            second = m.generate(**follow, **gen)
+        turns.append((first.sequences, second.sequences))
+    assert torch.equal(turns[0][0], turns[1][0]) and torch.equal(turns[0][1], turns[1][1])
+    one = make_qwen_inputs(model, [3], [6], seed=22)  # transformers assists batch 1 only
+    with torch.no_grad():
+        greedy = model.generate(**one, max_new_tokens=10, do_sample=False)
+        assisted = model.generate(**one, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, greedy)

@@ -47,6 +47,11 @@ class ModelFamily:
         """Visual tokens an image of `height` x `width` pixels puts in the prompt."""
         return self.visual_tokens_per_image(config)
 
+    def residual_addends(self, text_model_kwargs: dict) -> Tensor | None:
+        """Features the decoder adds to the residual stream after its first layers, from the kwargs
+        of the text model's call: [b, S, L, C] (zero at rows they do not touch), or None (default)."""
+        return None
+
     def install(self) -> None:
         """Patch what the family needs patched in transformers (class-wide, idempotent); called when
         a backend is created, before any graph is traced. Default: nothing."""

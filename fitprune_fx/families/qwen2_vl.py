@@ -63,7 +63,7 @@ class QwenVLFamily(ModelFamily):
         from fitprune_fx.decoder_inputs import capture_decoder_inputs
 
         batch = dict(input_ids=input_ids, pixel_values=pixel_values, **image_inputs)
-        return capture_decoder_inputs(model, batch).embeds
+        return capture_decoder_inputs(model, batch, self).embeds
 
     def install(self) -> None:
         """Mark visual tokens in the decoder graph (`visual_marks`), class-wide, once."""

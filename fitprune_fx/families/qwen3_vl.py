@@ -21,6 +21,7 @@ import functools
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .qwen2_vl import QwenVLFamily
 from .visual_marks import mark_visual_tokens
@@ -31,6 +32,19 @@ class Qwen3VLFamily(QwenVLFamily):
 
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "qwen3_vl"
+
+    def residual_addends(self, text_model_kwargs: dict) -> Tensor | None:
+        """DeepStack features as [b, S, L, C] (see `dense_deepstack`), or None without visual tokens."""
+        levels, rows = (
+            text_model_kwargs.get("deepstack_visual_embeds"),
+            text_model_kwargs.get("visual_pos_masks"),
+        )
+        embeds = text_model_kwargs["inputs_embeds"]
+        if levels is None or rows is None:
+            return None
+        if levels and levels[0].dim() == 3:  # already dense (the family's own wrapper ran first)
+            return torch.stack(list(levels), dim=2)
+        return torch.stack(dense_deepstack(levels, rows, embeds), dim=2)
 
     def install(self) -> None:
         """Wrap the multimodal and text forwards and the DeepStack step (class-wide, once)."""
@@ -43,6 +57,16 @@ class Qwen3VLFamily(QwenVLFamily):
         mark_visual_tokens(qwen3.Qwen3VLModel, text)
 
 
+def dense_deepstack(levels: list[Tensor], rows: Tensor, embeds: Tensor) -> list[Tensor]:
+    """DeepStack levels [N_visual, C] -> dense addends [B, S, C] (the features at the visual rows
+    `rows` [B, S], zero elsewhere), in the embeddings' dtype."""
+    where = rows[..., None].to(embeds.device)  # [B, S, 1]
+    return [
+        torch.zeros_like(embeds).masked_scatter(where, level.to(embeds.device, embeds.dtype))
+        for level in levels
+    ]
+
+
 def _dense_deepstack(forward):
     """Text forward: DeepStack levels [N_visual, C] -> dense addends [B, S, C] (zero at other rows)."""
 
@@ -51,11 +75,7 @@ def _dense_deepstack(forward):
         levels, rows = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
         embeds = kwargs.get("inputs_embeds")
         if levels is not None and rows is not None and embeds is not None:
-            where = rows[..., None].to(embeds.device)  # [B, S, 1]
-            kwargs["deepstack_visual_embeds"] = [
-                torch.zeros_like(embeds).masked_scatter(where, level.to(embeds.device, embeds.dtype))
-                for level in levels
-            ]
+            kwargs["deepstack_visual_embeds"] = dense_deepstack(levels, rows, embeds)
         return forward(self, *args, **kwargs)
 
     wrapper._fitprune = True
