@@ -301,8 +301,19 @@ def test_help_is_fast_and_complete():
 
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"fit", "inspect", "demo"}
+    assert set(commands) == {"fit", "inspect", "demo", "eval"}
     for name, sub in commands.items():
         assert sub.description, name
         for action in sub._actions:
             assert action.help, (name, action.option_strings)
+
+
+def test_eval_without_lmms_eval_names_the_extra():
+    """Where the [eval] extra is not installed (the main CI leg), `eval` says how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("lmms_eval") is not None:
+        pytest.skip("lmms-eval is installed here")
+    run = run_cli("eval", "--recipe", "llava-1.5-7b/60.json", "--tasks", "fitprune_shapes")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert 'lmms-eval is not installed: pip install "fitprune-fx[eval]"' in run.stderr

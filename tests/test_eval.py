@@ -1,0 +1,93 @@
+"""`fitprune-fx eval` (lmms-eval) on the shipped shapes-llava with the local `fitprune_shapes` task.
+
+Needs the [eval] extra; `.ci/run`'s eval leg installs it, the main leg skips this module. The
+scores lmms-eval reports are checked against scores computed here without lmms-eval: the unpruned
+model's greedy answers, and the pruned semantics through pruning as masking.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval")
+
+from fitprune_fx import ModelInfo, Recipe  # noqa: E402
+from fitprune_fx.cli import main as cli_main  # noqa: E402
+from fitprune_fx.masking_reference import MaskingReference  # noqa: E402
+from fitprune_fx.testbed import synthetic  # noqa: E402
+from fitprune_fx.testbed.shapes_model import load_shapes_llava  # noqa: E402
+
+PRUNE = {0: 30, 1: 56, 2: 15}  # the 50 % FitPrune recipe of docs/accuracy.md
+N = 24
+
+
+def own_scores(prune: dict[int, int] | None) -> float:
+    """Exact-match accuracy on the task's questions, computed directly (greedy, first word)."""
+    model, processor = load_shapes_llava()
+    processor.tokenizer.padding_side = "left"
+    examples = synthetic.make_dataset(N, seed=0, split="test")
+    texts = [synthetic.prompt(ex.question) for ex in examples]
+    inputs = processor(images=[ex.image for ex in examples], text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        if prune:
+            with MaskingReference(model, prune):
+                out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        else:
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    answers = processor.tokenizer.batch_decode(
+        out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    answers = [a.split("\n")[0].strip().lower() for a in answers]
+    return sum(a == ex.answer for a, ex in zip(answers, examples, strict=True)) / N
+
+
+def test_eval_prints_lmms_eval_scores_unpruned_and_pruned(tmp_path, capsys):
+    model, _ = load_shapes_llava()
+    recipe = tmp_path / "r.json"
+    Recipe(model=ModelInfo.from_config(model.config, name="shapes-llava"), prune=PRUNE).to_json(recipe)
+    args = ["eval", "--recipe", str(recipe), "--tasks", "fitprune_shapes", "--limit", str(N)]
+    assert cli_main([*args, "--compiler", "eager", "--device", "cpu", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| fitprune_shapes | exact_match |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    unpruned, pruned, reduction = float(cells[2]), float(cells[3]), cells[4]
+    assert unpruned == pytest.approx(own_scores(None), abs=1e-4) and unpruned >= 0.9  # the model answers
+    assert pruned == pytest.approx(own_scores(PRUNE), abs=1e-4)  # the table prints 4 decimals
+    assert (
+        reduction
+        == f"{Recipe(model=ModelInfo.from_config(model.config), prune=PRUNE).reference_reduction():.1%}"
+    )
+    assert re.search(r"\| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+x \|$", row)  # prefill ms both runs, speed-up
+
+
+def test_loglikelihood_is_the_continuations_nll_under_the_pruned_semantics():
+    """lmms-eval's loglikelihood requests: the NLL of the answer word after the prompt, pruned model
+    vs the same sum computed through pruning as masking (1e-4), and the greedy flag."""
+    import fitprune_fx
+    from fitprune_fx.lmms_model import FitpruneLmms
+
+    model, processor = load_shapes_llava()
+    oracle, _ = load_shapes_llava()
+    examples = synthetic.make_dataset(3, seed=1, split="test")
+    fitprune_fx.compile(
+        model, Recipe(model=ModelInfo.from_config(model.config), prune=PRUNE), compiler="eager"
+    )
+    wrapper = FitpruneLmms(model, processor)
+    wrapper.task_dict = {"t": {"test": [{"image": ex.image} for ex in examples]}}
+    requests = [
+        SimpleNamespace(args=(ex.question, ex.answer, lambda doc: [doc["image"]], i, "t", "test"))
+        for i, ex in enumerate(examples)
+    ]
+    got = wrapper.loglikelihood(requests)
+    for (nll, greedy), ex in zip(got, examples, strict=True):
+        prompt = synthetic.prompt(ex.question)
+        inputs = processor(images=[ex.image], text=[prompt + " " + ex.answer], return_tensors="pt")
+        answer = processor.tokenizer.convert_tokens_to_ids(ex.answer)
+        with torch.no_grad(), MaskingReference(oracle, PRUNE):
+            logits = oracle(**inputs).logits[0, -2].float()
+        assert nll == pytest.approx(float(-logits.log_softmax(-1)[answer]), abs=1e-4)
+        assert greedy == bool(logits.argmax() == answer)
