@@ -156,8 +156,8 @@ def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, 
     lines = [
         f"shapes-llava, {n} held-out questions (seed {args.eval_seed}; {drawn - n} of {drawn} drawn dropped "
         f"as also in the calibration set), calibration {args.calibration}. Accuracy with its 95 % Wilson "
-        f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds, interval "
-        "of the mean accuracy's range. Per question kind (count of questions in brackets):",
+        f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds and the range "
+        "of the seeds' accuracies. Per question kind (count of questions in brackets):",
         "",
         "| method | budget | FLOPs reduction | accuracy | 95 % interval | "
         + " | ".join(f"{k} ({int(masks[k].sum())})" for k in kinds)
@@ -204,7 +204,10 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=picked[0].method if picked else prefix)
     ax.set_xlabel("FLOPs reduction (%)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("shapes-llava: accuracy at matched FLOPs (95 % intervals; random: seed s.d.)")
+    ax.set_title(
+        "shapes-llava: accuracy at matched FLOPs\n(bars: 95 % Wilson interval; random: s.d. over seeds)",
+        fontsize=10,
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
