@@ -243,7 +243,7 @@ def fraction_recipes(draw):
     return {layer: draw(st.sampled_from([0.0, 0.125, 0.25, 0.3])) for layer in sorted(layers)}  # sum <= 0.9
 
 
-@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     variant=st.sampled_from(VARIANTS),
     video=st.booleans(),

@@ -28,8 +28,16 @@ class ModelFamily:
         raise NotImplementedError
 
     def text_model(self, model: nn.Module) -> nn.Module:
-        """The decoder stack: `.layers` (each with `.self_attn`, `.mlp`, norms), `.norm`, `.rotary_emb`."""
-        raise NotImplementedError
+        """The decoder stack: `.layers` (each with `.self_attn`, `.mlp`, norms), `.norm`, `.rotary_emb`.
+
+        Default: `model.model.language_model` (transformers' multimodal layout), or refuse."""
+        lm = getattr(getattr(model, "model", model), "language_model", None)
+        if lm is None or not hasattr(lm, "layers"):
+            raise TypeError(
+                f"{type(model).__name__} does not look like a {self.name} model: expected "
+                ".model.language_model.layers"
+            )
+        return lm
 
     def image_token_id(self, config: Any) -> int:
         """The token id that marks visual tokens in `input_ids`."""

@@ -45,12 +45,6 @@ class Gemma3Family(ModelFamily):
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "gemma3"
 
-    def text_model(self, model: nn.Module) -> nn.Module:
-        lm = getattr(getattr(model, "model", model), "language_model", None)
-        if lm is None or not hasattr(lm, "layers"):
-            raise TypeError(f"{type(model).__name__} does not look like a {self.name} model")
-        return lm
-
     def image_token_id(self, config: Any) -> int:
         return int(config.image_token_id)
 

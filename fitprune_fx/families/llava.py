@@ -26,16 +26,6 @@ class LlavaFamily(ModelFamily):
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "llava"
 
-    def text_model(self, model: nn.Module) -> nn.Module:
-        inner = getattr(model, "model", model)
-        lm = getattr(inner, "language_model", None)
-        if lm is None or not hasattr(lm, "layers"):
-            raise TypeError(
-                f"{type(model).__name__} does not look like a {self.name} model: expected "
-                ".model.language_model.layers"
-            )
-        return lm
-
     def image_token_id(self, config: Any) -> int:
         for key in ("image_token_id", "image_token_index"):
             value = getattr(config, key, None)
