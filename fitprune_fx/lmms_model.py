@@ -2,13 +2,15 @@
 
 lmms-eval hands the model batches of requests; each carries the task's prompt text, generation
 options and a function that returns the document's images. This wrapper builds the model's own
-prompt (its chat template, or the LLaVA-1.5 format without one), runs the model's processor and
-answers in batches:
+prompt (its chat template, or the LLaVA-1.5 format without one; one image per document, other
+counts refused), runs the model's processor and answers:
 
-* `generate_until`: greedy (or sampled, as the task asks) `generate`, cut at the task's stop strings;
-* `loglikelihood`: the negative log-likelihood of the continuation after the prompt (lmms-eval ranks
-  choices by the lowest value), and whether greedy decoding would produce it. Continuation tokens
-  are text after the image, never deleted, so the last rows of a pruned forward's logits are theirs.
+* `generate_until`: greedy (or sampled, as the task asks) `generate` in batches of requests with the
+  same options, cut at the task's stop strings;
+* `loglikelihood`, one request per forward: the negative log-likelihood of the continuation after
+  the prompt (lmms-eval ranks choices by the lowest value), and whether greedy decoding would
+  produce it. Continuation tokens are text after the image, never deleted, so the last rows of a
+  pruned forward's logits are theirs.
 
 It also records the prefill time of every forward that starts a sequence (`prefill_seconds`), so
 the pruned and unpruned runs of `fitprune-fx eval` can be compared.
@@ -38,17 +40,24 @@ class FitpruneLmms(lmms):
         self.batch_size_per_gpu = int(batch_size)
         self.prefill_seconds: list[float] = []
         self._started: float | None = None
-        model.register_forward_pre_hook(self._before, with_kwargs=True)
-        model.register_forward_hook(self._after)
+        self._hooks = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after),
+        ]
 
     # lmms-eval deletes a model's modules after a run unless told otherwise; this one is reused
     def clean(self) -> None:
         pass
 
+    def detach(self) -> None:
+        """Stop timing the model's forwards (the model outlives this wrapper)."""
+        for hook in self._hooks:
+            hook.remove()
+
     # ------------------------------------------------------------------------------ timing
     def _before(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x names it `cache`
         starts = ids is not None and (cache is None or cache.get_seq_length() == 0)
         self._started = time.perf_counter() if starts else None
 
@@ -71,21 +80,37 @@ class FitpruneLmms(lmms):
             yield i, doc_to_visual(self.task_dict[task][split][doc_id])
 
     def _encode(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+        counts = {len(group) for group in images}
+        if counts != {1}:  # the prompt holds one image placeholder: other counts would be misread
+            raise ValueError(
+                f"fitprune-fx eval: documents with {sorted(counts)} images; this wrapper answers tasks "
+                "with exactly one image per document"
+            )
         prompts = [build_prompt(self.processor, text) for text in texts]
-        flat = [img.convert("RGB") for group in images for img in group[:1]]  # one image per prompt
+        flat = [group[0].convert("RGB") for group in images]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         tokenizer.padding_side = "left"  # the pruned cache continues exactly only with left padding
         enc = self.processor(text=prompts, images=flat or None, return_tensors="pt", padding=True)
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in enc.items() if torch.is_tensor(v)}
 
+    def _batches(self, requests) -> Iterator[list[int]]:
+        """Consecutive requests with the same generation options, at most `batch_size` each."""
+        batch: list[int] = []
+        for i, req in enumerate(requests):
+            if batch and (len(batch) == self.batch_size_per_gpu or req.args[1] != requests[batch[0]].args[1]):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         answers: list[str] = [""] * len(requests)
         visuals = dict(self._docs(requests, visual_at=2))
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        for start in range(0, len(requests), self.batch_size_per_gpu):
-            batch = list(range(start, min(start + self.batch_size_per_gpu, len(requests))))
+        for batch in self._batches(requests):
             options = dict(requests[batch[0]].args[1])
             inputs = self._encode([requests[i].args[0] for i in batch], [visuals[i] for i in batch])
             until = options.pop("until", None) or []

@@ -44,9 +44,17 @@ def evaluate(
 
     wrapper = FitpruneLmms(model, processor, batch_size=batch_size)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    result = simple_evaluate(
-        model=wrapper, tasks=tasks, task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0
-    )
+    try:
+        result = simple_evaluate(
+            model=wrapper,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+    finally:
+        wrapper.detach()
     metrics = {}
     for task, values in result["results"].items():
         metrics[task] = {

@@ -91,3 +91,32 @@ def test_loglikelihood_is_the_continuations_nll_under_the_pruned_semantics():
             logits = oracle(**inputs).logits[0, -2].float()
         assert nll == pytest.approx(float(-logits.log_softmax(-1)[answer]), abs=1e-4)
         assert greedy == bool(logits.argmax() == answer)
+
+
+def test_prefill_times_count_prompts_not_decode_steps_and_extra_images_are_refused():
+    """Requests with two option sets go in two batches; each generate call records one prefill time
+    (decode steps, which continue the cache, are not prefills). A document with two images would not
+    fit the one-placeholder prompt: refused by name, not answered from the first image."""
+    from fitprune_fx.lmms_model import FitpruneLmms
+
+    model, processor = load_shapes_llava()
+    examples = synthetic.make_dataset(5, seed=2, split="test")
+    wrapper = FitpruneLmms(model, processor, batch_size=4)
+    wrapper.task_dict = {"t": {"test": [{"image": ex.image} for ex in examples]}}
+    one, three = {"max_new_tokens": 1}, {"max_new_tokens": 3}
+    requests = [
+        SimpleNamespace(
+            args=(ex.question, one if i < 2 else three, lambda doc: [doc["image"]], i, "t", "test")
+        )
+        for i, ex in enumerate(examples)
+    ]
+    answers = wrapper.generate_until(requests)
+    assert len(answers) == 5 and all(answers[:2])
+    assert len(wrapper.prefill_seconds) == 2  # two batches (options differ after request 1), 2 decode steps
+    wrapper.detach()
+    twice = [SimpleNamespace(args=("q", one, lambda doc: [doc["image"], doc["image"]], 0, "t", "test"))]
+    other = FitpruneLmms(model, processor)
+    other.task_dict = wrapper.task_dict
+    with pytest.raises(ValueError, match=r"documents with \[2\] images"):
+        other.generate_until(twice)
+    other.detach()
