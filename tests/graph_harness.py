@@ -111,3 +111,29 @@ def assert_pass_matches_reference(
         assert set(text.tolist()) <= set(final.tolist()), "a text token was deleted"
         assert len(final) == seq_len - sum(prune.values())
         torch.testing.assert_close(out.logits[b], ref.logits[b, final], atol=1e-4, rtol=1e-4)
+
+
+def assert_greedy_generate_matches_masking(
+    model, recipe, inputs: dict, prune: dict[int, int], name: str
+) -> float:
+    """Compile `model` with `recipe` and greedy-generate 6 tokens; an uncompiled copy under
+    pruning as masking (`prune`) must give the same tokens, per-step logits within 1e-4, and the
+    model must run exactly one pruned prefill. Returns the worst logit difference."""
+    import copy
+
+    import fitprune_fx
+    from fitprune_fx.masking_reference import MaskingReference
+
+    oracle = copy.deepcopy(model)
+    fitprune_fx.compile(model, recipe, compiler="eager")
+    gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got = model.generate(**inputs, **gen)
+    with torch.no_grad(), MaskingReference(oracle, prune):
+        expected = oracle.generate(**inputs, **gen)
+    assert torch.equal(got.sequences, expected.sequences)
+    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
+    assert worst <= 1e-4, worst
+    assert model.fitprune_backend.pruned_runs == 1
+    print(f"{name}: generate per-step logits max |diff| {worst:.2e}")
+    return worst

@@ -14,7 +14,7 @@ import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
-from graph_harness import KeptRecorder, compose_kept
+from graph_harness import KeptRecorder, assert_greedy_generate_matches_masking, compose_kept
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -63,19 +63,8 @@ def test_zero_recipe_reproduces_the_model():
 
 def test_greedy_generate_matches_masking_on_a_left_padded_batch():
     model = tiny_gemma3(num_layers=4, seed=5)
-    oracle = copy.deepcopy(model)
     inputs = make_gemma3_inputs(model, [2, 6], [5, 2], seed=6)
-    fitprune_fx.compile(model, recipe(model, {0: 6, 2: 4}), compiler="eager")
-    gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        got = model.generate(**inputs, **gen)
-    with torch.no_grad(), MaskingReference(oracle, {0: 6, 2: 4}):
-        expected = oracle.generate(**inputs, **gen)
-    assert torch.equal(got.sequences, expected.sequences)
-    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
-    assert worst <= 1e-4, worst
-    assert model.fitprune_backend.pruned_runs == 1
-    print(f"gemma3: generate per-step logits max |diff| {worst:.2e}")
+    assert_greedy_generate_matches_masking(model, recipe(model, {0: 6, 2: 4}), inputs, {0: 6, 2: 4}, "gemma3")
 
 
 def test_the_real_sliding_full_pattern_runs_unpruned_with_one_warning():

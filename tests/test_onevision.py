@@ -18,7 +18,12 @@ from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.testbed.tiny_onevision import IMAGE, VIDEO, onevision_video_inputs, tiny_llava_onevision
 from fitprune_fx.testbed.tiny_processors import onevision_processor
-from graph_harness import KeptRecorder, assert_pass_matches_reference, compose_kept
+from graph_harness import (
+    KeptRecorder,
+    assert_greedy_generate_matches_masking,
+    assert_pass_matches_reference,
+    compose_kept,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 FRACTIONS = {0: 0.3, 2: 0.25}
@@ -102,19 +107,11 @@ def test_an_image_and_a_video_are_pruned_together():
 
 def test_greedy_generate_matches_masking_on_a_left_padded_batch():
     model = tiny_llava_onevision(num_layers=4, seed=4)
-    oracle = copy.deepcopy(model)
     inputs = processed(model, ["w1 w2 w3 <image> what is in the image ?", "<image> what ?"], [(40, 60)] * 2)
-    fitprune_fx.compile(model, fraction_recipe(model, FRACTIONS), compiler="eager")
-    gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        got = model.generate(**inputs, **gen)
-    with torch.no_grad(), MaskingReference(oracle, plan(model, inputs, FRACTIONS)):
-        expected = oracle.generate(**inputs, **gen)
-    assert torch.equal(got.sequences, expected.sequences)
-    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
-    assert worst <= 1e-4, worst
-    assert model.fitprune_backend.pruned_runs == 1
-    print(f"llava-onevision: generate per-step logits max |diff| {worst:.2e}")
+    prune = plan(model, inputs, FRACTIONS)
+    assert_greedy_generate_matches_masking(
+        model, fraction_recipe(model, FRACTIONS), inputs, prune, "llava-onevision"
+    )
 
 
 def test_zero_recipe_reproduces_the_model():

@@ -16,7 +16,7 @@ from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.testbed.tiny_qwen import IMAGE, VIDEO, make_qwen_inputs, tiny_qwen_vl
-from graph_harness import KeptRecorder, compose_kept
+from graph_harness import KeptRecorder, assert_greedy_generate_matches_masking, compose_kept
 
 VARIANTS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 NEWER = ["qwen2_5_vl", "qwen3_vl"]  # for the slower tests: Qwen2-VL's decoder and marks are Qwen2.5-VL's
@@ -81,19 +81,9 @@ def test_greedy_generate_matches_masking_on_a_left_padded_batch(variant):
     """Tokens identical and per-step logits within 1e-4: decode positions continue exactly (rope
     deltas, cache length read from layer 0) over the pruned cache."""
     model = tiny_qwen_vl(variant, num_layers=4, seed=5)
-    oracle = copy.deepcopy(model)
     inputs = make_qwen_inputs(model, [2, 6], [5, 2], seed=6)
-    fitprune_fx.compile(model, fraction_recipe(model, FRACTIONS), compiler="eager")
-    gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        got = model.generate(**inputs, **gen)
-    with torch.no_grad(), MaskingReference(oracle, plan(model, inputs, FRACTIONS)):
-        expected = oracle.generate(**inputs, **gen)
-    assert torch.equal(got.sequences, expected.sequences)
-    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
-    assert worst <= 1e-4, worst
-    assert model.fitprune_backend.pruned_runs == 1
-    print(f"{variant}: generate per-step logits max |diff| {worst:.2e}")
+    prune = plan(model, inputs, FRACTIONS)
+    assert_greedy_generate_matches_masking(model, fraction_recipe(model, FRACTIONS), inputs, prune, variant)
 
 
 def test_a_user_sees_tokens_per_layer_and_mixed_counts_are_refused():
