@@ -317,6 +317,15 @@ def plot_tokens(recipe, path: str, num_visual: int | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------- demo
+def add_compiler_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compiler",
+        choices=["inductor", "eager"],
+        default="inductor",
+        help="inductor (default), or eager to run the rewritten graph uncompiled (no compile wait)",
+    )
+
+
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -331,12 +340,7 @@ def add_demo_parser(subparsers) -> None:
     p.add_argument("--calibration", type=int, default=32, help="calibration questions (default 32)")
     p.add_argument("--eval", type=int, default=256, help="held-out questions (default 256)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward call (default 16)")
-    p.add_argument(
-        "--compiler",
-        choices=["inductor", "eager"],
-        default="inductor",
-        help="inductor (default), or eager to run the rewritten graph uncompiled (no compile wait)",
-    )
+    add_compiler_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=run_demo)
 
@@ -377,12 +381,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="requests per generate call (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto (default)")
-    p.add_argument(
-        "--compiler",
-        choices=["inductor", "eager"],
-        default="inductor",
-        help="inductor (default), or eager to run the rewritten graph uncompiled (no compile wait)",
-    )
+    add_compiler_option(p)
     p.set_defaults(func=run_eval)
 
 
