@@ -16,6 +16,7 @@ from fitprune_fx.passes.layout import DecoderLayout
 from .base import ModelFamily, UnknownModel
 from .gemma3 import Gemma3Family
 from .llava import LlavaFamily
+from .llava_hr import LlavaHrFamily
 from .llava_next import LlavaNextFamily
 from .llava_onevision import LlavaOnevisionFamily
 from .qwen2_vl import QwenVLFamily
@@ -31,6 +32,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 register_family(LlavaFamily())
+register_family(LlavaHrFamily())
 register_family(LlavaNextFamily())
 register_family(LlavaOnevisionFamily())
 register_family(QwenVLFamily())
@@ -68,6 +70,7 @@ __all__ = [
     "FAMILIES",
     "Gemma3Family",
     "LlavaFamily",
+    "LlavaHrFamily",
     "LlavaNextFamily",
     "LlavaOnevisionFamily",
     "ModelFamily",

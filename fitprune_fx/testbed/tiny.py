@@ -86,10 +86,19 @@ def _sharpen_attention(model):
 
 
 def num_image_tokens(model: LlavaForConditionalGeneration) -> int:
-    """Visual tokens one image contributes to the prompt."""
-    vc = model.config.vision_config
+    """Visual tokens one image contributes to the prompt (LLaVA, or LLaVA-HR's fast grid)."""
+    config = model.config
+    if config.model_type == "llava_hr":
+        return config.fast_grid() ** 2
+    vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
-    return n + 1 if model.config.vision_feature_select_strategy == "full" else n
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def image_side(model: LlavaForConditionalGeneration) -> int:
+    """Pixel side of the images the model takes (LLaVA-HR: its slow pathway's input)."""
+    config = model.config
+    return config.image_size if config.model_type == "llava_hr" else config.vision_config.image_size
 
 
 @dataclass
@@ -127,9 +136,9 @@ def make_inputs(
     for b, r in enumerate(rows):
         input_ids[b, length - len(r) :] = torch.tensor(r)
         attention_mask[b, length - len(r) :] = 1
-    vc = model.config.vision_config
+    side = image_side(model)
     total_images = sum(p.images for p in prompts)
-    pixel_values = torch.randn((total_images, 3, vc.image_size, vc.image_size), generator=g).to(model.dtype)
+    pixel_values = torch.randn((total_images, 3, side, side), generator=g).to(model.dtype)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 

@@ -1,0 +1,1 @@
+"""Models that transformers does not ship, ported to its conventions (one folder per model)."""
