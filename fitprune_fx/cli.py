@@ -426,6 +426,46 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- convert
+def add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert-llava-hr",
+        help="convert an official LLaVA-HR checkpoint into a transformers folder",
+        description=(
+            "Read an official LLaVA-HR checkpoint folder (config.json with the mm_* fields, "
+            "pytorch_model*.bin or model*.safetensors) and write a folder that "
+            "LlavaHrForConditionalGeneration.from_pretrained (or AutoModelForImageTextToText after "
+            "`import fitprune_fx.models.llava_hr`) loads, with its image processor."
+        ),
+    )
+    p.add_argument("src", help="official checkpoint folder")
+    p.add_argument("dst", help="output folder (created)")
+    p.add_argument(
+        "--clip-config",
+        default=None,
+        help="config.json (or folder) of the CLIP tower, when the checkpoint names one not found here",
+    )
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from fitprune_fx.models.llava_hr.convert import ConversionError, convert_llava_hr
+
+    if not Path(args.src).is_dir():
+        raise CLIError(f"{args.src}: not a folder (expected an official LLaVA-HR checkpoint folder)")
+    try:
+        config = convert_llava_hr(args.src, args.dst, clip_config=args.clip_config)
+    except ConversionError as e:
+        raise CLIError(str(e)) from e
+    tokens = config.fast_grid() ** 2
+    print(
+        f"wrote {args.dst}: LLaVA-HR, {config.text_config.num_hidden_layers}-layer decoder, "
+        f"{config.image_size}-px images -> {tokens} visual tokens each "
+        f"(CLIP at {config.fast_image_size()} px, ConvNeXt {config.slow_grid()}x{config.slow_grid()})"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -437,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(subparsers)
     add_demo_parser(subparsers)
     add_eval_parser(subparsers)
+    add_convert_parser(subparsers)
     return parser
 
 

@@ -13,6 +13,7 @@ from fitprune_fx.backend import fitprune_backend
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from fitprune_fx.testbed.tiny_llava_hr import tiny_llava_hr
 from graph_harness import (
     CapturedDecoder,
     KeptRecorder,
@@ -24,8 +25,9 @@ from graph_harness import (
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
 
-MODELS = {  # name -> tiny_llava kwargs; GQA in all but one
+MODELS = {  # name -> tiny_llava kwargs (llava-hr: tiny_llava_hr's); GQA in all but one
     "llama": dict(text_model="llama", num_layers=3),
+    "llava-hr": dict(num_layers=3),
     "llama-mha": dict(text_model="llama", num_layers=3, num_kv_heads=4),
     "mistral": dict(text_model="mistral", num_layers=3),
     "qwen2": dict(text_model="qwen2", num_layers=3),
@@ -34,7 +36,8 @@ MODELS = {  # name -> tiny_llava kwargs; GQA in all but one
 
 @functools.cache
 def model(name: str, dtype: torch.dtype = torch.float32):
-    return tiny_llava(**MODELS[name], seed=7, dtype=dtype)
+    build = tiny_llava_hr if name == "llava-hr" else tiny_llava
+    return build(**MODELS[name], seed=7, dtype=dtype)
 
 
 @functools.cache

@@ -90,7 +90,6 @@ class LlavaHrConfig(PretrainedConfig):
         return self.image_size // (slow.patch_size * 2 ** (len(slow.hidden_sizes) - 1))
 
 
-
 def default_clip_config() -> CLIPVisionConfig:
     """CLIP ViT-L/14 at 336 px (`openai/clip-vit-large-patch14-336`), LLaVA-HR's fast pathway."""
     return LlavaHrConfig().vision_config

@@ -32,28 +32,32 @@ TEXT_FIELDS = (
 
 FAST = "model.vision_tower.fast_vision_tower.vision_tower.vision_model."
 SLOW = "model.vision_tower.slow_vision_tower.vision_tower."
+_SLOW = re.escape(SLOW)
+_BLOCK = _SLOW + r"stages\.(\d+)\.blocks\.(\d+)\."  # official ConvNeXt block prefix
+OURS_SLOW = "model.vision_tower.slow."
+OURS_BLOCK = OURS_SLOW + r"encoder.stages.\1.layers.\2."
 RENAMES = [  # (official pattern, ours); applied in order, first match wins
     (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", None),  # recomputed by the model
-    (re.escape(SLOW) + r"head\.norm\.", "model.vision_tower.slow.layernorm."),  # unused, kept for completeness
-    (re.escape(SLOW) + r"head\..*", None),  # the ConvNeXt's classifier head: never used
+    (_SLOW + r"head\.norm\.", OURS_SLOW + "layernorm."),  # never used; kept so no weight is missing
+    (_SLOW + r"head\..*", None),  # the ConvNeXt's classifier head: never used
     (r"model\.embed_tokens\.", "model.language_model.embed_tokens."),
     (r"model\.layers\.", "model.language_model.layers."),
     (r"model\.norm\.", "model.language_model.norm."),
     (r"model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
     (r"model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
     (re.escape(FAST), "model.vision_tower.fast."),
-    (re.escape(SLOW) + r"stem\.0\.", "model.vision_tower.slow.embeddings.patch_embeddings."),
-    (re.escape(SLOW) + r"stem\.1\.", "model.vision_tower.slow.embeddings.layernorm."),
-    (re.escape(SLOW) + r"stages\.(\d+)\.downsample\.", r"model.vision_tower.slow.encoder.stages.\1.downsampling_layer."),
-    (re.escape(SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"model.vision_tower.slow.encoder.stages.\1.layers.\2.dwconv."),
-    (re.escape(SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"model.vision_tower.slow.encoder.stages.\1.layers.\2.layernorm."),
-    (re.escape(SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"model.vision_tower.slow.encoder.stages.\1.layers.\2.pwconv1."),
-    (re.escape(SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"model.vision_tower.slow.encoder.stages.\1.layers.\2.pwconv2."),
-    (re.escape(SLOW) + r"stages\.(\d+)\.blocks\.(\d+)\.(weight|gamma)$", r"model.vision_tower.slow.encoder.stages.\1.layers.\2.layer_scale_parameter"),
+    (_SLOW + r"stem\.0\.", OURS_SLOW + "embeddings.patch_embeddings."),
+    (_SLOW + r"stem\.1\.", OURS_SLOW + "embeddings.layernorm."),
+    (_SLOW + r"stages\.(\d+)\.downsample\.", OURS_SLOW + r"encoder.stages.\1.downsampling_layer."),
+    (_BLOCK + r"conv_dw\.", OURS_BLOCK + "dwconv."),
+    (_BLOCK + r"norm\.", OURS_BLOCK + "layernorm."),
+    (_BLOCK + r"mlp\.fc1\.", OURS_BLOCK + "pwconv1."),
+    (_BLOCK + r"mlp\.fc2\.", OURS_BLOCK + "pwconv2."),
+    (_BLOCK + r"(weight|gamma)$", OURS_BLOCK + "layer_scale_parameter"),  # layer scale
     (r"model\.vision_tower\.align_stages_latent\.", "model.vision_tower.stage_fusions."),
     (r"model\.vision_tower\.align_stages\.0\.", "model.vision_tower.final_fusion."),
     (r"lm_head\.", "lm_head."),
-]  # fmt: skip
+]
 
 
 class ConversionError(ValueError):
@@ -67,7 +71,11 @@ def load_official_state_dict(src: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{src}: no model*.safetensors or pytorch_model*.bin weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        part = load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        part = (
+            load_file(f)
+            if f.suffix == ".safetensors"
+            else torch.load(f, map_location="cpu", weights_only=True)
+        )
         state.update(part)
     return state
 
@@ -108,11 +116,23 @@ def _convnext_config(state: dict[str, torch.Tensor], official: dict) -> ConvNext
     while f"{SLOW}stages.{len(dims)}.blocks.0.conv_dw.weight" in state:
         i = len(dims)
         dims.append(state[f"{SLOW}stages.{i}.blocks.0.conv_dw.weight"].shape[0])
-        depths.append(len({k.split(".")[-3] for k in state if k.startswith(f"{SLOW}stages.{i}.blocks.") and k.endswith("conv_dw.weight")}))
+        depths.append(
+            len(
+                {
+                    k.split(".")[-3]
+                    for k in state
+                    if k.startswith(f"{SLOW}stages.{i}.blocks.") and k.endswith("conv_dw.weight")
+                }
+            )
+        )
     if not dims:
-        raise ConversionError("no ConvNeXt weights (model.vision_tower.slow_vision_tower...): not a LLaVA-HR checkpoint")
+        raise ConversionError(
+            "no ConvNeXt weights (model.vision_tower.slow_vision_tower...): not a LLaVA-HR checkpoint"
+        )
     has_scale = any(re.search(r"blocks\.\d+\.(weight|gamma)$", k) for k in state if k.startswith(SLOW))
-    eps = 1e-5 if "xxlarge" in official.get("vision_tower_slow", "") else 1e-6  # timm's ConvNeXt-XXL uses 1e-5
+    eps = (
+        1e-5 if "xxlarge" in official.get("vision_tower_slow", "") else 1e-6
+    )  # timm's ConvNeXt-XXL uses 1e-5
     return ConvNextConfig(
         hidden_sizes=dims,
         depths=depths,
@@ -122,15 +142,20 @@ def _convnext_config(state: dict[str, torch.Tensor], official: dict) -> ConvNext
     )
 
 
-def llava_hr_config(src: Path, state: dict[str, torch.Tensor], clip_config: Path | None = None) -> LlavaHrConfig:
+def llava_hr_config(
+    src: Path, state: dict[str, torch.Tensor], clip_config: Path | None = None
+) -> LlavaHrConfig:
     """Our config for an official checkpoint folder (its config.json and weights)."""
     official = json.loads((src / "config.json").read_text())
     if not official.get("is_multipath_encoder") or "mm_vision_tower" not in official:
         raise ConversionError(
-            f"{src / 'config.json'} is not a LLaVA-HR config (needs is_multipath_encoder: true and mm_vision_tower)"
+            f"{src / 'config.json'} is not a LLaVA-HR config "
+            "(needs is_multipath_encoder: true and mm_vision_tower)"
         )
     if official.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        raise ConversionError(f"projector {official.get('mm_projector_type')!r}: only mlp2x_gelu is supported")
+        raise ConversionError(
+            f"projector {official.get('mm_projector_type')!r}: only mlp2x_gelu is supported"
+        )
     text = LlamaConfig(**{k: official[k] for k in TEXT_FIELDS if k in official})
     vision = _clip_config(src, official, clip_config)
     patch = state[f"{FAST}embeddings.patch_embedding.weight"]
@@ -150,7 +175,9 @@ def llava_hr_config(src: Path, state: dict[str, torch.Tensor], clip_config: Path
     )
 
 
-def convert_llava_hr(src: str | Path, dst: str | Path, clip_config: str | Path | None = None) -> LlavaHrConfig:
+def convert_llava_hr(
+    src: str | Path, dst: str | Path, clip_config: str | Path | None = None
+) -> LlavaHrConfig:
     """Write `dst`: config.json, model.safetensors and the image processor of an official LLaVA-HR
     checkpoint in `src` (tokenizer files are copied when present)."""
     from transformers import LlavaImageProcessor

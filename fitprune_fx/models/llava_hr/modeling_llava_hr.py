@@ -38,10 +38,14 @@ def resize_token_grid(tokens: Tensor, side: int) -> Tensor:
     if m == side:
         return tokens
     if max(m, side) % min(m, side):
-        raise ValueError(f"cannot fuse a {m}x{m} feature grid into a {side}x{side} one: neither divides the other")
+        raise ValueError(
+            f"cannot fuse a {m}x{m} feature grid into a {side}x{side} one: neither divides the other"
+        )
     grid = tokens.transpose(1, 2).reshape(b, c, m, m)
     if m < side:
-        grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=True).to(tokens.dtype)
+        grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=True).to(
+            tokens.dtype
+        )
     else:
         grid = F.avg_pool2d(grid, m // side, m // side)
     return grid.flatten(2).transpose(1, 2)
@@ -72,7 +76,9 @@ class LlavaHrStageFusion(nn.Module):
         self.slow_proj = nn.Conv2d(slow_dim, fast_dim, 1)
         self.fast_conv = nn.Conv2d(fast_dim, fast_dim, 7, padding=3, groups=fast_dim)
         self.fast_proj = nn.Conv2d(fast_dim, fast_dim, 1)
-        self.gate = nn.Sequential(nn.Linear(2 * fast_dim, fast_dim // 2), nn.GELU(), nn.Linear(fast_dim // 2, 1))
+        self.gate = nn.Sequential(
+            nn.Linear(2 * fast_dim, fast_dim // 2), nn.GELU(), nn.Linear(fast_dim // 2, 1)
+        )
 
     def forward(self, fast: Tensor, slow: Tensor) -> Tensor:
         b, n, d = fast.shape
@@ -106,7 +112,9 @@ class LlavaHrVisionTower(nn.Module):
         super().__init__()
         self.config = config
         self.fast = AutoModel.from_config(config.vision_config)  # CLIPVisionModel
-        self.slow = AutoModel.from_config(config.slow_vision_config, attn_implementation="eager")  # ConvNextModel, no attention
+        self.slow = AutoModel.from_config(
+            config.slow_vision_config, attn_implementation="eager"
+        )  # ConvNextModel, no attention
         eps = getattr(config.slow_vision_config, "layer_norm_eps", 1e-6)
         for module in self.slow.modules():  # transformers fixes ConvNeXt's inner norms at 1e-6
             if type(module).__name__ == "ConvNextLayerNorm":
@@ -114,7 +122,9 @@ class LlavaHrVisionTower(nn.Module):
         fast_dim = config.vision_config.hidden_size
         slow_dim = config.slow_vision_config.hidden_sizes[-1]
         if len(self.fast.encoder.layers) % 4:
-            raise ValueError("LLaVA-HR fuses after each quarter of the CLIP layers: their number must divide by 4")
+            raise ValueError(
+                "LLaVA-HR fuses after each quarter of the CLIP layers: their number must divide by 4"
+            )
         stages = 3 if config.stage_fusion else 0
         self.stage_fusions = nn.ModuleList(LlavaHrStageFusion(fast_dim, slow_dim) for _ in range(stages))
         self.final_fusion = LlavaHrFinalFusion(fast_dim, slow_dim)
@@ -165,7 +175,9 @@ class LlavaHrModel(LlavaModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return _ImageTokenSafeEmbedding.wrap(self.language_model.get_input_embeddings(), self.config.image_token_id)
+        return _ImageTokenSafeEmbedding.wrap(
+            self.language_model.get_input_embeddings(), self.config.image_token_id
+        )
 
     def get_image_features(self, pixel_values: Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """Projected visual tokens, one [n, hidden] tensor per image in `pooler_output`."""
