@@ -454,14 +454,15 @@ def run_convert(args: argparse.Namespace) -> int:
     if not Path(args.src).is_dir():
         raise CLIError(f"{args.src}: not a folder (expected an official LLaVA-HR checkpoint folder)")
     try:
-        config = convert_llava_hr(args.src, args.dst, clip_config=args.clip_config)
+        config, text_side = convert_llava_hr(args.src, args.dst, clip_config=args.clip_config)
     except ConversionError as e:
         raise CLIError(str(e)) from e
     tokens = config.fast_grid() ** 2
     print(
         f"wrote {args.dst}: LLaVA-HR, {config.text_config.num_hidden_layers}-layer decoder, "
         f"{config.image_size}-px images -> {tokens} visual tokens each "
-        f"(CLIP at {config.fast_image_size()} px, ConvNeXt {config.slow_grid()}x{config.slow_grid()})"
+        f"(CLIP at {config.fast_image_size()} px, ConvNeXt {config.slow_grid()}x{config.slow_grid()}); "
+        f"{text_side}"
     )
     return 0
 

@@ -301,7 +301,7 @@ def test_help_is_fast_and_complete():
 
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"fit", "inspect", "demo", "eval"}
+    assert set(commands) == {"fit", "inspect", "demo", "eval", "convert-llava-hr"}
     for name, sub in commands.items():
         assert sub.description, name
         for action in sub._actions:

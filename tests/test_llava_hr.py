@@ -226,3 +226,45 @@ def test_fit_on_tiny_llava_hr_meets_the_budget_and_prunes():
     with torch.no_grad():
         torch.compile(model, backend=backend)(**calibration[0])
     assert backend.pruned_graphs[0].result.deletions == dict(recipe.prune)
+
+
+def test_a_new_user_converts_fits_and_prunes_from_the_command_line(tmp_path, capsys):
+    """Official folder with a tokenizer -> convert (a LlavaProcessor with <image>) -> `fitprune-fx
+    fit` on a question file -> compile with the recipe -> processor inputs -> one pruned prefill."""
+    from test_cli import char_tokenizer
+    from transformers import AutoProcessor
+
+    src = tmp_path / "official"
+    shutil.copytree(OFFICIAL / "upsample", src)
+    char_tokenizer().save_pretrained(src)
+    dst = tmp_path / "llava-hr-hf"
+    assert main(["convert-llava-hr", str(src), str(dst)]) == 0
+    assert "LlavaProcessor, <image> is token 3, 576 per image" in capsys.readouterr().out
+
+    images = tmp_path / "images"
+    images.mkdir()
+    questions = []
+    for i, (h, w) in enumerate([(300, 420), (500, 260), (384, 384)]):
+        formula_image(h, w).save(images / f"img{i}.png")
+        questions.append({"question_id": i, "image": f"img{i}.png", "text": "What is in the picture?"})
+    data = tmp_path / "questions.jsonl"
+    data.write_text("\n".join(json.dumps(q) for q in questions) + "\n")
+    out = tmp_path / "recipe.json"
+    argv = ["fit", "--model", str(dst), "--data", str(data), "--images", str(images)]
+    assert main([*argv, "--budget", "0.5", "-o", str(out), "--batch-size", "3"]) == 0
+    recipe = Recipe.from_json(out)
+    assert recipe.model.num_visual_tokens == 576 and recipe.flops_reduction >= 0.49
+
+    model = AutoModelForImageTextToText.from_pretrained(dst).eval()
+    processor = AutoProcessor.from_pretrained(dst)
+    inputs = processor(
+        text=["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nAnd this one, in detail? ASSISTANT:"],
+        images=[formula_image(300, 420), formula_image(500, 260)],
+        return_tensors="pt",
+        padding=True,
+    )
+    assert (inputs["input_ids"] == 3).sum(dim=1).tolist() == [576, 576]
+    prune = recipe.pruning_plan(576)
+    assert_greedy_generate_matches_masking(
+        model, recipe, dict(inputs), prune, "llava-hr (converted, processor)"
+    )

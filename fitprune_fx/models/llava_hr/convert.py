@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from transformers import CLIPVisionConfig, ConvNextConfig, LlamaConfig
 from .configuration_llava_hr import LlavaHrConfig, default_clip_config
 
 KNOWN_CLIPS = ("openai/clip-vit-large-patch14-336",)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # the official image processor's normalisation
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXT_FIELDS = (
@@ -177,11 +177,10 @@ def llava_hr_config(
 
 def convert_llava_hr(
     src: str | Path, dst: str | Path, clip_config: str | Path | None = None
-) -> LlavaHrConfig:
-    """Write `dst`: config.json, model.safetensors and the image processor of an official LLaVA-HR
-    checkpoint in `src` (tokenizer files are copied when present)."""
-    from transformers import LlavaImageProcessor
-
+) -> tuple[LlavaHrConfig, str]:
+    """Write `dst`: config.json, model.safetensors, the image processor and, when `src` has a
+    tokenizer, a `LlavaProcessor` with an `<image>` token. Returns the config and a line saying
+    what was written for the text side."""
     from .modeling_llava_hr import LlavaHrForConditionalGeneration
 
     src, dst = Path(src), Path(dst)
@@ -207,24 +206,58 @@ def convert_llava_hr(
             f"wrong shape {wrong[:5]}"
         )
     dst.mkdir(parents=True, exist_ok=True)
+    images = official_image_processor(src, config.image_size)
+    text_side = _write_processor(src, dst, config, images)
     config.architectures = ["LlavaHrForConditionalGeneration"]
     config.save_pretrained(dst)
     save_file(converted, dst / "model.safetensors", metadata={"format": "pt"})
-    size = config.image_size
-    LlavaImageProcessor(
-        do_pad=official_pads(src),
+    return config, text_side
+
+
+def official_image_processor(src: Path, size: int):
+    """The official preprocessing as transformers' LLaVA image processor: pad to a square with the
+    mean colour (when the checkpoint's image_aspect_ratio is 'pad'), bicubic resize and centre crop
+    to `size`, CLIP normalisation."""
+    from transformers import LlavaImageProcessor
+
+    pads = json.loads((src / "config.json").read_text()).get("image_aspect_ratio") == "pad"
+    return LlavaImageProcessor(
+        do_pad=pads,
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         resample=3,  # bicubic
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
+    )
+
+
+def _write_processor(src: Path, dst: Path, config: LlavaHrConfig, images) -> str:
+    """Save the image processor, and a LlavaProcessor when the checkpoint has a tokenizer; sets
+    `config.image_token_id` to the tokenizer's `<image>` id (added when missing)."""
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    images.save_pretrained(dst)
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        return "no tokenizer in the checkpoint: wrote the image processor only"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (ImportError, OSError, ValueError) as e:  # a Llama sentencepiece tokenizer needs `sentencepiece`
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"tokenizer not converted ({first}); `pip install sentencepiece` and convert again"
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"  # batched generation continues a pruned cache: left padding only
+    tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    grid = config.fast_grid()
+    if config.image_size % grid:
+        return f"no processor: {config.image_size} px is not a multiple of the grid side {grid}"
+    LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=config.image_size // grid,  # the processor counts (size / patch)^2 tokens per image
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        image_token="<image>",
     ).save_pretrained(dst)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
-    return config
-
-
-def official_pads(src: Path) -> bool:
-    """The official preprocessing pads to a square (mean colour) when image_aspect_ratio is 'pad'."""
-    return json.loads((src / "config.json").read_text()).get("image_aspect_ratio") == "pad"
+    return f"processor: LlavaProcessor, <image> is token {config.image_token_id}, {grid * grid} per image"
