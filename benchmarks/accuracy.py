@@ -1,4 +1,7 @@
-"""Accuracy vs FLOPs reduction on shapes-llava: FitPrune vs FastV vs random at matched FLOPs.
+"""Accuracy vs FLOPs reduction on the test-bed models: FitPrune vs FastV vs random at matched FLOPs.
+
+Two models: `shapes-llava` (144 visual tokens; counting questions) and `clutter-llava` (576 visual
+tokens, LLaVA-1.5's geometry; every answer sits in the 4 tokens of one shape among distractors).
 
 For each budget r:
   * fitprune: `fit(model, calibration, r)` on generated calibration questions,
@@ -13,7 +16,10 @@ and a per-question-kind breakdown, so a difference smaller than the interval or 
 seed spread reads as what it is: noise. The default top budget is 85 %: on the 4-layer model,
 layer 0's attention over every token is always paid, and FitPrune's fit reaches at most ~88.6 %.
 
-    python benchmarks/accuracy.py                    # writes docs/accuracy.md and docs/accuracy.png
+    python benchmarks/accuracy.py                    # shapes-llava: docs/accuracy-shapes.{md,png}
+    python benchmarks/accuracy.py --task clutter     # clutter-llava: docs/accuracy-clutter.{md,png}
+
+Each run also rewrites docs/accuracy.md, the tables of both models (those present).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from tqdm import tqdm
 
 from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend
 from fitprune_fx.testbed import synthetic
-from fitprune_fx.testbed.shapes_model import answer_ids, encode, load_shapes_llava
+from fitprune_fx.testbed.shapes_model import MODEL_DIRS, answer_ids, encode, load_shapes_llava
+
+TASKS = {"shapes": synthetic.SHAPES, "clutter": synthetic.CLUTTER}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +103,7 @@ class Row:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=sorted(TASKS), default="shapes", help="which test-bed model")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     p.add_argument("--calibration", type=int, default=64)
     p.add_argument("--eval", type=int, default=768)
@@ -109,19 +118,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, processor = load_shapes_llava()
-    calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib")
+    task = TASKS[args.task]
+    name = MODEL_DIRS[args.task].name
+    model, processor = load_shapes_llava(MODEL_DIRS[args.task])
+    calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib", task=task)
     calib = [encode(processor, calibration[i : i + 16]) for i in range(0, len(calibration), 16)]
-    drawn = synthetic.make_dataset(args.eval, seed=args.eval_seed, split="test")
+    drawn = synthetic.make_dataset(args.eval, seed=args.eval_seed, split="test", task=task)
     held_out = disjoint_held_out(drawn, calibration)
-    kinds = list(synthetic.QUESTION_WEIGHTS)
+    kinds = list(task.question_weights)
     kind_of = [ex.kind for ex in held_out]
     masks = {k: torch.tensor([x == k for x in kind_of]) for k in kinds}
 
-    unpruned = Recipe(model=ModelInfo.from_config(model.config, name="shapes-llava"), prune={})
+    unpruned = Recipe(model=ModelInfo.from_config(model.config, name=name), prune={})
     plans = [("unpruned", 0.0, [unpruned])]
     for budget in args.budgets:
-        fitted = fit(model, calib, budget, name="shapes-llava")
+        fitted = fit(model, calib, budget, name=name)
         randoms = [
             Recipe(model=fitted.model, prune=fitted.prune, scorer="random", scorer_options={"seed": s})
             for s in range(args.random_seeds)
@@ -144,17 +155,31 @@ def main() -> None:
     bar.close()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    table = render(rows, masks, len(held_out), len(drawn), args)
+    table = render(rows, masks, len(held_out), len(drawn), args, name)
     print(table)
-    (args.out / "accuracy.md").write_text(table + "\n")
-    plot(rows, args.out / "accuracy.png")
-    print(f"wrote {args.out / 'accuracy.md'} and {args.out / 'accuracy.png'}")
+    md, png = args.out / f"accuracy-{args.task}.md", args.out / f"accuracy-{args.task}.png"
+    md.write_text(table + "\n")
+    plot(rows, png, name)
+    write_index(args.out)
+    print(f"wrote {md}, {png} and {args.out / 'accuracy.md'}")
 
 
-def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, args) -> str:
+def write_index(out: Path) -> None:
+    """docs/accuracy.md: the table of every test-bed model measured so far, each with its command."""
+    parts = ["# Accuracy at matched FLOPs on the test-bed models", ""]
+    for task in TASKS:
+        md = out / f"accuracy-{task}.md"
+        if md.exists():
+            command = "python benchmarks/accuracy.py" + ("" if task == "shapes" else f" --task {task}")
+            parts += [f"## {MODEL_DIRS[task].name} (`{command}`)", "", md.read_text().strip(), "",
+                      f"![{task}](accuracy-{task}.png)", ""]  # fmt: skip
+    (out / "accuracy.md").write_text("\n".join(parts))
+
+
+def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, args, name: str) -> str:
     kinds = list(masks)
     lines = [
-        f"shapes-llava, {n} held-out questions (seed {args.eval_seed}; {drawn - n} of {drawn} drawn dropped "
+        f"{name}, {n} held-out questions (seed {args.eval_seed}; {drawn - n} of {drawn} drawn dropped "
         f"as also in the calibration set), calibration {args.calibration}. Accuracy with its 95 % Wilson "
         f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds and the range "
         "of the seeds' accuracies. Per question kind (count of questions in brackets):",
@@ -179,7 +204,7 @@ def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, 
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +230,7 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.set_xlabel("FLOPs reduction (%)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(
-        "shapes-llava: accuracy at matched FLOPs\n(bars: 95 % Wilson interval; random: s.d. over seeds)",
+        f"{name}: accuracy at matched FLOPs\n(bars: 95 % Wilson interval; random: s.d. over seeds)",
         fontsize=10,
     )
     ax.legend()

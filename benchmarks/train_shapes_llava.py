@@ -1,6 +1,7 @@
-"""Train `shapes-llava` from scratch on the synthetic shapes QA task and save it.
+"""Train `shapes-llava` (or `clutter-llava`) from scratch on a synthetic QA task and save it.
 
     python benchmarks/train_shapes_llava.py                  # writes fitprune_fx/testbed/models/shapes-llava
+    python benchmarks/train_shapes_llava.py --task clutter   # 576 visual tokens: models/clutter-llava
     python benchmarks/train_shapes_llava.py --epochs 2 --steps-per-epoch 20 --out /tmp/shapes
 
 Every step draws fresh images from the generator (no image is seen twice), several questions per
@@ -18,6 +19,24 @@ After each epoch the held-out accuracy (split "test") is printed, overall and pe
 Training is deterministic for a seed and runs on one CPU thread (see `--threads`); the default
 schedule (2200 steps of 16 images x 8 questions) takes under 20 minutes on the shared 2-core
 development machine.
+
+The shipped clutter-llava came from three schedules, each starting from the previous one's folder
+(2 threads, 8 images x 8 questions per step; 20.6 + 23.9 + 12.2 minutes on the 2-core machine):
+
+    python benchmarks/train_shapes_llava.py --task clutter --epochs 6 --steps-per-epoch 250 \
+        --images 8 --threads 2 --max-minutes 32 --out A \
+        --question-weights cell_colour=0.35,cell_kind=0.35,find_cell=0.3
+    python benchmarks/train_shapes_llava.py --task clutter --init A --epochs 6 --steps-per-epoch 250 \
+        --warmup 50 --images 8 --threads 2 --max-minutes 28 --seed 1 --out B
+    python benchmarks/train_shapes_llava.py --task clutter --init B --lookup-layer 1 --lr 1e-3 \
+        --warmup 30 --epochs 4 --steps-per-epoch 200 --images 8 --threads 2 --max-minutes 16 --seed 2 \
+        --question-weights cell_colour=0.5,cell_kind=0.5
+
+The first two learn the vision features and the lookups (colour and kind at a cell reach 1.00;
+"where is ...?" stays at 0.2 and is left out of the task's mix); the third moves the lookup from
+layer 0 to layer 1 (`--lookup-layer 1` also penalises question words reading the image in layer
+0), so that visual tokens deleted after layer 0 are missed: without it every answer is read in
+layer 0, before any deletion, and no pruning can change an answer.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration
 
 from fitprune_fx.testbed import shapes_model, synthetic
 
@@ -52,49 +72,65 @@ def evaluate(model, processor, examples, batch_size: int = 64) -> tuple[float, d
 
 # Training draws count-of-colour questions more often than `synthetic.QUESTION_WEIGHTS` (the
 # held-out sets keep those): the position kinds are learnt early, counting one colour is not.
-TRAIN_WEIGHTS = {"cell_colour": 0.2, "cell_kind": 0.25, "count_colour": 0.35, "count_all": 0.2}
+# Clutter: colour at a cell is learnt first (epoch 3 of the first schedule), kinds and finding
+# a shape later, so those are drawn more often.
+TRAIN_WEIGHTS = {
+    "shapes": {"cell_colour": 0.2, "cell_kind": 0.25, "count_colour": 0.35, "count_all": 0.2},
+    "clutter": {"cell_colour": 0.15, "cell_kind": 0.45, "find_cell": 0.4},
+}
+TASKS = {"shapes": synthetic.SHAPES, "clutter": synthetic.CLUTTER}
 
 
-def sample(rng: random.Random, n_images: int, k: int):
-    """`n_images` random images with `k` questions each: images, [n*k] questions, [n*k] answers."""
-    kinds, weights = list(TRAIN_WEIGHTS), list(TRAIN_WEIGHTS.values())
+def sample(
+    rng: random.Random,
+    n_images: int,
+    k: int,
+    task: synthetic.Task = synthetic.SHAPES,
+    mix: dict | None = None,
+):
+    """`n_images` random images with `k` questions each: images, [n*k] questions, [n*k] answers.
+    `mix`: question kind -> weight (default `TRAIN_WEIGHTS` of the task)."""
+    mix = mix or TRAIN_WEIGHTS[task.name]
+    kinds, weights = list(mix), list(mix.values())
     images, questions, answers, scenes = [], [], [], []
     for _ in range(n_images):
-        scene = synthetic.make_scene(rng)
+        scene = synthetic.make_scene(rng, task)
         scenes.append(scene)
-        images.append(synthetic.render(scene, rng))
+        images.append(synthetic.render(scene, rng, task))
         for qkind in rng.choices(kinds, weights=weights, k=k):
-            q, a = synthetic.ask(scene, rng, qkind)
+            q, a = synthetic.ask(scene, rng, qkind, task)
             questions.append(q)
             answers.append(a)
     return images, questions, answers, scenes
 
 
-COLOUR_IDS = {c: i + 1 for i, c in enumerate(synthetic.COLOURS)}  # 0 = no shape
+COLOUR_IDS = {c: i + 1 for i, c in enumerate(synthetic.COLOURS)}  # 0 = no shape (or a grey one)
 KIND_IDS = {k: i + 1 for i, k in enumerate(synthetic.KINDS)}
 
 
-def patch_targets(images, scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch labels [n, 144] (colour id, kind id; 0 = background; cell index 0..8) for the
-    auxiliary loss: a patch is labelled with its cell's shape when at least 4 of its 16 pixels
-    are painted; every patch is labelled with the cell it lies in."""
+def patch_targets(images, scenes, task: synthetic.Task = synthetic.SHAPES):
+    """Per-patch labels [n, P] (colour id, kind id; 0 = background or a grey distractor; cell
+    index) for the auxiliary loss: a patch is labelled with its cell's shape when at least 4 of its
+    16 pixels are painted; every patch is labelled with the cell it lies in. P = 144 (shapes), 576."""
     p = shapes_model.PATCH
-    side = synthetic.IMAGE_SIZE // p  # 12 patches per row
-    per_cell = synthetic.CELL // p  # 4 patches per cell side
+    side = task.image_size // p  # 12 (24) patches per row
+    per_cell = task.cell // p  # 4 patches per cell side
     colours = torch.zeros(len(images), side, side, dtype=torch.long)
     kinds = torch.zeros_like(colours)
     bg = torch.tensor(synthetic.BACKGROUND)
     for b, (img, scene) in enumerate(zip(images, scenes, strict=True)):
-        px = torch.from_numpy(np.array(img)).long()  # [48, 48, 3]
-        painted = (px != bg).any(-1).float()  # [48, 48]
-        covered = painted.reshape(side, p, side, p).sum((1, 3)) >= 4  # [12, 12]
+        px = torch.from_numpy(np.array(img)).long()  # [side*4, side*4, 3]
+        painted = (px != bg).any(-1).float()
+        covered = painted.reshape(side, p, side, p).sum((1, 3)) >= 4  # [side, side]
         for (r, c), (colour, kind) in scene.items():
+            if colour not in COLOUR_IDS:  # distractor: background for the labels
+                continue
             rows = slice(r * per_cell, (r + 1) * per_cell)
             cols = slice(c * per_cell, (c + 1) * per_cell)
             colours[b, rows, cols] = COLOUR_IDS[colour] * covered[rows, cols]
             kinds[b, rows, cols] = KIND_IDS[kind] * covered[rows, cols]
-    idx = torch.arange(side) // per_cell  # [12] cell row/column of each patch row/column
-    cells = (idx[:, None] * synthetic.GRID + idx[None, :]).flatten()  # [144]
+    idx = torch.arange(side) // per_cell  # cell row/column of each patch row/column
+    cells = (idx[:, None] * task.grid + idx[None, :]).flatten()  # [P]
     return colours.flatten(1), kinds.flatten(1), cells.expand(len(images), -1)
 
 
@@ -107,6 +143,9 @@ def shared_prefix_loss(
     aux_head=None,
     aux_weight: float = 0.0,
     attn_weight: float = 0.0,
+    task: synthetic.Task = synthetic.SHAPES,
+    mix: dict | None = None,
+    lookup_layer: int = 0,
 ) -> torch.Tensor:
     """Answer-token cross-entropy for k questions per image, sharing the image prefix.
 
@@ -119,7 +158,7 @@ def shared_prefix_loss(
     tower going quickly and makes "which cell" linearly readable for the decoder's lookups).
     With `attn_weight` (needs eager attention), adds `lookup_attention_loss`.
     """
-    images, questions, answers, scenes = sample(rng, n_images, k)
+    images, questions, answers, scenes = sample(rng, n_images, k, task, mix)
     tok = processor.tokenizer
     prefix = processor(images=images, text=["USER: <image>"] * n_images, return_tensors="pt")
     suffix = tok(
@@ -137,17 +176,20 @@ def shared_prefix_loss(
     logits = sfx.logits[torch.arange(len(questions)), last]  # [n*k, V]
     target = torch.tensor(tok.convert_tokens_to_ids(answers))
     loss = F.cross_entropy(logits, target)
-    targets = patch_targets(images, scenes)  # colours, kinds, cells: [n, 144] each
+    targets = patch_targets(images, scenes, task)  # colours, kinds, cells: [n, P] each
     if attn_weight > 0:
         first_image = int((prefix["input_ids"][0] == shapes_model.IMAGE_ID).nonzero()[0])
         loss = loss + attn_weight * lookup_attention_loss(
-            sfx.attentions, questions, last, targets, k, first_image
+            sfx.attentions, questions, last, targets, k, first_image, task, lookup_layer
         )
     if aux_head is not None:
-        feats = out.image_hidden_states.reshape(n_images, -1, aux_head[0].in_features)  # [n, 144, h]
+        feats = out.image_hidden_states  # [n, P, h], or one [P, h] per image (transformers >= 5.24)
+        feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        feats = feats.reshape(n_images, -1, aux_head[0].in_features)
+        logits = aux_logits(model, tok, aux_head, feats, task)
+        labels = list(targets) + [targets[2]] * (len(logits) - len(targets))  # cells read out too
         aux = sum(
-            F.cross_entropy(logits.flatten(0, 1), t.flatten())
-            for logits, t in zip(aux_logits(model, tok, aux_head, feats), targets, strict=True)
+            F.cross_entropy(lg.flatten(0, 1), t.flatten()) for lg, t in zip(logits, labels, strict=True)
         )
         loss = loss + aux_weight * aux
     return loss
@@ -160,8 +202,10 @@ def lookup_attention_loss(
     targets: tuple[torch.Tensor, ...],
     k: int,
     first_image: int,
+    task: synthetic.Task = synthetic.SHAPES,
+    lookup_layer: int = 0,
 ) -> torch.Tensor:
-    """Guide the hops of position and count-of-colour questions.
+    """Guide the hops of position, count-of-colour and find questions.
 
     Position ("what colour is the shape at top-left ?"): layer 0, head 0: the cell-name token
     puts its attention on the painted patches of that cell. Count of colour ("how many red shapes
@@ -172,17 +216,27 @@ def lookup_attention_loss(
     of the attention mass on the target positions (hop 0 of position questions, hop 1), cross-
     entropy to the target distribution (counting). `attentions[l]` is [n*k, H, L, 146 + L] (suffix
     queries over prefix + suffix keys); `targets` as returned by `patch_targets` for the n images.
+    Find ("where is the red circle ?", clutter): layer 1, head 1: the kind word (which has seen the
+    colour word before it) puts its attention on that shape's patches; layer 2, head 0:
+    "ASSISTANT:" on the kind word.
     """
-    colours, _, cells = targets  # [n, 144] each
+    colours, kinds, cells = targets  # [n, P] each
     rows, name_pos, cell_idx = [], [], []  # position questions
     c_rows, c_pos, c_col = [], [], []  # count-of-colour questions
+    f_rows, f_pos, f_colour, f_kind = [], [], [], []  # find questions
     for i, q in enumerate(questions):
         words = q.split()
+        if words[0] == "where":  # where is the <colour> <kind> ?
+            f_rows.append(i)
+            f_pos.append(4)
+            f_colour.append(COLOUR_IDS[words[3]])
+            f_kind.append(KIND_IDS[words[4]])
+            continue
         for j, w in enumerate(words):
-            if w in synthetic.CELL_NAMES:
+            if w in task.cell_names:
                 rows.append(i)
                 name_pos.append(j)
-                cell_idx.append(synthetic.CELL_NAMES.index(w))
+                cell_idx.append(task.cell_names.index(w))
             elif w in synthetic.COLOURS and words[0] == "how":
                 c_rows.append(i)
                 c_pos.append(j)
@@ -192,7 +246,7 @@ def lookup_attention_loss(
     loss = torch.zeros(())
     if rows:
         rows_t, pos_t, cell_t = torch.tensor(rows), torch.tensor(name_pos), torch.tensor(cell_idx)
-        a0 = attentions[0][rows_t, 0, pos_t, first_image : first_image + n_img]  # [m, 144]
+        a0 = attentions[lookup_layer][rows_t, 0, pos_t, first_image : first_image + n_img]  # [m, P]
         img = rows_t // k
         on_shape = (cells[img] == cell_t[:, None]) & (colours[img] > 0)  # [m, 144]
         loss = loss - torch.log((a0 * on_shape).sum(-1) + 1e-6).mean()
@@ -200,23 +254,39 @@ def lookup_attention_loss(
         rows_t, pos_t, col_t = torch.tensor(c_rows), torch.tensor(c_pos), torch.tensor(c_col)
         img = rows_t // k
         mask = (colours[img] == col_t[:, None]).float()  # [m, 144]
-        per_cell = torch.zeros(len(c_rows), synthetic.GRID**2).scatter_add_(1, cells[img], mask)
+        per_cell = torch.zeros(len(c_rows), task.grid**2).scatter_add_(1, cells[img], mask)
         share = mask / per_cell.gather(1, cells[img]).clamp(min=1)  # 1 per shape, over its patches
         weights = torch.cat([torch.ones(len(c_rows), 1), share], 1)  # [m, 1 + 144]: <s>, patches
         target = weights / weights.sum(-1, keepdim=True)
-        att = attentions[0][rows_t, 1, pos_t]  # [m, keys]
+        att = attentions[lookup_layer][rows_t, 1, pos_t]  # [m, keys]
         att = torch.cat([att[:, :1], att[:, first_image : first_image + n_img]], 1)
         loss = loss - (target * torch.log(att + 1e-6)).sum(-1).mean()
         rows, name_pos = rows + c_rows, name_pos + c_pos
     if rows:
         rows_t, pos_t = torch.tensor(rows), torch.tensor(name_pos)
-        a1 = attentions[1][rows_t, 0, last[rows_t], n_prefix + pos_t]  # [m]
+        a1 = attentions[lookup_layer + 1][rows_t, 0, last[rows_t], n_prefix + pos_t]  # [m]
         loss = loss - torch.log(a1 + 1e-6).mean()
+    if lookup_layer > 0:  # no question word reads the image before the lookup layer
+        early = torch.stack(
+            [a[:, :, :, first_image : first_image + n_img].sum(-1) for a in attentions[:lookup_layer]]
+        )
+        loss = loss + early.mean() * early.shape[2]  # mean image mass per query, summed over heads
+    if f_rows:
+        rows_t, pos_t = torch.tensor(f_rows), torch.tensor(f_pos)
+        img = rows_t // k
+        target = (colours[img] == torch.tensor(f_colour)[:, None]) & (
+            kinds[img] == torch.tensor(f_kind)[:, None]
+        )
+        a1 = attentions[lookup_layer + 1][rows_t, 1, pos_t, first_image : first_image + n_img]  # [m, P]
+        loss = loss - torch.log((a1 * target).sum(-1) + 1e-6).mean()
+        a2 = attentions[lookup_layer + 2][rows_t, 0, last[rows_t], n_prefix + pos_t]  # [m]
+        loss = loss - torch.log(a2 + 1e-6).mean()
     return loss
 
 
-def aux_logits(model, tok, aux_head, feats: torch.Tensor) -> list[torch.Tensor]:
-    """Per-patch logits [n, 144, C] for colour (background + 4), kind (background + 4) and cell (9).
+def aux_logits(model, tok, aux_head, feats: torch.Tensor, task: synthetic.Task = synthetic.SHAPES):
+    """Per-patch logits [n, P, C] for colour (background + 4), kind (background + 4) and cell (9;
+    36 for clutter, which also reads the cell out through `lm_head`: its find answers are cells).
 
     The class vectors are tied to the decoder's own word vectors: colour and kind to the rows of
     `lm_head` of the answer words, cell to the input embeddings of the cell names. So a visual
@@ -229,10 +299,12 @@ def aux_logits(model, tok, aux_head, feats: torch.Tensor) -> list[torch.Tensor]:
     in_w = model.get_input_embeddings().weight  # [V, h]
     colour_ids = tok.convert_tokens_to_ids(list(synthetic.COLOURS))
     kind_ids = tok.convert_tokens_to_ids(list(synthetic.KINDS))
-    cell_ids = tok.convert_tokens_to_ids(list(synthetic.CELL_NAMES))
-    colour = torch.cat([aux_head[0](feats), feats @ out_w[colour_ids].T], -1)  # [n, 144, 5]
-    kind = torch.cat([aux_head[1](feats), feats @ out_w[kind_ids].T], -1)  # [n, 144, 5]
-    cell = feats @ in_w[cell_ids].T  # [n, 144, 9]
+    cell_ids = tok.convert_tokens_to_ids(list(task.cell_names))
+    colour = torch.cat([aux_head[0](feats), feats @ out_w[colour_ids].T], -1)  # [n, P, 5]
+    kind = torch.cat([aux_head[1](feats), feats @ out_w[kind_ids].T], -1)  # [n, P, 5]
+    cell = feats @ in_w[cell_ids].T  # [n, P, cells]
+    if task.unique_pairs:  # clutter: "where is ...?" answers are cell names
+        return [colour, kind, cell, feats @ out_w[cell_ids].T]
     return [colour, kind, cell]
 
 
@@ -255,7 +327,8 @@ def init_2d_positions(model) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(shapes_model.MODEL_DIR))
+    ap.add_argument("--task", choices=sorted(TASKS), default="shapes")
+    ap.add_argument("--out", default=None, help="default: the shipped folder of the task")
     ap.add_argument("--epochs", type=int, default=11)
     ap.add_argument("--steps-per-epoch", type=int, default=200)
     ap.add_argument("--images", type=int, default=16, help="images per step")
@@ -274,6 +347,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-minutes", type=float, default=19.3, help="stop early and save")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="start from this saved model folder (a second schedule)")
+    ap.add_argument(
+        "--lookup-layer",
+        type=int,
+        default=0,
+        help="decoder layer of the guided lookups; > 0 also penalises question words reading the "
+        "image before it (clutter: 1, so that tokens deleted after layer 0 are missed)",
+    )
+    ap.add_argument(
+        "--question-weights",
+        default=None,
+        help="training mix, e.g. cell_colour=0.25,cell_kind=0.75 (default: TRAIN_WEIGHTS of the task)",
+    )
     ap.add_argument("--aux-weight", type=float, default=1.0, help="per-patch auxiliary loss")
     ap.add_argument("--attn-weight", type=float, default=0.5, help="lookup attention loss (0: off)")
     ap.add_argument(
@@ -287,8 +373,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    processor = shapes_model.build_processor()
+    task = TASKS[args.task]
+    mix = None
+    if args.question_weights:
+        mix = {k: float(v) for k, v in (item.split("=") for item in args.question_weights.split(","))}
+    processor = shapes_model.build_processor(task)
     model = shapes_model.build_model(
+        task=task,
         num_layers=args.layers,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -296,13 +387,15 @@ def main() -> None:
         vision_hidden=args.vision_hidden,
         seed=args.seed,
     ).train()
-    if args.sincos_positions:
+    if args.init:  # continue from saved weights (same task and sizes), with a fresh schedule
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(args.init).state_dict())
+    elif args.sincos_positions:
         init_2d_positions(model)
     if args.attn_weight > 0:
         model.set_attn_implementation("eager")  # the lookup loss reads attention weights
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M")
-    held_out = synthetic.make_dataset(args.eval_size, seed=args.seed, split="test")
+    held_out = synthetic.make_dataset(args.eval_size, seed=args.seed, split="test", task=task)
 
     # Training-only heads for the per-patch auxiliary loss (not saved with the model).
     aux_head = torch.nn.ModuleList([torch.nn.Linear(args.hidden, 1) for _ in range(2)])
@@ -343,6 +436,9 @@ def main() -> None:
                 aux_head,
                 args.aux_weight,
                 args.attn_weight,
+                task,
+                mix,
+                args.lookup_layer,
             )
             for g in opt.param_groups:
                 g["lr"] = lr_at(step) * g["lr_mult"]
@@ -362,7 +458,7 @@ def main() -> None:
             print("time limit reached")
             break
 
-    out = Path(args.out)
+    out = Path(args.out or shapes_model.MODEL_DIRS[task.name])
     out.mkdir(parents=True, exist_ok=True)
     model.set_attn_implementation("sdpa")
     model.eval().save_pretrained(out)

@@ -26,14 +26,16 @@ from transformers import (
 from . import synthetic
 
 MODEL_DIR = Path(__file__).parent / "models" / "shapes-llava"
+CLUTTER_DIR = Path(__file__).parent / "models" / "clutter-llava"  # synthetic.CLUTTER, 576 tokens
+MODEL_DIRS = {"shapes": MODEL_DIR, "clutter": CLUTTER_DIR}
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]  # ids 0..4
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = 0, 1, 2, 3
-PATCH = 4  # 48x48 image / 4x4 patches -> 12x12 = 144 visual tokens
+PATCH = 4  # 48x48 image / 4x4 patches -> 12x12 = 144 visual tokens (96x96: 24x24 = 576)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over `synthetic.VOCAB`; prepends <s>, pads on the left."""
-    words = SPECIALS + synthetic.VOCAB
+def build_tokenizer(task: synthetic.Task = synthetic.SHAPES) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the task's vocabulary; prepends <s>, pads on the left."""
+    words = SPECIALS + task.vocab
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -47,30 +49,29 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
-        model_max_length=512,
+        model_max_length=512 if task.image_size <= 48 else 1024,
     )
     # "<image>" must be one token even inside "USER: <image>\n...".
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return fast
 
 
-def _image_processor():
-    """CLIP preprocessing (resize/crop to 48, CLIP mean/std) that needs no torchvision."""
+def _image_processor(size: int):
+    """CLIP preprocessing (resize/crop to the task's size, CLIP mean/std) that needs no torchvision."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:  # transformers >= 5.2x names the PIL/numpy backend explicitly
             from transformers import CLIPImageProcessorPil as cls
         except ImportError:
             from transformers import CLIPImageProcessor as cls
-    size = synthetic.IMAGE_SIZE
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def build_processor() -> LlavaProcessor:
-    """LlavaProcessor that expands one <image> into 144 image tokens."""
+def build_processor(task: synthetic.Task = synthetic.SHAPES) -> LlavaProcessor:
+    """LlavaProcessor that expands one <image> into (image_size / 4)^2 image tokens (144, 576)."""
     return LlavaProcessor(
-        image_processor=_image_processor(),
-        tokenizer=build_tokenizer(),
+        image_processor=_image_processor(task.image_size),
+        tokenizer=build_tokenizer(task),
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
@@ -86,11 +87,12 @@ def build_model(
     vision_hidden: int = 64,
     seed: int = 0,
     rope_theta: float = 1e6,
+    task: synthetic.Task = synthetic.SHAPES,
 ) -> LlavaForConditionalGeneration:
-    """Untrained shapes-llava: tiny CLIP tower + 2-layer projector + Llama decoder.
+    """Untrained shapes-llava (or clutter-llava): tiny CLIP tower + 2-layer projector + Llama decoder.
 
-    A large `rope_theta` keeps most rotary frequencies slow over the ~160-token prompt, so a
-    question word can match visual tokens by content whatever their distance.
+    A large `rope_theta` keeps most rotary frequencies slow over the ~160 (~600) token prompt, so
+    a question word can match visual tokens by content whatever their distance.
     """
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -98,7 +100,7 @@ def build_model(
         intermediate_size=4 * vision_hidden,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
-        image_size=synthetic.IMAGE_SIZE,
+        image_size=task.image_size,
         patch_size=PATCH,
         projection_dim=vision_hidden,
     )
@@ -108,8 +110,8 @@ def build_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        vocab_size=len(SPECIALS) + len(synthetic.VOCAB),
-        max_position_embeddings=256,
+        vocab_size=len(SPECIALS) + len(task.vocab),
+        max_position_embeddings=256 if task.image_size <= 48 else 1024,
         rope_theta=rope_theta,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
@@ -142,7 +144,7 @@ def load_shapes_llava(
 
 
 def encode(processor: LlavaProcessor, examples: list) -> dict[str, torch.Tensor]:
-    """Left-padded batch: input_ids/attention_mask [B, S], pixel_values [B, 3, 48, 48]."""
+    """Left-padded batch: input_ids/attention_mask [B, S], pixel_values [B, 3, side, side]."""
     texts = [synthetic.prompt(ex.question) for ex in examples]
     images = [ex.image for ex in examples]
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
