@@ -77,9 +77,11 @@ def _load_model(path: str, device: str, dtype: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from fitprune_fx.families import UnknownModel, family_for
+    from fitprune_fx.models import register_ported_models
 
     if not Path(path).is_dir():
         raise CLIError(f"--model {path}: not a folder (expected a save_pretrained model folder)")
+    register_ported_models()  # LLaVA-HR folders load with the Auto classes
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)

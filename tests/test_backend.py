@@ -184,3 +184,22 @@ def test_new_batch_sizes_keep_pruning():
         assert_matches_reference(m, inputs, out, {1: 5})
     assert "not understood" not in backend.summary()
     assert len(backend.pruned_graphs) >= 3
+
+
+def test_prefill_without_attention_mask_is_pruned_like_with_one(fresh_dynamo):
+    """No `attention_mask`: transformers passes SDPA no mask and `is_causal` (what flash attention
+    needs on a GPU); the pass still prunes, and the logits equal those of the same prompt with an
+    all-ones mask (where the graph carries a 4-D mask)."""
+    model = tiny_llava("llama", num_layers=3, seed=12)
+    inputs = make_inputs(model, [PromptSpec(before=3, after=4)], seed=1)
+    recipe = Recipe(model=ModelInfo.from_config(model.config), prune={0: 6, 1: 4})
+    outputs = []
+    for drop_mask in (True, False):
+        torch._dynamo.reset()
+        backend = fitprune_backend(recipe, compiler="eager")
+        call = {k: v for k, v in inputs.items() if not (drop_mask and k == "attention_mask")}
+        with torch.no_grad():
+            outputs.append(torch.compile(model, backend=backend)(**call).logits)
+        assert [r.result.deletions for r in backend.pruned_graphs] == [{0: 6, 1: 4}]
+    assert outputs[0].shape[1] == inputs["input_ids"].shape[1] - 10
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)

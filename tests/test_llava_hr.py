@@ -127,6 +127,11 @@ def test_converter_errors_name_the_problem_and_the_fix(tmp_path, capsys):
     assert "not a LLaVA-HR config" in capsys.readouterr().err
 
     shutil.rmtree(not_hr)
+    for key, value in [("rope_scaling", {"type": "linear", "factor": 2.0}), ("mm_use_im_start_end", True)]:
+        changed = _official_copy(tmp_path, lambda c, key=key, value=value: c.update({key: value}))
+        assert main(["convert-llava-hr", str(changed), str(tmp_path / "r")]) == 2
+        assert f"{key}=" in capsys.readouterr().err and not (tmp_path / "r").exists()
+        shutil.rmtree(changed)
     unknown_clip = _official_copy(tmp_path, lambda c: c.update(mm_vision_tower="someone/clip-h"))
     assert main(["convert-llava-hr", str(unknown_clip), str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import fitprune_fx.models.llava_hr  # noqa: F401  (registers the port with transformers' Auto classes)
-
 from .llava import LlavaFamily
 
 
@@ -22,5 +20,4 @@ class LlavaHrFamily(LlavaFamily):
         return getattr(config, "model_type", None) == "llava_hr"
 
     def visual_tokens_per_image(self, config: Any) -> int:
-        fast_size = max(int(config.image_size / 32 * 14), config.fast_image_size_min)
-        return (fast_size // config.vision_config.patch_size) ** 2
+        return config.fast_grid() ** 2  # LlavaHrConfig: the fast pathway's patch grid

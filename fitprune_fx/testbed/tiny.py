@@ -18,6 +18,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from fitprune_fx.families import family_for
+
 TEXT_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 IMAGE_TOKEN_ID = 3  # small ids are reserved: 0 pad, 1 bos, 2 eos, 3 image
@@ -86,19 +88,14 @@ def _sharpen_attention(model):
 
 
 def num_image_tokens(model: LlavaForConditionalGeneration) -> int:
-    """Visual tokens one image contributes to the prompt (LLaVA, or LLaVA-HR's fast grid)."""
-    config = model.config
-    if config.model_type == "llava_hr":
-        return config.fast_grid() ** 2
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
+    """Visual tokens one image contributes to the prompt (the model family's count)."""
+    return family_for(model).visual_tokens_per_image(model.config)
 
 
 def image_side(model: LlavaForConditionalGeneration) -> int:
-    """Pixel side of the images the model takes (LLaVA-HR: its slow pathway's input)."""
-    config = model.config
-    return config.image_size if config.model_type == "llava_hr" else config.vision_config.image_size
+    """Pixel side of the images the model takes: LLaVA-HR's `config.image_size` (its slow
+    pathway's input), else the CLIP tower's."""
+    return getattr(model.config, "image_size", None) or model.config.vision_config.image_size
 
 
 @dataclass

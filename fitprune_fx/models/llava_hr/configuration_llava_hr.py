@@ -24,6 +24,19 @@ def _sub_config(value: Any, default_type: str, **defaults: Any) -> PretrainedCon
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+# `openai/clip-vit-large-patch14-336`: LLaVA-HR's fast pathway
+CLIP_L14_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+
+
 class LlavaHrConfig(PretrainedConfig):
     """Text model (Llama), fast pathway (CLIP ViT), slow pathway (ConvNeXt), fusion and projector.
 
@@ -47,18 +60,7 @@ class LlavaHrConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.vision_config = _sub_config(
-            vision_config,
-            "clip_vision_model",
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        )
+        self.vision_config = _sub_config(vision_config, "clip_vision_model", **CLIP_L14_336)
         self.slow_vision_config = _sub_config(
             slow_vision_config, "convnext", hidden_sizes=[192, 384, 768, 1536], depths=[3, 3, 27, 3]
         )
@@ -92,4 +94,4 @@ class LlavaHrConfig(PretrainedConfig):
 
 def default_clip_config() -> CLIPVisionConfig:
     """CLIP ViT-L/14 at 336 px (`openai/clip-vit-large-patch14-336`), LLaVA-HR's fast pathway."""
-    return LlavaHrConfig().vision_config
+    return CLIPVisionConfig(**CLIP_L14_336)

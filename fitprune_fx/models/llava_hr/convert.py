@@ -156,6 +156,17 @@ def llava_hr_config(
         raise ConversionError(
             f"projector {official.get('mm_projector_type')!r}: only mlp2x_gelu is supported"
         )
+    unsupported = {  # settings that change the prompt or the positions: the port would answer differently
+        "rope_scaling": bool(official.get("rope_scaling")),
+        "mm_use_im_start_end": bool(official.get("mm_use_im_start_end")),
+        "image_aspect_ratio": official.get("image_aspect_ratio") not in (None, "pad", "square"),
+    }
+    found = [f"{k}={official[k]!r}" for k, bad in unsupported.items() if bad]
+    if found:
+        raise ConversionError(
+            f"{', '.join(found)}: not supported by the port (RoPE scaling, image start/end tokens, "
+            "aspect-ratio modes other than pad and square); convert a checkpoint without them"
+        )
     text = LlamaConfig(**{k: official[k] for k in TEXT_FIELDS if k in official})
     vision = _clip_config(src, official, clip_config)
     patch = state[f"{FAST}embeddings.patch_embedding.weight"]

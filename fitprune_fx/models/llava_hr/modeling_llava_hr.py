@@ -175,9 +175,17 @@ class LlavaHrModel(LlavaModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return _ImageTokenSafeEmbedding.wrap(
-            self.language_model.get_input_embeddings(), self.config.image_token_id
-        )
+        """The text embedding; when the image token id lies past it, a view that reads it as 0
+        (built once per embedding module and kept outside the module tree: no weight saved twice)."""
+        embedding = self.language_model.get_input_embeddings()
+        if self.config.image_token_id < embedding.num_embeddings:
+            return embedding
+        safe = self.__dict__.get("_image_safe_embedding")
+        if safe is None or safe.embedding is not embedding:
+            safe = _ImageTokenSafeEmbedding(embedding)
+            self.__dict__["_image_safe_embedding"] = safe
+        safe.image_token_id = self.config.image_token_id
+        return safe
 
     def get_image_features(self, pixel_values: Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """Projected visual tokens, one [n, hidden] tensor per image in `pooler_output`."""
@@ -190,16 +198,10 @@ class _ImageTokenSafeEmbedding(nn.Module):
     """The text embedding with image-token ids read as 0: LLaVA-HR's vocabulary has no image token
     (its rows are overwritten by visual features anyway), so the id may lie past the table."""
 
-    def __init__(self, embedding: nn.Module, image_token_id: int) -> None:
+    def __init__(self, embedding: nn.Module) -> None:
         super().__init__()
         self.embedding = embedding
-        self.image_token_id = image_token_id
-
-    @classmethod
-    def wrap(cls, embedding: nn.Module, image_token_id: int) -> nn.Module:
-        if image_token_id < embedding.num_embeddings:
-            return embedding
-        return cls(embedding, image_token_id)
+        self.image_token_id = -1
 
     @property
     def weight(self) -> Tensor:
