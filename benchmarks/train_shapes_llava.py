@@ -341,6 +341,13 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=256)
     ap.add_argument("--vision-layers", type=int, default=3)
     ap.add_argument("--vision-hidden", type=int, default=64)
+    ap.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        default=-1,
+        help="CLIP hidden state the projector reads; -2 with --vision-layers 1 = patch embeddings only, "
+        "so no visual token sees another's pixels (clutter)",
+    )
     ap.add_argument("--eval-size", type=int, default=256)
     # One thread: on the shared 2-core machine (load average ~5-6 from other jobs) one step took
     # 1.0-1.1 s with 1 thread and 11 s with 2 threads (oversubscription); results are identical.
@@ -385,6 +392,7 @@ def main() -> None:
         intermediate_size=args.intermediate,
         vision_layers=args.vision_layers,
         vision_hidden=args.vision_hidden,
+        vision_feature_layer=args.vision_feature_layer,
         seed=args.seed,
     ).train()
     if args.init:  # continue from saved weights (same task and sizes), with a fresh schedule

@@ -24,6 +24,7 @@ _EXPORTS = {
     "ModelInfo": "fitprune_fx.recipe",
     "Recipe": "fitprune_fx.recipe",
     "RecipeError": "fitprune_fx.recipe",
+    "merge_small_deletions": "fitprune_fx.recipe_merge",
     "RunTimeCheckFailed": "fitprune_fx.passes.run_time_checks",
     "ScoringInputs": "fitprune_fx.passes.scorers",
     "register_scorer": "fitprune_fx.passes.scorers",
@@ -42,6 +43,7 @@ __all__ = [  # = sorted(_EXPORTS), spelled out for linters
     "compile",
     "fit",
     "fitprune_backend",
+    "merge_small_deletions",
     "named_backend",
     "register_scorer",
 ]
@@ -68,3 +70,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .fitting import fit
     from .generation import UnsupportedCacheError, check_generate_path, compile
     from .recipe import ModelInfo, Recipe, RecipeError
+    from .recipe_merge import merge_small_deletions

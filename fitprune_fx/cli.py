@@ -67,6 +67,15 @@ def add_fit_parser(subparsers) -> None:
         help="model dtype (auto: as saved)",
     )
     p.add_argument("--name", default=None, help="model name recorded in the recipe")
+    p.add_argument(
+        "--merge-below",
+        type=float,
+        default=0.0,
+        metavar="LAYERS",
+        help="move the deletions of a pruning layer that saves less than LAYERS decoder layers' FLOPs "
+        "to a neighbouring pruning layer, saving its scoring pass (benchmarks/speed.py prints what one "
+        "scoring pass costs; default 0: off)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_fit)
@@ -122,6 +131,7 @@ def run_fit(args: argparse.Namespace) -> int:
     from fitprune_fx.calibration import CalibrationError, has_chat_template, load_question_file
     from fitprune_fx.fit_search import BudgetOutOfReach
     from fitprune_fx.fitting import FitSession
+    from fitprune_fx.recipe_merge import merge_small_deletions
 
     if not 0.0 < args.budget < 1.0:
         raise CLIError(f"--budget {args.budget}: give a fraction in (0, 1), e.g. 0.6 for 60%")
@@ -129,6 +139,8 @@ def run_fit(args: argparse.Namespace) -> int:
         ok = Path(path).is_file() if kind == "file" else Path(path).is_dir()
         if not ok:
             raise CLIError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
+    if args.merge_below < 0:
+        raise CLIError(f"--merge-below {args.merge_below}: give a number of decoder layers >= 0, e.g. 0.3")
     check_output_path("-o", args.output)
     check_question_file(args.data, args.images, args.samples)  # before the (slow) model load
     if args.threads:
@@ -163,6 +175,8 @@ def run_fit(args: argparse.Namespace) -> int:
         bar.set_description("fit: alpha search")
         name = args.name or Path(args.model).name
         recipe = session.recipe(args.budget, args.tolerance, name=name, strategy=args.search)
+        if args.merge_below > 0:
+            recipe = merge_small_deletions(recipe, args.merge_below)
     except BudgetOutOfReach as e:
         raise CLIError(f"--budget {args.budget}: {e}") from e
     finally:

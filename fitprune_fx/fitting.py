@@ -75,6 +75,7 @@ from . import fit_search, fit_walk
 from .fit_search import SearchResult
 from .fit_statistics import VISUAL, CalibrationState, LayerRunner
 from .fit_walk import Selector, Walk, removable
+from .recipe_merge import merge_small_deletions
 
 __all__ = ["FitSession", "SearchResult", "Walk", "fit", "round_cumulative"]
 
@@ -271,6 +272,7 @@ def fit(
     strategy: str = "guided",
     progress: bool = False,
     units: str = "auto",
+    min_saving: float = 0.0,
 ):
     """Fit a FitPrune recipe for `model` meeting a reference FLOPs `budget` (0.6 = 60 %).
 
@@ -283,7 +285,10 @@ def fit(
     count depends on the image size; calibration items then carry ``image_sizes``). Returns a validated
     :class:`fitprune_fx.recipe.Recipe` with ``fit`` = {alpha, samples, seconds, walks, ...}.
     To fit several budgets on one calibration set, build a :class:`FitSession` once and call
-    its ``recipe(budget)`` per budget (the unpruned pass is then shared).
+    its ``recipe(budget)`` per budget (the unpruned pass is then shared). `min_saving` > 0
+    merges pruning layers whose deletions save less than that many decoder layers' FLOPs into a
+    neighbouring pruning layer (:func:`fitprune_fx.recipe_merge.merge_small_deletions`): each
+    pruning layer pays one scoring pass.
     """
     if not 0.0 < budget < 1.0:
         raise ValueError(f"budget must be a fraction in (0, 1) such as 0.6, got {budget!r}")
@@ -300,7 +305,8 @@ def fit(
             min_keep=min_keep,
             progress=bar.update if bar is not None else None,
         )
-        return session.recipe(budget, tolerance, name=name, strategy=strategy, units=units)
+        recipe = session.recipe(budget, tolerance, name=name, strategy=strategy, units=units)
+        return merge_small_deletions(recipe, min_saving) if min_saving > 0 else recipe
     finally:
         if bar is not None:
             bar.close()

@@ -239,6 +239,19 @@ def fit_argv(workspace):
     return ["fit", "--model", str(model_dir), "--data", str(data), "--images", str(images), "--budget", "0.4"]
 
 
+def test_fit_merge_below_leaves_fewer_pruning_layers(fit_argv, tmp_path, capsys):
+    plain, merged = tmp_path / "plain.json", tmp_path / "merged.json"
+    assert main([*fit_argv, "--batch-size", "4", "-o", str(plain)]) == 0
+    assert main([*fit_argv, "--batch-size", "4", "-o", str(merged), "--merge-below", "5"]) == 0
+    before, after = Recipe.from_json(plain), Recipe.from_json(merged)
+    assert len(before.prune) > 1 and len(after.prune) == 1  # 5 layers' worth: no layer saves that much
+    assert sum(after.prune.values()) == sum(before.prune.values())
+    assert after.fit["merged_small_deletions"]["min_saving"] == 5.0
+    assert_user_error(
+        run_cli(*fit_argv, "-o", str(tmp_path / "r.json"), "--merge-below", "-1"), "fit", "--merge-below -1"
+    )
+
+
 def test_fit_images_folder_without_the_images(workspace, fit_argv, tmp_path):
     run = run_cli(
         *fit_argv[:-4], "--images", str(tmp_path), "--budget", "0.4", "-o", str(tmp_path / "r.json")

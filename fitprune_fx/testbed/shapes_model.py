@@ -88,11 +88,14 @@ def build_model(
     seed: int = 0,
     rope_theta: float = 1e6,
     task: synthetic.Task = synthetic.SHAPES,
+    vision_feature_layer: int = -1,
 ) -> LlavaForConditionalGeneration:
     """Untrained shapes-llava (or clutter-llava): tiny CLIP tower + 2-layer projector + Llama decoder.
 
     A large `rope_theta` keeps most rotary frequencies slow over the ~160 (~600) token prompt, so
-    a question word can match visual tokens by content whatever their distance.
+    a question word can match visual tokens by content whatever their distance. With
+    `vision_feature_layer` -2 and one vision layer (clutter-llava) the features are the tower's
+    patch embeddings (+ positions): each visual token sees only its own 4x4 pixels.
     """
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -122,7 +125,7 @@ def build_model(
         vision_config=vision,
         text_config=text,
         image_token_id=IMAGE_ID,
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         pad_token_id=PAD_ID,

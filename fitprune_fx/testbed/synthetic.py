@@ -103,6 +103,7 @@ class Task:
     distractors: int = 0  # grey shapes in empty cells, never asked about
     unique_pairs: bool = False  # at most one shape per (colour, kind), so "where is the red circle ?"
     extra_words: tuple[str, ...] = ()  # vocabulary beyond the shapes task's (before the cell names)
+    shape_size: int = SHAPE_SIZE  # pixels; 4 = one patch (`SPRITES`), 8 = the middle 2x2 patches
 
     @property
     def cell(self) -> int:
@@ -126,7 +127,16 @@ CLUTTER = Task(
     distractors=6,
     unique_pairs=True,
     extra_words=("where",),
+    shape_size=4,
 )
+
+# One-patch shapes (4x4 pixels, "#" painted): four patterns no rotation or shift turns into another.
+SPRITES = {
+    "circle": (".##.", "#..#", "#..#", ".##."),
+    "square": ("####", "####", "####", "####"),
+    "triangle": ("...#", "..##", ".###", "####"),
+    "cross": ("#..#", ".##.", ".##.", "#..#"),
+}
 
 
 @dataclass
@@ -176,14 +186,22 @@ def make_scene(rng: random.Random, task: Task = SHAPES) -> dict[tuple[int, int],
 def render(
     scene: dict[tuple[int, int], tuple[str, str]], rng: random.Random, task: Task = SHAPES
 ) -> Image.Image:
-    """RGB image of a scene; each shape sits in the middle 8x8 pixels (2x2 patches) of its cell."""
+    """RGB image of a scene. 8-pixel shapes sit in the middle 8x8 pixels (2x2 patches) of their
+    cell; 4-pixel shapes (`SPRITES`) fill the cell's second patch of its second patch row."""
     img = Image.new("RGB", (task.image_size, task.image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     margin = (task.cell - SHAPE_SIZE) // 2  # 4 pixels = one patch
     for (r, c), (colour, kind) in scene.items():
         x0 = c * task.cell + margin
         y0 = r * task.cell + margin
-        _draw_shape(draw, kind, COLOURS.get(colour, DISTRACTOR), x0, y0)
+        fill = COLOURS.get(colour, DISTRACTOR)
+        if task.shape_size == 4:
+            for dy, row in enumerate(SPRITES[kind]):
+                for dx, ch in enumerate(row):
+                    if ch == "#":
+                        draw.point((x0 + dx, y0 + dy), fill=fill)
+        else:
+            _draw_shape(draw, kind, fill, x0, y0)
     return img
 
 
