@@ -34,6 +34,7 @@ from fitprune_fx.passes.locate import (
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.run_time_checks import collect_run_time_checks, raise_failed_checks
 from fitprune_fx.passes.scorers import SCORERS, Scorer
+from fitprune_fx.passes.token_count_inputs import TokenCountInputs
 from fitprune_fx.passes.visual_token_marks import strip_visual_token_marks
 
 from . import pruned_cache
@@ -77,6 +78,9 @@ class FitpruneBackend:
     compiler: str = "inductor"  # "inductor", or "eager" to run the rewritten graph uncompiled
     mode: str | None = None  # Inductor mode ("reduce-overhead": CUDA graphs, "max-autotune", ...)
     progress: bool = True  # one stderr line before each decoder graph's Inductor compile
+    # Each pruning layer's kept count a symbol (`passes/token_count_inputs.py`): the layers share
+    # kernels. False: constant counts, one kernel variant per count (longer compile).
+    symbolic_token_counts: bool = True
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
     pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
@@ -142,6 +146,9 @@ class FitpruneBackend:
                     "sliding-window layers are not pruned"
                 )
             candidate = _copy_graph_module(gm)
+            token_counts = (
+                TokenCountInputs(candidate.graph, _fake_mode(gm)) if self.symbolic_token_counts else None
+            )
             report.result = prune_visual_tokens(
                 candidate,
                 layout,
@@ -150,6 +157,7 @@ class FitpruneBackend:
                 scorer=self.recipe.scorer,
                 scorer_fn=self.scorer_fn,
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
+                token_counts=token_counts,
             )
         except NoVisualTokens as e:
             report.reason = str(e)
@@ -167,8 +175,12 @@ class FitpruneBackend:
             return self._compile(gm, example_inputs, report)
         report.action = "pruned"
         log.info("fitprune: %s", report)
-        run = self._count_runs(self._compile(candidate, example_inputs, report))
+        extra = token_counts.values() if token_counts else []  # size-only inputs, one per pruning layer
+        fakes = token_counts.fakes if token_counts else []
+        compiled = self._compile(candidate, [*example_inputs, *fakes], report)
+        run = self._count_runs(lambda *args: compiled(*args, *extra))
         run.graph_module = candidate  # the rewritten graph, for inspection
+        run.extra_inputs = extra  # what calls of graph_module pass after the graph's own inputs
         return run
 
     def __repr__(self) -> str:  # short: Dynamo puts it at the head of BackendCompilerFailed
@@ -313,6 +325,7 @@ def fitprune_backend(
     scorer: str | Callable | None = None,
     mode: str | None = None,
     progress: bool = True,
+    symbolic_token_counts: bool = True,
 ) -> FitpruneBackend:
     """A Dynamo backend that prunes visual tokens per `recipe` and compiles with Inductor.
 
@@ -321,7 +334,9 @@ def fitprune_backend(
     function `f(inputs: ScoringInputs) -> [B, S] scores` (lower is deleted first). `mode` is
     Inductor's mode, e.g. "reduce-overhead" (CUDA graphs); `torch.compile(..., mode=...)` with
     this backend passes it too. `progress` prints one line before each decoder graph's Inductor
-    compile (the long wait of a first call).
+    compile (the long wait of a first call). `symbolic_token_counts` (default) gives each pruning
+    layer's kept token count a symbol, so Inductor compiles one set of kernels for layers of one
+    shape structure; False bakes every count into its own kernels (the compile takes longer).
     """
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
@@ -342,7 +357,14 @@ def fitprune_backend(
     pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
     install_families()  # e.g. Qwen2-VL's visual-token marks
     _configure_dynamo()
-    return FitpruneBackend(loaded, compiler=compiler, scorer_fn=scorer_fn, mode=mode, progress=progress)
+    return FitpruneBackend(
+        loaded,
+        compiler=compiler,
+        scorer_fn=scorer_fn,
+        mode=mode,
+        progress=progress,
+        symbolic_token_counts=symbolic_token_counts,
+    )
 
 
 RECOMPILE_LIMIT = 64

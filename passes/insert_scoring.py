@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import fx
 
+from . import token_count_inputs  # noqa: F401  (registers torch.ops.fitprune.select_kept_tokens_like)
 from .locate import AttentionSite, UnsupportedGraph, example_value
 from .scorers import bind_scorer, random_constants, score_tokens
 from .token_ops import select_kept_tokens
@@ -23,12 +25,14 @@ def insert_importance_scoring(
     visual_count: int,
     seed: int = 0,
     causal_decoder: bool = False,
+    kept_length: fx.Node | None = None,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
     `scorer` names the scorer (the random scorer's constants are drawn here); `scorer_fn`, when
     given, is the function the graph calls. `causal_decoder` adds causality to the scorer's
-    mask (exact when the layer's own mask is causal already). Returns the `kept` node
+    mask (exact when the layer's own mask is causal already). `kept_length`, a [K] placeholder of
+    `token_count_inputs`, gives `kept` its length symbol. Returns the `kept` node
     ([B, S - d] original-order indices) and all nodes inserted.
     """
     head_dim = example_value(site.query).shape[-1]
@@ -55,5 +59,10 @@ def insert_importance_scoring(
             },
         )
     with graph.inserting_after(scores):
-        kept = graph.call_function(select_kept_tokens, (scores, visual, num_delete))
+        if kept_length is None:
+            kept = graph.call_function(select_kept_tokens, (scores, visual, num_delete))
+        else:
+            kept = graph.call_function(
+                torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, num_delete, kept_length)
+            )
     return kept, [scores, kept]

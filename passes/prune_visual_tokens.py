@@ -16,8 +16,9 @@ from torch import fx
 from .insert_compaction import insert_token_compaction
 from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
-from .locate import UnsupportedGraph, locate_decoder
+from .locate import UnsupportedGraph, example_value, locate_decoder
 from .sequence_length import propagate_compaction
+from .token_count_inputs import TokenCountInputs
 from .token_ops import VISUAL_COUNT_ERROR, has_visual_count, visual_token_mask
 
 
@@ -42,12 +43,17 @@ def prune_visual_tokens(
     scorer: str = "fitprune",
     scorer_fn: Callable | None = None,
     seed: int = 0,
+    token_counts: TokenCountInputs | None = None,
 ) -> PruneResult:
     """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
     `deletions_for(n_visual) -> {layer: count}` gives the static plan.
 
     A layer listed with count 0 still gets scoring and (identity) compaction: that is how the
     scoring overhead is measured and how tests check that the machinery itself is exact.
+
+    With `token_counts` and a static prompt length, every layer that deletes tokens gets an extra
+    placeholder whose length is its kept token count (`token_count_inputs`): the caller must pass
+    `token_counts.values()` after the graph's own inputs.
 
     Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
     not fit it.
@@ -74,10 +80,16 @@ def prune_visual_tokens(
     inserted = [visual, count_ok, check]
     shared = {t: t.node for t in dec.per_token}
     present = n
+    length = dec.seq_len
     for layer, d in plan.items():
         site = dec.sites[layer]
         current_mask = next((shared[t] for t in shared if t.node is site.attn_mask), site.attn_mask)
         site = dataclasses.replace(site, attn_mask=current_mask)
+        kept_length = None
+        if d and token_counts is not None and isinstance(length, int):
+            device = example_value(dec.image_masks[0]).device
+            kept_length = token_counts.length_after(layer, length - d, device)
+        length = length - d
         kept, nodes = insert_importance_scoring(
             graph,
             site,
@@ -88,6 +100,7 @@ def prune_visual_tokens(
             visual_count=present,
             seed=seed,
             causal_decoder=layout.causal,
+            kept_length=kept_length,
         )
         visual, more = insert_token_compaction(graph, site, kept, shared, visual, layout)
         inserted += nodes + more

@@ -70,14 +70,16 @@ class KeptRecorder:
     def __call__(self, gm, example_inputs):
         fn = self.backend(gm, example_inputs)
         graph_module = getattr(fn, "graph_module", None) or fn.__self__  # pruned, or unchanged (eager)
+        extra = getattr(fn, "extra_inputs", ())  # the token-count inputs of a pruned graph
         for node in graph_module.graph.nodes:
-            if node.target is select_kept_tokens:
+            if node.target in (select_kept_tokens, torch.ops.fitprune.select_kept_tokens_like.default):
                 node.target = self._record
         graph_module.recompile()
-        return graph_module.forward
+        return lambda *args: graph_module.forward(*args, *extra)
 
-    def _record(self, scores, visual, num_delete):
+    def _record(self, scores, visual, num_delete, length=None):
         kept = select_kept_tokens(scores, visual, num_delete)
+        assert length is None or kept.shape[1] == length.shape[0]
         self.kept.append(kept)
         return kept
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import pytest
@@ -34,22 +35,28 @@ def assert_matches_reference(m, inputs, out, prune, **kw):
     return ref
 
 
-@pytest.mark.parametrize("text_model", ["llama", "qwen2"])
-def test_inductor_output_matches_reference_and_code_compacts(text_model):
+@pytest.mark.parametrize("text_model, symbolic", [("llama", True), ("qwen2", False)])
+def test_inductor_output_matches_reference_and_code_compacts(text_model, symbolic):
+    """Both ways of sizing the layers after a deletion compile to the reference's numbers; with a
+    symbol per kept count, layers 1 and 2 (21 -> 15 and 15 -> 12 tokens) run the same kernels."""
     m = tiny_llava(text_model, seed=1)
-    prune = {0: 4, 1: 6}
-    backend = fitprune_backend(recipe_for(m, prune))
+    prune = {0: 4, 1: 6, 2: 3}
+    backend = fitprune_backend(recipe_for(m, prune), symbolic_token_counts=symbolic)
     inputs = make_inputs(m, [PromptSpec(3, 5), PromptSpec(1, 2)], seed=2)
     compiled = fresh_compile(m, backend)
     with torch.no_grad():
         out, code = run_and_get_code(lambda: compiled(**inputs))
-    assert [r.result.tokens_per_layer for r in backend.pruned_graphs] == [["25", "21", "15", "15"]]
-    assert out.logits.shape[:2] == (2, 15)
+    assert [r.result.tokens_per_layer for r in backend.pruned_graphs] == [["25", "21", "15", "12"]]
+    assert out.logits.shape[:2] == (2, 12)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [25, 21, 15]
     assert_matches_reference(m, inputs, out, prune)
     decoder_code = "\n".join(c for c in code if "select_kept_tokens" in c)
-    assert "aten.sort.stable" in decoder_code  # selection
+    selection = "fitprune.select_kept_tokens_like" if symbolic else "aten.sort.stable"
+    assert selection in decoder_code  # the kept indices: a length input, or a sort traced inline
     assert "gather_tokens" in decoder_code  # compaction, fused into the kernels that read it
+    calls = re.findall(r"^\s+(cpp_fused_\w+)\(", decoder_code, flags=re.M)
+    reused = sorted({k for k in calls if calls.count(k) > 1})
+    assert bool(reused) == symbolic, reused  # static counts: every layer has kernels of its own
 
 
 def test_second_prompt_length_goes_symbolic_and_still_prunes():
