@@ -1,26 +1,33 @@
 """Prefill speed of FitPrune vs the FLOPs bound, with the pass's overheads measured alongside.
 
-    python benchmarks/speed.py                      # CPU: 8 layers, hidden 512, 576 visual tokens
-    python benchmarks/speed.py --recipes 50 70 --repeats 15
-    python benchmarks/speed.py --device cuda        # LLaVA-1.5-7B dimensions in bfloat16
+    python benchmarks/speed.py                      # CPU: two widths side by side (below)
+    python benchmarks/speed.py --widths small --recipes 50 70 --repeats 15
+    python benchmarks/speed.py --device cuda        # LLaVA-1.5-7B dimensions (32 layers) in bfloat16
     python benchmarks/speed.py --quick --compiler eager   # CI smoke run (seconds, no timing claims)
 
 The model is a randomly initialised LLaVA with LLaVA-1.5's token geometry: a system prompt,
 576 visual tokens (a 1-layer CLIP tower on a 24 x 24 patch grid, image 96 / patch 4, cheap on
-purpose) and a question. What is timed is the whole compiled forward of one prompt (batch 1,
+purpose) and a question. On CPU one run measures two widths and prints them side by side:
+"small" (8 layers, hidden 512) and "7b" (4 layers of LLaVA-1.5-7B's width, hidden 4096, 32
+heads), since by operation count the small width overstates the relative cost of scoring about
+sevenfold. What is timed is the whole compiled forward of one prompt (batch 1,
 ``logits_to_keep=1`` as in generate's prefill): the vision tower's share is reported so that the
 decoder dominates. Every variant goes through the same backend, ``fitprune_backend``:
 
 * ``unpruned``    -- ``Recipe(prune={})``: the pass finds nothing to do (plain Inductor graph);
 * ``score-only``  -- the 60 % recipe's layers with count 0: scoring + identity compaction;
-* ``50``/``60``/... -- the shipped LLaVA-1.5-7B recipes rescaled to this model's depth.
+* ``50``/``60``/... -- the shipped LLaVA-1.5-7B recipes rescaled to this model's depth;
+* ``<name>-merged`` -- the same after `merge_small_deletions` (threshold `merge_below` of the
+  width, about one scoring pass as the "one scoring pass" row measures it);
+* ``<last>-static`` -- the last recipe compiled with constant token counts
+  (``symbolic_token_counts=False``): the compile time before kernels were shared.
 
 Variants run alternately (round robin, start rotated each round), warm-up excluded; medians are
 reported. Speed-ups are ratios of medians measured side by side in one run. Also measured:
 compile time of every variant (its first call minus a warm call, Inductor caches off, after a
-throw-away compile that absorbs one-time costs) and greedy decode throughput over
-``--new-tokens`` tokens after a pruned prefill (in-place ``model.compile(backend=...)`` +
-``generate``). The results are printed as Markdown tables.
+throw-away compile that absorbs one-time costs) and greedy decode after a pruned prefill
+(in-place ``model.compile(backend=...)`` + ``generate``): decode-step time against the per-layer
+cache length the prefill left. Tables are Markdown (`speed_report.py`).
 """
 
 from __future__ import annotations
@@ -30,16 +37,25 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from speed_report import (
+    SCORE_ONLY,
+    UNPRUNED,
+    Results,
+    decode_table,
+    machine_info,
+    machine_line,
+    overhead_table,
+    prefill_table,
+    side_by_side,
+)
 from tqdm import tqdm
 from transformers import (
     CLIPVisionConfig,
@@ -50,14 +66,24 @@ from transformers import (
     LogitsProcessorList,
 )
 
-from fitprune_fx import FitpruneBackend, ModelInfo, Recipe, fitprune_backend
+from fitprune_fx import FitpruneBackend, ModelInfo, Recipe, fitprune_backend, merge_small_deletions
 
 IMAGE_TOKEN_ID = 32000  # LLaVA-1.5's <image> id; text ids are drawn below it
 VOCAB_SIZE = 32064
-UNPRUNED, SCORE_ONLY = "unpruned", "score-only"
-CPU_SIZES = dict(layers=8, hidden=512, heads=8, intermediate=1376)  # ~1 s prefill, 1 thread
-GPU_SIZES = dict(layers=32, hidden=4096, heads=32, intermediate=11008)  # LLaVA-1.5-7B
-QUICK_SIZES = dict(layers=2, hidden=64, heads=2, intermediate=172)
+# Widths the benchmark runs (the CPU default runs "small" and "7b" side by side). `merge_below` is
+# the threshold (decoder layers) of the "-merged" variants: about one scoring pass at that width,
+# as the tables' "one scoring pass" row measures it.
+STATIC = "-static"  # variant suffix: constant token counts (the compile before shared kernels)
+WIDTHS = {
+    "small": dict(layers=8, hidden=512, heads=8, intermediate=1376, repeats=9, warmup=2, new_tokens=64,
+                  decode_repeats=3, merge_below=0.25),  # ~0.5 s prefill on 1 thread
+    "7b": dict(layers=4, hidden=4096, heads=32, intermediate=11008, repeats=3, warmup=1, new_tokens=16,
+               decode_repeats=2, merge_below=0.025),  # LLaVA-1.5-7B's layer, 4 of them
+    "gpu": dict(layers=32, hidden=4096, heads=32, intermediate=11008, repeats=9, warmup=2, new_tokens=64,
+                decode_repeats=3, merge_below=0.1),  # LLaVA-1.5-7B
+    "quick": dict(layers=2, hidden=64, heads=2, intermediate=172, repeats=2, warmup=1, new_tokens=4,
+                  decode_repeats=1, merge_below=0.0),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -122,15 +148,23 @@ def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) 
     }
 
 
-def make_recipes(info: ModelInfo, names: list[str], compaction_only: bool = False) -> dict[str, Recipe]:
+def make_recipes(
+    info: ModelInfo, names: list[str], compaction_only: bool = False, merge_below: float = 0.0
+) -> dict[str, Recipe]:
     """unpruned, score-only (the 60 recipe's layers, count 0) and the shipped recipes rescaled.
 
     With `compaction_only`, also "<name>-random": the same counts with the `random` scorer, i.e.
-    the compaction without attention scoring (separates scoring cost from compaction cost).
+    the compaction without attention scoring (separates scoring cost from compaction cost). With
+    `merge_below` > 0, also "<name>-merged" where merging small deletions changes the recipe.
     """
     shipped = {n: Recipe.load(f"llava-1.5-7b/{n}.json").rescaled_to(info) for n in names}
     if compaction_only:
         shipped.update({f"{n}-random": dataclasses.replace(shipped[n], scorer="random") for n in names})
+    if merge_below > 0:
+        for n in names:
+            merged = merge_small_deletions(shipped[n], merge_below)
+            if merged is not shipped[n]:
+                shipped[f"{n}-merged"] = merged
     score_layers = Recipe.load("llava-1.5-7b/60.json").rescaled_to(info).prune
     recipes = {
         UNPRUNED: Recipe(model=info, prune={}),
@@ -209,24 +243,6 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-@dataclass
-class Results:
-    """Everything measured, JSON-serialisable (``--json``)."""
-
-    machine: dict
-    sizes: dict
-    prefill_ms: dict[str, float] = field(default_factory=dict)
-    prefill_samples_ms: dict[str, list[float]] = field(default_factory=dict)
-    flops: dict[str, dict] = field(default_factory=dict)
-    kept_tokens: dict[str, list[int]] = field(default_factory=dict)
-    reports: dict[str, list[str]] = field(default_factory=dict)
-    pruned_graphs: dict[str, int] = field(default_factory=dict)
-    vision_ms: float | None = None
-    compile_s: dict[str, dict] = field(default_factory=dict)
-    peak_mib: dict[str, float] = field(default_factory=dict)  # CUDA: peak allocated during one prefill
-    decode: dict[str, dict] = field(default_factory=dict)
-
-
 # ----------------------------------------------------------------------------------- phases
 def measure_prefill(
     model: LlavaForConditionalGeneration,
@@ -240,7 +256,10 @@ def measure_prefill(
     Compile time of a variant = its first call (Dynamo trace + pass + Inductor + one run) minus
     its median warm call; `backend_s` is the part spent inside the backend (pass + Inductor).
     """
-    backends = {n: fitprune_backend(r, compiler=args.compiler) for n, r in recipes.items()}
+    backends = {
+        n: fitprune_backend(r, compiler=args.compiler, symbolic_token_counts=not n.endswith(STATIC))
+        for n, r in recipes.items()
+    }
     timers = {n: TimedBackend(b) for n, b in backends.items()}
     compiled = {n: torch.compile(model, backend=t) for n, t in timers.items()}
     names = list(recipes)
@@ -327,113 +346,6 @@ def measure_decode(
     return result
 
 
-# ----------------------------------------------------------------------------------- report
-def machine_info(device: str) -> dict:
-    """CPU model, cores, torch/transformers versions (and GPU name on CUDA)."""
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def prefill_table(results: Results, recipes: dict[str, Recipe], names: list[str], num_text: int) -> str:
-    """Markdown: per recipe, the FLOPs reductions, ideal and measured speed-ups and their ratio."""
-    base = results.prefill_ms[UNPRUNED]
-    lines = [
-        "| variant | pruned graphs | tokens per layer (first -> last) | r (reference) | r (full, text incl.) "
-        "| ideal 1/(1-r) | ideal (full) | prefill ms (median) | measured speed-up "
-        "| measured / ideal | measured / ideal (full) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name in [UNPRUNED, SCORE_ONLY, *(n for n in recipes if n not in (UNPRUNED, SCORE_ONLY))]:
-        recipe = recipes[name]
-        report = recipe.flops_report(num_text_tokens=num_text)
-        r_ref, r_full = recipe.reference_reduction(), report.full_reduction
-        ideal, ideal_full = 1 / (1 - r_ref), 1 / (1 - r_full)
-        speedup = base / results.prefill_ms[name]
-        results.flops[name] = {
-            "reference_reduction": r_ref,
-            "full_reduction": r_full,
-            "ideal": ideal,
-            "ideal_full": ideal_full,
-            "speedup": speedup,
-        }
-        kept = results.kept_tokens[name]
-        tokens = f"{kept[0]} -> {kept[-1]}" if kept else "-"
-        lines.append(
-            f"| {name} | {results.pruned_graphs[name]} | {tokens} | {r_ref:.3f} | {r_full:.3f} "
-            f"| {ideal:.2f}x | {ideal_full:.2f}x | {results.prefill_ms[name]:.1f} | {speedup:.2f}x "
-            f"| {speedup / ideal:.2f} | {speedup / ideal_full:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def overhead_table(results: Results, names: list[str]) -> str:
-    """Markdown: scoring, compile time and decode throughput, each next to its goal."""
-    base = results.prefill_ms[UNPRUNED]
-    scoring = results.prefill_ms[SCORE_ONLY] / base - 1
-    lines = ["| overhead | measured | goal |", "|---|---|---|"]
-    lines.append(
-        f"| scoring (score-only vs unpruned prefill) | {100 * scoring:+.1f} % "
-        f"({results.prefill_ms[SCORE_ONLY]:.1f} vs {base:.1f} ms) | <= 5 % |"
-    )
-    if results.vision_ms is not None:
-        lines.append(
-            f"| vision tower + projector (eager) share of unpruned prefill | "
-            f"{100 * results.vision_ms / base:.1f} % ({results.vision_ms:.1f} ms) | small |"
-        )
-    for name, mib in results.peak_mib.items():
-        lines.append(f"| peak GPU memory of one prefill, {name} | {mib:.0f} MiB | below unpruned |")
-    c = results.compile_s
-    if UNPRUNED in c:
-        for name in (n for n in c if n != UNPRUNED):
-            lines.append(
-                f"| compile time, {name} vs unpruned (first call - warm call; caches off) "
-                f"| {c[name]['compile_s'] / c[UNPRUNED]['compile_s']:.2f}x "
-                f"({c[name]['compile_s']:.1f} vs {c[UNPRUNED]['compile_s']:.1f} s; in backend "
-                f"{c[name]['backend_s']:.1f} vs {c[UNPRUNED]['backend_s']:.1f} s) | <= 1.3x |"
-            )
-    d = results.decode
-    if UNPRUNED in d:
-        for name in (n for n in d if n != UNPRUNED):
-            lines.append(
-                f"| decode throughput, {name} vs unpruned ({results.sizes['new_tokens']} new tokens) "
-                f"| {d[name]['tokens_per_s'] / d[UNPRUNED]['tokens_per_s']:.2f}x "
-                f"({d[name]['tokens_per_s']:.1f} vs {d[UNPRUNED]['tokens_per_s']:.1f} tok/s) | >= 1x |"
-            )
-    return "\n".join(lines)
-
-
-def machine_line(results: Results) -> str:
-    m, s = results.machine, results.sizes
-    where = f"{m['gpu']} (GPU), " if "gpu" in m else ""
-    return (
-        f"Machine: {where}{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), torch {m['torch']}, "
-        f"transformers {m['transformers']}; load average at start {m['load_avg']}.\n"
-        f"Model: random LLaVA, decoder {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, MLP "
-        f"{s['intermediate']}, {s['dtype']}; prompt {s['prompt_tokens']} tokens = {s['text_tokens']} text "
-        f"(system {s['system_tokens']} + BOS, question {s['question_tokens']}) + {s['visual_tokens']} visual "
-        f"(1-layer CLIP, image {s['image_size']} / patch {s['patch_size']}); batch 1; "
-        f"compiler {s['compiler']}; "
-        f"{s['repeats']} alternating repeats after {s['warmup']} warm-up rounds, medians."
-    )
-
-
 # ----------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -442,8 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--recipes", nargs="+", default=["50", "60", "70"], help="shipped LLaVA-1.5-7B recipes (budget %%)"
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant (default 9, quick 2)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds per variant (the first compiles)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant (default per width)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds per variant (default per width)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--dtype",
@@ -477,13 +389,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decode-recipes", nargs="*", default=None, help="recipes timed on generate (default: --recipes)"
     )
     p.add_argument(
-        "--new-tokens", type=int, default=None, help="decode tokens per generate (default 64, quick 4)"
+        "--new-tokens", type=int, default=None, help="decode tokens per generate (default per width)"
     )
     p.add_argument(
         "--decode-repeats",
         type=int,
         default=None,
-        help="timed generate calls per variant (0 skips; default 3)",
+        help="timed generate calls per variant (0 skips; default per width)",
     )
     p.add_argument("--decode-warmup", type=int, default=1)
     p.add_argument(
@@ -495,50 +407,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time each recipe with the random scorer (compaction cost without scoring)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--widths",
+        nargs="+",
+        choices=sorted(WIDTHS),
+        default=None,
+        help="model widths to run side by side (CPU default: small 7b; CUDA: gpu; --quick: quick)",
+    )
+    p.add_argument(
+        "--merge-below",
+        type=float,
+        default=None,
+        help="threshold (decoder layers) of the -merged variants (default per width; 0: none)",
+    )
+    p.add_argument(
+        "--static-counts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also compile the last recipe with constant token counts (the compile before shared kernels)",
+    )
     p.add_argument("--quick", action="store_true", help="CI-sized smoke run: 2 tiny layers, few repeats")
     p.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     args = p.parse_args(argv)
-    sizes = QUICK_SIZES if args.quick else GPU_SIZES if args.device.startswith("cuda") else CPU_SIZES
-    for key in ("layers", "hidden", "heads"):
-        if getattr(args, key) is None:
-            setattr(args, key, sizes[key])
-    if args.intermediate is None:
-        args.intermediate = (
-            sizes["intermediate"] if args.hidden == sizes["hidden"] else round(2.6875 * args.hidden)
+    if args.widths is None:
+        args.widths = (
+            ["quick"] if args.quick else ["gpu"] if args.device.startswith("cuda") else ["small", "7b"]
         )
+    if any(getattr(args, k) is not None for k in ("layers", "hidden", "heads", "intermediate")):
+        args.widths = args.widths[:1]  # explicit sizes: one width, those sizes over its defaults
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.torch_dtype = getattr(torch, args.dtype)
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 9
-    if args.new_tokens is None:
-        args.new_tokens = 4 if args.quick else 64
-    if args.decode_repeats is None:
-        args.decode_repeats = 1 if args.quick else 3
-    if args.quick:
-        args.warmup = min(args.warmup, 1)
-        args.vision_repeats = min(args.vision_repeats, 1)
-    if args.hidden % args.heads:
-        p.error(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    for name in args.widths:
+        w = width_args(args, name)
+        if w.hidden % w.heads:
+            p.error(f"--hidden {w.hidden} is not a multiple of --heads {w.heads}")
     return args
 
 
-def main(argv: list[str] | None = None) -> Results:
-    args = parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    for key in ("recompile_limit", "cache_size_limit"):  # one frame, one entry per backend (variant)
-        if hasattr(torch._dynamo.config, key):
-            setattr(torch._dynamo.config, key, 64)
+def width_args(args: argparse.Namespace, width: str) -> argparse.Namespace:
+    """`args` with one width's sizes and repeat counts filled in (explicit options win)."""
+    w = argparse.Namespace(**vars(args))
+    defaults = WIDTHS[width]
+    w.width = width
+    for key in ("layers", "hidden", "heads", "repeats", "new_tokens", "decode_repeats", "merge_below"):
+        if getattr(w, key) is None:
+            setattr(w, key, defaults[key])
+    if w.intermediate is None:
+        w.intermediate = (
+            defaults["intermediate"] if w.hidden == defaults["hidden"] else round(2.6875 * w.hidden)
+        )
+    if w.warmup is None:
+        w.warmup = defaults["warmup"]
+    if args.quick:
+        w.vision_repeats = min(w.vision_repeats, 1)
+    return w
 
+
+def run_width(args: argparse.Namespace) -> Results:
+    """Every measurement at one width (`width_args`); prints that width's tables."""
     model = build_model(args)
     inputs = make_prompt(model, args)
     info = ModelInfo.from_config(model.config, name=f"speed-bench-{args.layers}x{args.hidden}")
-    recipes = make_recipes(info, args.recipes, args.compaction_only)
+    recipes = make_recipes(info, args.recipes, args.compaction_only, args.merge_below)
+    if args.static_counts and not args.quick and args.compiler == "inductor":
+        last = args.recipes[-1]
+        recipes[last + STATIC] = recipes[last]
     num_text = inputs["input_ids"].shape[1] - info.num_visual_tokens
     results = Results(
         machine=machine_info(args.device),
         sizes=dict(
+            width=args.width,
             layers=args.layers,
             hidden=args.hidden,
             heads=args.heads,
@@ -555,30 +494,54 @@ def main(argv: list[str] | None = None) -> Results:
             repeats=args.repeats,
             warmup=args.warmup,
             new_tokens=args.new_tokens,
+            merge_below=args.merge_below,
         ),
     )
     print(machine_line(results))
-    for name in args.recipes:
-        print(f"recipe {name} rescaled to {args.layers} layers: {recipes[name].prune}")
+    for name, recipe in recipes.items():
+        if recipe.prune:
+            print(f"recipe {name} at {args.layers} layers: {dict(recipe.prune)}")
 
     backends = measure_prefill(model, inputs, recipes, results, args)
-    prefill = prefill_table(results, recipes, args.recipes, num_text)
+    prefill = prefill_table(results, recipes, num_text)
     print("\n" + prefill + "\n", flush=True)  # decode (more compiles) comes next
     if args.decode_repeats:
         decode_names = [UNPRUNED, *(n for n in args.decode_recipes or args.recipes if n in recipes)]
         results.decode = measure_decode(model, inputs, backends, decode_names, args)
-
     print("\n" + machine_line(results) + "\n")
     print(prefill + "\n")
-    print(overhead_table(results, args.recipes) + "\n")
+    print(overhead_table(results, recipes) + "\n")
+    if results.decode:
+        print(decode_table(results) + "\n")
     print("Backend reports (decoder graphs):")
     for name, lines in results.reports.items():
         for line in lines:
             if "pruned" in line:
                 print(f"  {name}: {line}")
-    if args.json:
-        args.json.write_text(json.dumps(asdict(results), indent=1, default=str))
     return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Results]:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    for key in ("recompile_limit", "cache_size_limit"):  # one frame, one entry per backend (variant)
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, 64)
+    runs = {}
+    for width in args.widths:
+        print(f"\n=== width {width} ===", flush=True)
+        torch._dynamo.reset()
+        runs[width] = run_width(width_args(args, width))
+    if len(runs) > 1:
+        print("\n=== side by side ===\n")
+        print(side_by_side(runs))
+    if args.json:
+        data = {w: asdict(r) for w, r in runs.items()}
+        args.json.write_text(
+            json.dumps(data if len(runs) > 1 else next(iter(data.values())), indent=1, default=str)
+        )
+    return runs
 
 
 if __name__ == "__main__":

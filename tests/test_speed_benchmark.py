@@ -35,8 +35,9 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
 
     rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
     assert {"unpruned", "score-only", "50", "70"} <= rows
-    assert any(line.startswith("| scoring (score-only vs unpruned prefill)") for line in table.splitlines())
-    assert "decode throughput, 70 vs unpruned" in table
+    assert any(line.startswith("| scoring (score-only vs unpruned prefill, ") for line in table.splitlines())
+    decode = [line for line in table.splitlines() if line.startswith("| 70 | ") and " (642 -> " in line]
+    assert len(decode) == 1 and decode[0].rstrip().endswith("x |")  # decode step vs cache length
     assert "Machine:" in table and "576 visual" in table
 
     results = json.loads(out.read_text())
@@ -51,3 +52,16 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
     for name in ("unpruned", "score-only"):
         assert set(results["kept_tokens"][name]) == {prompt}
     assert results["decode"]["70"]["pruned_graphs"] >= 1
+    assert results["decode"]["70"]["cache_lengths"] == results["kept_tokens"]["70"][:-1]
+
+    # The side-by-side summary of two widths (here the same run twice) puts each ratio in its column.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed_report import Results, side_by_side
+
+    run = Results(**results)
+    summary = side_by_side({"a": run, "b": run})
+    row = next(line for line in summary.splitlines() if line.startswith("| 70 |"))
+    f = results["flops"]["70"]
+    cell = f"{f['ideal_full']:.2f}x | {f['speedup']:.2f}x | {f['speedup'] / f['ideal_full']:.2f}"
+    assert row == f"| 70 | {cell} | {cell} |"
+    assert "| decode throughput 70 / unpruned |" in summary

@@ -1,0 +1,212 @@
+"""Tables of `benchmarks/speed.py`: per-width prefill and overhead tables, decode against cache
+length, and one side-by-side summary of every width measured in the run (Markdown)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+
+import torch
+
+from fitprune_fx import Recipe
+
+UNPRUNED, SCORE_ONLY = "unpruned", "score-only"
+
+
+@dataclass
+class Results:
+    """Everything measured, JSON-serialisable (``--json``)."""
+
+    machine: dict
+    sizes: dict
+    prefill_ms: dict[str, float] = field(default_factory=dict)
+    prefill_samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    flops: dict[str, dict] = field(default_factory=dict)
+    kept_tokens: dict[str, list[int]] = field(default_factory=dict)
+    reports: dict[str, list[str]] = field(default_factory=dict)
+    pruned_graphs: dict[str, int] = field(default_factory=dict)
+    vision_ms: float | None = None
+    compile_s: dict[str, dict] = field(default_factory=dict)
+    peak_mib: dict[str, float] = field(default_factory=dict)  # CUDA: peak allocated during one prefill
+    decode: dict[str, dict] = field(default_factory=dict)
+
+
+def machine_info(device: str) -> dict:
+    """CPU model, cores, torch/transformers versions (and GPU name on CUDA)."""
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -> str:
+    """Markdown: per recipe, the FLOPs reductions, ideal and measured speed-ups and their ratio."""
+    base = results.prefill_ms[UNPRUNED]
+    lines = [
+        "| variant | pruned graphs | tokens per layer (first -> last) | r (reference) | r (full, text incl.) "
+        "| ideal 1/(1-r) | ideal (full) | prefill ms (median) | measured speed-up "
+        "| measured / ideal | measured / ideal (full) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in [UNPRUNED, SCORE_ONLY, *(n for n in recipes if n not in (UNPRUNED, SCORE_ONLY))]:
+        recipe = recipes[name]
+        report = recipe.flops_report(num_text_tokens=num_text)
+        r_ref, r_full = recipe.reference_reduction(), report.full_reduction
+        ideal, ideal_full = 1 / (1 - r_ref), 1 / (1 - r_full)
+        speedup = base / results.prefill_ms[name]
+        results.flops[name] = {
+            "reference_reduction": r_ref,
+            "full_reduction": r_full,
+            "ideal": ideal,
+            "ideal_full": ideal_full,
+            "speedup": speedup,
+        }
+        kept = results.kept_tokens[name]
+        tokens = f"{kept[0]} -> {kept[-1]}" if kept else "-"
+        lines.append(
+            f"| {name} | {results.pruned_graphs[name]} | {tokens} | {r_ref:.3f} | {r_full:.3f} "
+            f"| {ideal:.2f}x | {ideal_full:.2f}x | {results.prefill_ms[name]:.1f} | {speedup:.2f}x "
+            f"| {speedup / ideal:.2f} | {speedup / ideal_full:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def scoring_pass_layers(results: Results, recipes: dict[str, Recipe]) -> float:
+    """What one scoring pass costs, in decoder layers: the score-only overhead per scoring layer
+    over the unpruned time of one layer (compare with the -merged variants' threshold)."""
+    base = results.prefill_ms[UNPRUNED]
+    passes = max(len(recipes[SCORE_ONLY].prune), 1)
+    return (results.prefill_ms[SCORE_ONLY] - base) / passes / (base / results.sizes["layers"])
+
+
+def overhead_table(results: Results, recipes: dict[str, Recipe]) -> str:
+    """Markdown: scoring, compile time and decode throughput, each next to its goal."""
+    base = results.prefill_ms[UNPRUNED]
+    scoring = results.prefill_ms[SCORE_ONLY] / base - 1
+    goal = "<= 10 %" if results.sizes["hidden"] < 2048 else "<= 3 %"
+    lines = ["| overhead | measured | goal |", "|---|---|---|"]
+    lines.append(
+        f"| scoring (score-only vs unpruned prefill, {len(recipes[SCORE_ONLY].prune)} scoring layers) "
+        f"| {100 * scoring:+.1f} % ({results.prefill_ms[SCORE_ONLY]:.1f} vs {base:.1f} ms) | {goal} |"
+    )
+    lines.append(
+        f"| one scoring pass, in decoder layers | {scoring_pass_layers(results, recipes):.3f} "
+        f"| -merged threshold {results.sizes['merge_below']} |"
+    )
+    if results.vision_ms is not None:
+        lines.append(
+            f"| vision tower + projector (eager) share of unpruned prefill | "
+            f"{100 * results.vision_ms / base:.1f} % ({results.vision_ms:.1f} ms) | small |"
+        )
+    for name, mib in results.peak_mib.items():
+        lines.append(f"| peak GPU memory of one prefill, {name} | {mib:.0f} MiB | below unpruned |")
+    c = results.compile_s
+    if UNPRUNED in c:
+        for name in (n for n in c if n != UNPRUNED):
+            lines.append(
+                f"| compile time, {name} vs unpruned (first call - warm call; caches off) "
+                f"| {c[name]['compile_s'] / c[UNPRUNED]['compile_s']:.2f}x "
+                f"({c[name]['compile_s']:.1f} vs {c[UNPRUNED]['compile_s']:.1f} s; in backend "
+                f"{c[name]['backend_s']:.1f} vs {c[UNPRUNED]['backend_s']:.1f} s) | <= 1.3x |"
+            )
+    return "\n".join(lines)
+
+
+def decode_table(results: Results) -> str:
+    """Markdown: decode-step time against the per-layer cache length the prefill left."""
+    d = results.decode
+    base = d[UNPRUNED]["step_ms"]
+    lines = [
+        f"| variant | cache per layer after the prefill (mean; first -> last layer) | decode step ms "
+        f"({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in d.items():
+        layers = results.sizes["layers"]
+        kept = results.kept_tokens.get(name) or [results.sizes["prompt_tokens"]] * (layers + 1)
+        cache = kept[:layers]  # layer l caches the tokens that entered it
+        row["cache_lengths"] = cache
+        lines.append(
+            f"| {name} | {sum(cache) / len(cache):.0f} ({cache[0]} -> {cache[-1]}) | {row['step_ms']:.2f} "
+            f"| {row['tokens_per_s']:.1f} | {base / row['step_ms']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def side_by_side(runs: dict[str, Results]) -> str:
+    """Markdown: every width of one run in adjacent columns (speed-up vs ideal, overheads)."""
+    widths = list(runs)
+    head = " | ".join(
+        f"{w} ({runs[w].sizes['layers']} x {runs[w].sizes['hidden']}): ideal (full) | measured | ratio"
+        for w in widths
+    )
+    lines = [f"| variant | {head} |", "|---|" + "---|---|---|" * len(widths)]
+    names = [n for n in runs[widths[0]].flops if all(n in runs[w].flops for w in widths)]
+    for name in names:
+        cells = []
+        for w in widths:
+            f = runs[w].flops[name]
+            cells.append(
+                f"{f['ideal_full']:.2f}x | {f['speedup']:.2f}x | {f['speedup'] / f['ideal_full']:.2f}"
+            )
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += ["", f"| figure | {' | '.join(widths)} |", "|---|" + "---|" * len(widths)]
+
+    def row(label: str, fn) -> None:
+        values = []
+        for w in widths:
+            try:
+                values.append(fn(runs[w]))
+            except (KeyError, ZeroDivisionError):
+                values.append("-")
+        lines.append(f"| {label} | {' | '.join(values)} |")
+
+    def scoring(r: Results) -> str:
+        return f"{100 * (r.prefill_ms[SCORE_ONLY] / r.prefill_ms[UNPRUNED] - 1):+.1f} %"
+
+    def compile_ratio(name: str):
+        return lambda r: f"{r.compile_s[name]['compile_s'] / r.compile_s[UNPRUNED]['compile_s']:.2f}x"
+
+    def decode_ratio(name: str):
+        return lambda r: f"{r.decode[name]['tokens_per_s'] / r.decode[UNPRUNED]['tokens_per_s']:.2f}x"
+
+    row("scoring overhead (score-only vs unpruned)", scoring)
+    compiled = [n for n in runs[widths[0]].compile_s if n != UNPRUNED and n != SCORE_ONLY]
+    for name in compiled:
+        row(f"compile time {name} / unpruned", compile_ratio(name))
+    for name in (n for n in runs[widths[0]].decode if n != UNPRUNED):
+        row(f"decode throughput {name} / unpruned", decode_ratio(name))
+    return "\n".join(lines)
+
+
+def machine_line(results: Results) -> str:
+    m, s = results.machine, results.sizes
+    where = f"{m['gpu']} (GPU), " if "gpu" in m else ""
+    return (
+        f"Machine: {where}{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), torch {m['torch']}, "
+        f"transformers {m['transformers']}; load average at start {m['load_avg']}.\n"
+        f"Model: random LLaVA, decoder {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, MLP "
+        f"{s['intermediate']}, {s['dtype']}; prompt {s['prompt_tokens']} tokens = {s['text_tokens']} text "
+        f"(system {s['system_tokens']} + BOS, question {s['question_tokens']}) + {s['visual_tokens']} visual "
+        f"(1-layer CLIP, image {s['image_size']} / patch {s['patch_size']}); batch 1; "
+        f"compiler {s['compiler']}; "
+        f"{s['repeats']} alternating repeats after {s['warmup']} warm-up rounds, medians."
+    )
