@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend
+from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend, merge_small_deletions
 from fitprune_fx.testbed import synthetic
 from fitprune_fx.testbed.shapes_model import MODEL_DIRS, answer_ids, encode, load_shapes_llava
 
@@ -114,6 +114,12 @@ def main() -> None:
     p.add_argument("--compiler", choices=["eager", "inductor"], default="eager")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--merge-below",
+        type=float,
+        default=0.0,
+        help="also run FitPrune's recipe after merge_small_deletions at this threshold (decoder layers)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,8 +143,11 @@ def main() -> None:
             Recipe(model=fitted.model, prune=fitted.prune, scorer="random", scorer_options={"seed": s})
             for s in range(args.random_seeds)
         ]
+        plans.append(("fitprune", budget, [fitted]))
+        merged = merge_small_deletions(fitted, args.merge_below) if args.merge_below > 0 else fitted
+        if merged is not fitted:
+            plans.append((f"fitprune, merged below {args.merge_below:g}", budget, [merged]))
         plans += [
-            ("fitprune", budget, [fitted]),
             ("fastv", budget, [fastv_recipe(fitted, budget, args.fastv_layer)]),
             (f"random ({args.random_seeds} seeds)", budget, randoms),
         ]
@@ -214,8 +223,10 @@ def plot(rows: list[Row], path: Path, name: str) -> None:
     n = len(rows[0].right[0])
     base = rows[0].accuracies()[0]
     ax.axhline(base, color="grey", linestyle="--", label="unpruned")
-    for prefix, marker in (("fitprune", "o"), ("fastv", "s"), ("random", "^")):
-        picked = [r for r in rows if r.method.startswith(prefix)]
+    methods = list(dict.fromkeys(r.method for r in rows[1:]))  # in table order, "unpruned" drawn above
+    for method, marker in zip(methods, "os^Dv", strict=False):
+        picked = [r for r in rows if r.method == method]
+        prefix = method.split()[0]
         x = [100 * r.reduction for r in picked]
         y = [statistics.mean(r.accuracies()) for r in picked]
         if prefix == "random":  # seed spread
@@ -226,7 +237,7 @@ def plot(rows: list[Row], path: Path, name: str) -> None:
                 [a - lo for a, (lo, _) in zip(y, bounds, strict=True)],
                 [hi - a for a, (_, hi) in zip(y, bounds, strict=True)],
             ]
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=picked[0].method if picked else prefix)
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=method)
     ax.set_xlabel("FLOPs reduction (%)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(
