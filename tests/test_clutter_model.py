@@ -42,8 +42,9 @@ def test_folder_loads_offline_at_llava_geometry():
 
 
 def test_scenes_hide_few_informative_tokens_among_distractors():
-    """Every coloured shape is a unique (colour, kind) pair on exactly the middle 2x2 patches of
-    its cell; grey distractors fill other cells; no question asks about a distractor."""
+    """Every coloured shape is a unique (colour, kind) pair filling exactly one patch (row 1,
+    column 1 of its cell's 4x4 patches); grey distractors fill other cells; no question asks about
+    a distractor; the four sprites differ."""
     rng = random.Random(0)
     bg = np.array(synthetic.BACKGROUND)
     for _ in range(30):
@@ -56,9 +57,9 @@ def test_scenes_hide_few_informative_tokens_among_distractors():
         patches = painted.reshape(24, 4, 24, 4).any((1, 3))  # [24, 24]
         expected = np.zeros((24, 24), dtype=bool)
         for r, c in scene:
-            expected[4 * r + 1 : 4 * r + 3, 4 * c + 1 : 4 * c + 3] = True
+            expected[4 * r + 1, 4 * c + 1] = True
         assert (patches == expected).all()
-        assert 4 * len(coloured) / 576 < 0.06  # under 6 % of the visual tokens answer anything
+        assert len(coloured) / 576 < 0.015  # at most 8 of the 576 visual tokens answer anything
         for kind in [*TASK.question_weights, "find_cell"]:
             question, answer = synthetic.ask(scene, rng, kind, TASK)
             words = question.split()
@@ -68,6 +69,12 @@ def test_scenes_hide_few_informative_tokens_among_distractors():
             else:
                 cell = divmod(TASK.cell_names.index(words[-2]), TASK.grid)
                 assert cell in coloured and answer in coloured[cell]
+
+
+def test_sprites_are_four_distinct_patterns():
+    masks = {k: tuple(row) for k, row in synthetic.SPRITES.items()}
+    assert set(masks) == set(synthetic.KINDS) and len(set(masks.values())) == 4
+    assert all(len(r) == 4 and len(rows) == 4 for rows in masks.values() for r in rows)
 
 
 def test_every_word_is_one_token_of_the_vocabulary():
