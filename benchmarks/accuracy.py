@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,15 +180,17 @@ def write_index(out: Path) -> None:
     for task in TASKS:
         md = out / f"accuracy-{task}.md"
         if md.exists():
-            command = "python benchmarks/accuracy.py" + ("" if task == "shapes" else f" --task {task}")
-            parts += [f"## {MODEL_DIRS[task].name} (`{command}`)", "", md.read_text().strip(), "",
+            parts += [f"## {MODEL_DIRS[task].name}", "", md.read_text().strip(), "",
                       f"![{task}](accuracy-{task}.png)", ""]  # fmt: skip
     (out / "accuracy.md").write_text("\n".join(parts))
 
 
 def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, args, name: str) -> str:
     kinds = list(masks)
+    command = " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]])
     lines = [
+        f"`{command}`",
+        "",
         f"{name}, {n} held-out questions (seed {args.eval_seed}; {drawn - n} of {drawn} drawn dropped "
         f"as also in the calibration set), calibration {args.calibration}. Accuracy with its 95 % Wilson "
         f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds and the range "
