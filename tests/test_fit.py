@@ -164,6 +164,17 @@ def test_same_inputs_same_recipe(model, data, recipes):
     assert again.fit["alpha"] == recipes[0.45].fit["alpha"]
 
 
+def test_min_saving_merges_the_fitted_recipe(model, data, recipes):
+    """`fit(..., min_saving=x)` is the plain fit followed by `merge_small_deletions(recipe, x)`."""
+    from fitprune_fx.recipe_merge import merge_small_deletions
+
+    merged = fit(model, data, 0.45, batch_size=4, min_saving=0.5)
+    expected = merge_small_deletions(recipes[0.45], 0.5)
+    assert merged.prune == expected.prune and len(merged.prune) < len(recipes[0.45].prune)
+    assert merged.fit["merged_small_deletions"] == expected.fit["merged_small_deletions"]
+    assert sum(merged.prune.values()) == sum(recipes[0.45].prune.values())
+
+
 def test_recipe_independent_of_batching(model, data, recipes):
     """Examples are scored as if alone: one example per batch gives the same recipe."""
     singles = []
