@@ -14,11 +14,11 @@ different seeds for the "train" and "test" splits.
 A `Task` holds one geometry and question mix. `SHAPES` (above, the module constants) is the task of
 the shipped `shapes-llava`; `CLUTTER` is LLaVA-1.5's token geometry: 96x96 pixels, a 6x6 grid of
 16-pixel cells, 24x24 = 576 visual tokens at 4-pixel patches, 4 to 8 coloured shapes (one of each
-colour-kind pair at most) among 6 grey distractor shapes, and only questions whose answer sits in
-the 4 tokens of one shape: the colour or the kind of the shape at a named cell (36 cells). With
-under 6 % of the tokens informative, which tokens a pruned model keeps decides its answers. A
-third kind, "where is the red circle ?" (`find_cell`), is generated but not in the mix: the
-shipped clutter-llava did not learn it in its training budget (held-out 0.16).
+colour-kind pair at most) among 6 grey distractor shapes, each shape a 4x4-pixel sprite filling
+exactly one patch (`SPRITES`), and only questions whose answer sits in that one token: the colour
+or the kind of the shape at a named cell (36 cells). With at most 8 of 576 tokens informative,
+which tokens a pruned model keeps decides its answers. A third kind, "where is the red circle ?"
+(`find_cell`), is generated but not in the mix (not learnt in the training budget).
 """
 
 from __future__ import annotations
