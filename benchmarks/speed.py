@@ -131,7 +131,8 @@ def build_model(args: argparse.Namespace) -> LlavaForConditionalGeneration:
 
 
 def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """One prompt: BOS + system prompt, the image's visual tokens, the question (batch 1)."""
+    """`--batch` prompts of one length: BOS + system prompt, the image's visual tokens, the question
+    (each prompt its own random text and image)."""
     g = torch.Generator().manual_seed(args.seed)
     vc = model.config.vision_config
     n_visual = (vc.image_size // vc.patch_size) ** 2
@@ -139,11 +140,14 @@ def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) 
     def text(n: int) -> list[int]:
         return torch.randint(4, IMAGE_TOKEN_ID, (n,), generator=g).tolist()
 
-    ids = [1] + text(args.system_tokens) + [IMAGE_TOKEN_ID] * n_visual + text(args.question_tokens)
-    pixels = torch.randn((1, 3, vc.image_size, vc.image_size), generator=g)
+    ids = [
+        [1] + text(args.system_tokens) + [IMAGE_TOKEN_ID] * n_visual + text(args.question_tokens)
+        for _ in range(args.batch)
+    ]
+    pixels = torch.randn((args.batch, 3, vc.image_size, vc.image_size), generator=g)
     return {
-        "input_ids": torch.tensor([ids], device=args.device),
-        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long, device=args.device),
+        "input_ids": torch.tensor(ids, device=args.device),
+        "attention_mask": torch.ones((args.batch, len(ids[0])), dtype=torch.long, device=args.device),
         "pixel_values": pixels.to(device=args.device, dtype=args.torch_dtype),
     }
 
@@ -408,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--batch", type=int, default=1, help="prompts per call (decode reads batch x cache, weights once)"
+    )
+    p.add_argument(
         "--widths",
         nargs="+",
         choices=sorted(WIDTHS),
@@ -495,6 +502,7 @@ def run_width(args: argparse.Namespace) -> Results:
             warmup=args.warmup,
             new_tokens=args.new_tokens,
             merge_below=args.merge_below,
+            batch=args.batch,
         ),
     )
     print(machine_line(results))

@@ -206,7 +206,7 @@ def machine_line(results: Results) -> str:
         f"Model: random LLaVA, decoder {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, MLP "
         f"{s['intermediate']}, {s['dtype']}; prompt {s['prompt_tokens']} tokens = {s['text_tokens']} text "
         f"(system {s['system_tokens']} + BOS, question {s['question_tokens']}) + {s['visual_tokens']} visual "
-        f"(1-layer CLIP, image {s['image_size']} / patch {s['patch_size']}); batch 1; "
+        f"(1-layer CLIP, image {s['image_size']} / patch {s['patch_size']}); batch {s.get('batch', 1)}; "
         f"compiler {s['compiler']}; "
         f"{s['repeats']} alternating repeats after {s['warmup']} warm-up rounds, medians."
     )
