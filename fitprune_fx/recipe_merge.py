@@ -6,7 +6,8 @@ layers that delete one or two tokens. The saving of a pruning layer l is the ref
 deletions avoid before the next pruning layer would delete them anyway (all later layers when l
 is the last), in units of one unpruned decoder layer. While some pruning layer saves less than
 `min_saving`, the one that saves least moves its deletions to the previous pruning layer (the
-tokens go earlier, so the FLOPs reduction only grows), or to the next one when it is the first.
+tokens go earlier, so the FLOPs reduction only grows), or to the next one when it is the first,
+unless that takes the FLOPs reduction below the recipe's budget.
 """
 
 from __future__ import annotations
@@ -57,18 +58,24 @@ def merge_small_deletions(recipe: Recipe, min_saving: float) -> Recipe:
     }
     moved: dict[int, int] = {}
     current = recipe
+    floor = recipe.budget if recipe.budget is not None else 0.0
     while len(amounts) > 1:
         savings = pruning_layer_savings(current)
-        small = [(s, layer) for layer, s in savings.items() if s < min_saving and layer in amounts]
-        if not small:
+        small = sorted((s, layer) for layer, s in savings.items() if s < min_saving and layer in amounts)
+        for _, layer in small:
+            layers = sorted(amounts)
+            i = layers.index(layer)
+            target = layers[i - 1] if i > 0 else layers[i + 1]
+            trial = dict(amounts)
+            trial[target] += trial.pop(layer)
+            candidate = _with_amounts(recipe, trial, fractions)
+            if i == 0 and candidate.reference_reduction() < floor:
+                continue  # moving the first layer's deletions later would miss the recipe's budget
+            amounts, current = trial, candidate
+            moved[layer] = target
             break
-        _, layer = min(small)
-        layers = sorted(amounts)
-        i = layers.index(layer)
-        target = layers[i - 1] if i > 0 else layers[i + 1]
-        amounts[target] += amounts.pop(layer)
-        moved[layer] = target
-        current = _with_amounts(recipe, amounts, fractions)
+        else:
+            break
     if not moved:
         return recipe
     fit = dict(recipe.fit or {})

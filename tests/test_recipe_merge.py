@@ -59,6 +59,14 @@ def test_a_small_first_layer_moves_forward_and_one_layer_always_remains():
     assert dict(merge_small_deletions(recipe, min_saving=100).prune) == {3: 31}
 
 
+def test_a_first_layer_stays_when_moving_it_later_would_miss_the_budget():
+    recipe = Recipe(model=INFO, prune={0: 1, 3: 30})
+    with_budget = Recipe(model=INFO, prune={0: 1, 3: 30}, budget=recipe.reference_reduction())
+    assert merge_small_deletions(with_budget, min_saving=0.05) is with_budget
+    lower = Recipe(model=INFO, prune={0: 1, 3: 30}, budget=recipe.reference_reduction() - 0.01)
+    assert dict(merge_small_deletions(lower, min_saving=0.05).prune) == {3: 31}
+
+
 def test_nothing_to_merge_returns_the_recipe_and_bad_thresholds_are_refused():
     recipe = Recipe(model=INFO, prune={0: 40, 2: 30})
     assert merge_small_deletions(recipe, 0.0) is recipe
@@ -79,14 +87,20 @@ def test_fraction_recipes_move_fractions():
 @given(
     counts=st.dictionaries(st.integers(0, 5), st.integers(1, 15), min_size=1, max_size=6),
     min_saving=st.floats(0.0, 1.0),
+    with_budget=st.booleans(),
 )
-def test_merging_keeps_the_deletions_and_leaves_no_small_layer(counts, min_saving):
-    recipe = Recipe(model=INFO, prune=counts)
+def test_merging_keeps_the_deletions_and_leaves_no_small_layer(counts, min_saving, with_budget):
+    plain = Recipe(model=INFO, prune=counts)
+    recipe = Recipe(model=INFO, prune=counts, budget=plain.reference_reduction()) if with_budget else plain
     merged = merge_small_deletions(recipe, min_saving)
     assert sum(merged.prune.values()) == sum(counts.values())
     assert set(merged.prune) <= set(counts) and merged.prune
     savings = pruning_layer_savings(merged)
-    assert len(savings) == 1 or min(savings.values()) >= min_saving
+    if with_budget:  # a small first layer may stay (moving it would miss the budget); no other
+        assert merged.reference_reduction() >= recipe.budget - 1e-12
+        first = min(merged.prune)
+        savings = {layer: v for layer, v in savings.items() if layer != first}
+    assert len(savings) <= 1 or min(savings.values()) >= min_saving
     first = min(counts)
     if first in merged.prune:  # nothing moved later than where the recipe put it
         assert merged.reference_reduction() >= recipe.reference_reduction() - 1e-12

@@ -283,12 +283,13 @@ def check_speed(device: str, smoke: bool, layers: int) -> list[Row]:
         else:
             argv = ["--device", "cuda", "--layers", str(layers), "--recipes", "50", "70"]
             argv += ["--repeats", "7", "--warmup", "2", "--new-tokens", "32", "--decode-repeats", "1"]
-        saved = sys.argv
+        saved = sys.argv, list(sys.path)
         sys.argv = [str(script), *argv, "--json", str(out)]
+        sys.path.insert(0, str(script.parent))  # as `python benchmarks/speed.py`: speed_report.py beside it
         try:
             runpy.run_path(str(script), run_name="__main__")
         finally:
-            sys.argv = saved
+            sys.argv, sys.path[:] = saved
         results = json.loads(out.read_text())
     base = results["prefill_ms"]["unpruned"]
     rows = []
