@@ -279,6 +279,9 @@ def measure_prefill(
             torch.compile(lambda x: (x * 2).sin(), backend=args.compiler)(torch.randn(8, device=args.device))
             for name in tqdm(names, desc="compile (first calls)", file=sys.stdout):
                 first[name] = call(name)
+        for name in names:  # what the prefill left in the cache: tokens per layer, read off the output
+            out = compiled[name](**inputs, logits_to_keep=1)
+            results.cache_lengths[name] = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
         for _, name in tqdm(list(round_robin(names, args.warmup)), desc="warm-up", file=sys.stdout):
             call(name)
         for _, name in tqdm(list(round_robin(names, args.repeats)), desc="prefill", file=sys.stdout):

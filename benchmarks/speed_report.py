@@ -26,6 +26,7 @@ class Results:
     prefill_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     flops: dict[str, dict] = field(default_factory=dict)
     kept_tokens: dict[str, list[int]] = field(default_factory=dict)
+    cache_lengths: dict[str, list[int]] = field(default_factory=dict)  # per layer, after one prefill
     reports: dict[str, list[str]] = field(default_factory=dict)
     pruned_graphs: dict[str, int] = field(default_factory=dict)
     vision_ms: float | None = None
@@ -140,10 +141,7 @@ def decode_table(results: Results) -> str:
         "|---|---|---|---|---|",
     ]
     for name, row in d.items():
-        layers = results.sizes["layers"]
-        kept = results.kept_tokens.get(name) or [results.sizes["prompt_tokens"]] * (layers + 1)
-        cache = kept[:layers]  # layer l caches the tokens that entered it
-        row["cache_lengths"] = cache
+        cache = results.cache_lengths[name]  # measured: the prefill output's cache, per layer
         lines.append(
             f"| {name} | {sum(cache) / len(cache):.0f} ({cache[0]} -> {cache[-1]}) | {row['step_ms']:.2f} "
             f"| {row['tokens_per_s']:.1f} | {base / row['step_ms']:.2f}x |"

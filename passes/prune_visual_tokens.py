@@ -81,13 +81,13 @@ def prune_visual_tokens(
     shared = {t: t.node for t in dec.per_token}
     present = n
     length = dec.seq_len
+    device = example_value(dec.image_masks[0]).device  # of the token-count inputs
     for layer, d in plan.items():
         site = dec.sites[layer]
         current_mask = next((shared[t] for t in shared if t.node is site.attn_mask), site.attn_mask)
         site = dataclasses.replace(site, attn_mask=current_mask)
         kept_length = None
         if d and token_counts is not None and isinstance(length, int):
-            device = example_value(dec.image_masks[0]).device
             kept_length = token_counts.length_after(layer, length - d, device)
         length = length - d
         kept, nodes = insert_importance_scoring(

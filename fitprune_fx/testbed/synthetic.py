@@ -200,8 +200,10 @@ def render(
                 for dx, ch in enumerate(row):
                     if ch == "#":
                         draw.point((x0 + dx, y0 + dy), fill=fill)
-        else:
+        elif task.shape_size == SHAPE_SIZE:
             _draw_shape(draw, kind, fill, x0, y0)
+        else:
+            raise ValueError(f"task {task.name!r}: shape_size {task.shape_size} is not 4 (one patch) or 8")
     return img
 
 
