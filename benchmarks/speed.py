@@ -15,7 +15,9 @@ sevenfold. What is timed is the whole compiled forward of one prompt (batch 1,
 decoder dominates. Every variant goes through the same backend, ``fitprune_backend``:
 
 * ``unpruned``    -- ``Recipe(prune={})``: the pass finds nothing to do (plain Inductor graph);
-* ``score-only``  -- the 60 % recipe's layers with count 0: scoring + identity compaction;
+* ``score-only``  -- the 60 % recipe's layers deleting one token each: scoring + compaction for a
+  FLOPs saving under 1 % (a count of 0 would take the unfused path that zero recipes keep, see
+  `passes/insert_fused_scoring.py`);
 * ``50``/``60``/... -- the shipped LLaVA-1.5-7B recipes rescaled to this model's depth;
 * ``<name>-merged`` -- the same after `merge_small_deletions` (threshold `merge_below` of the
   width, about one scoring pass as the "one scoring pass" row measures it);
@@ -155,7 +157,7 @@ def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) 
 def make_recipes(
     info: ModelInfo, names: list[str], compaction_only: bool = False, merge_below: float = 0.0
 ) -> dict[str, Recipe]:
-    """unpruned, score-only (the 60 recipe's layers, count 0) and the shipped recipes rescaled.
+    """unpruned, score-only (the 60 recipe's layers, one token each) and the shipped recipes rescaled.
 
     With `compaction_only`, also "<name>-random": the same counts with the `random` scorer, i.e.
     the compaction without attention scoring (separates scoring cost from compaction cost). With
@@ -172,7 +174,7 @@ def make_recipes(
     score_layers = Recipe.load("llava-1.5-7b/60.json").rescaled_to(info).prune
     recipes = {
         UNPRUNED: Recipe(model=info, prune={}),
-        SCORE_ONLY: Recipe(model=info, prune=dict.fromkeys(score_layers, 0)),
+        SCORE_ONLY: Recipe(model=info, prune=dict.fromkeys(score_layers, 1)),
     }
     recipes.update(shipped)
     return recipes

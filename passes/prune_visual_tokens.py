@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from .insert_compaction import insert_token_compaction
+from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
 from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
 from .locate import UnsupportedGraph, example_value, locate_decoder
@@ -32,6 +33,7 @@ class PruneResult:
     tokens_per_layer: list[str] = field(default_factory=list)  # at each layer's input, then output
     size_rewrites: int = 0
     scorer: str = "fitprune"
+    fused_scoring: list[int] = field(default_factory=list)  # layers scored from their own attention
 
 
 def prune_visual_tokens(
@@ -44,6 +46,7 @@ def prune_visual_tokens(
     scorer_fn: Callable | None = None,
     seed: int = 0,
     token_counts: TokenCountInputs | None = None,
+    fuse_scoring: bool = True,
 ) -> PruneResult:
     """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
     `deletions_for(n_visual) -> {layer: count}` gives the static plan.
@@ -54,6 +57,9 @@ def prune_visual_tokens(
     With `token_counts` and a static prompt length, every layer that deletes tokens gets an extra
     placeholder whose length is its kept token count (`token_count_inputs`): the caller must pass
     `token_counts.values()` after the graph's own inputs.
+
+    With `fuse_scoring`, FitPrune's scoring at a deleting layer comes from the layer's own
+    attention (`insert_fused_scoring`: one attention instead of two on CPU) where it can.
 
     Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
     not fit it.
@@ -80,6 +86,7 @@ def prune_visual_tokens(
     inserted = [visual, count_ok, check]
     shared = {t: t.node for t in dec.per_token}
     present = n
+    fused: list[int] = []
     length = dec.seq_len
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs
     for layer, d in plan.items():
@@ -90,18 +97,24 @@ def prune_visual_tokens(
         if d and token_counts is not None and isinstance(length, int):
             kept_length = token_counts.length_after(layer, length - d, device)
         length = length - d
-        kept, nodes = insert_importance_scoring(
-            graph,
-            site,
-            visual,
-            scorer=scorer,
-            scorer_fn=scorer_fn,
-            num_delete=d,
-            visual_count=present,
-            seed=seed,
-            causal_decoder=layout.causal,
-            kept_length=kept_length,
-        )
+        if fuse_scoring and can_fuse_scoring(site, scorer, scorer_fn, d):
+            site, kept, nodes = insert_fused_fitprune_scoring(
+                graph, site, visual, num_delete=d, causal_decoder=layout.causal, kept_length=kept_length
+            )
+            fused.append(layer)
+        else:
+            kept, nodes = insert_importance_scoring(
+                graph,
+                site,
+                visual,
+                scorer=scorer,
+                scorer_fn=scorer_fn,
+                num_delete=d,
+                visual_count=present,
+                seed=seed,
+                causal_decoder=layout.causal,
+                kept_length=kept_length,
+            )
         visual, more = insert_token_compaction(graph, site, kept, shared, visual, layout)
         inserted += nodes + more
         present -= d
@@ -117,7 +130,7 @@ def prune_visual_tokens(
         tokens.append(_length(dec.seq_len, deleted, symbolic))
         deleted += plan.get(layer, 0)
     tokens.append(_length(dec.seq_len, deleted, symbolic))
-    return PruneResult(plan, n, _length(dec.seq_len, 0, symbolic), tokens, rewrites, scorer)
+    return PruneResult(plan, n, _length(dec.seq_len, 0, symbolic), tokens, rewrites, scorer, fused)
 
 
 def _length(seq_len, deleted: int, symbolic: bool) -> str:

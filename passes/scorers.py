@@ -102,19 +102,28 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
     c_j = sum over instruction rows i of M[i, j], s_j = (1/n) sum over visual rows i of M[i, j].
     Instruction tokens are the non-visual, non-padding tokens after the last visual token.
     """
+    instruction = instruction_rows(inputs)
+    # One graph node that never holds the [B, H, S, S] probabilities (chunked PyTorch on CPU,
+    # Triton on CUDA): per key j, the head-max probabilities summed over instruction / visual rows.
+    cross, self_sum = torch.ops.fitprune.visual_attention_mass(
+        inputs.query, inputs.key, inputs.attn_mask, instruction, inputs.visual, inputs.scale, inputs.is_causal
+    )  # [B, S] each, fp32
+    return fitprune_from_mass(cross, self_sum, inputs.visual)
+
+
+def instruction_rows(inputs: ScoringInputs) -> torch.Tensor:
+    """[B, S] bool: FitPrune's instruction tokens (non-visual, non-padding, after the last visual)."""
     visual = inputs.visual
     b, s = visual.shape
     pos = torch.arange(s, device=visual.device).expand(b, s)
     last_visual = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)  # [B, 1]
-    instruction = token_validity(inputs) & ~visual & (pos > last_visual)  # [B, S]
-    # One graph node that never holds the [B, H, S, S] probabilities (chunked PyTorch on CPU,
-    # Triton on CUDA): per key j, the head-max probabilities summed over instruction / visual rows.
-    cross, self_sum = torch.ops.fitprune.visual_attention_mass(
-        inputs.query, inputs.key, inputs.attn_mask, instruction, visual, inputs.scale, inputs.is_causal
-    )  # [B, S] each, fp32
+    return token_validity(inputs) & ~visual & (pos > last_visual)
+
+
+def fitprune_from_mass(cross: torch.Tensor, self_sum: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """FitPrune's score [B, S] from the attention mass: cross x (self mass / number of visual tokens)."""
     n = visual.sum(dim=1, keepdim=True).clamp(min=1)
-    self_ = self_sum / n  # [B, S]
-    return cross * self_
+    return cross * (self_sum / n)
 
 
 @register_scorer("fastv")

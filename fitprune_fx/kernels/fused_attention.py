@@ -1,0 +1,125 @@
+"""`fitprune::attention_with_mass`: a pruning layer's attention output and FitPrune's mass in one op.
+
+At a layer that scores tokens, FitPrune needs the softmax probabilities the layer's attention
+computes anyway. On CPU the SDPA kernel returns neither them nor its log-sum-exp, so scoring used
+to recompute QK^T and the softmax next to SDPA: about one more attention per pruning layer. This
+op computes the probabilities once per chunk of query rows and derives both
+
+    out[b, h, i]  = sum over j of P[b, h, i, j] v[b, h // G, j]          (the attention output)
+    cross, selfsum                                                       (as `visual_attention_mass`)
+
+CPU: chunked PyTorch, fp32 softmax. With `causal`, a chunk of rows ending at row r reads keys
+0..r only (the rest are masked), which is what makes it cheaper than SDPA + the mass op: about
+SDPA's own time. CUDA: SDPA (flash / memory-efficient kernels) plus the Triton mass kernel, so
+the GPU output is SDPA's own. The op is not differentiable: the pass uses it only when the
+query does not require grad (inference).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention_mass import allowed_mask, cuda_attention_mass
+
+# About this many fp32 elements per [B, H, R, S] temporary (the probabilities of one row chunk).
+CHUNK_ELEMENTS = 1 << 21
+
+_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor instruction, Tensor visual, "
+    "float scale, bool sdpa_is_causal, bool causal) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """[B, Hkv, S, D] -> [B, H, S, D] for grouped-query attention (each kv head serves H / Hkv)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def torch_attention_with_mass(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    instruction: Tensor,
+    visual: Tensor,
+    scale: float,
+    causal: bool,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, H, S, Dv] in the query's dtype, cross [B, S], selfsum [B, S] fp32).
+
+    query [B, H, S, D], key / value [B, Hkv, S, D|Dv]; `attn_mask` [B|1, 1|H, S, S] bool or additive;
+    `causal` adds causality (exact when the mask is causal already) and lets each chunk skip the
+    keys after its last row. Fully masked rows (padding queries) give zeros in all three outputs.
+    """
+    b, h, s, _ = query.shape
+    k_t = _repeat_kv(key.float(), h).transpose(-1, -2)  # [B, H, D, S]
+    v = _repeat_kv(value.float(), h)  # [B, H, S, Dv]
+    allowed = allowed_mask(attn_mask, causal, s, query.device)  # [B|1, 1|H, S, S]
+    additive = attn_mask is not None and attn_mask.dtype != torch.bool
+    weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
+    out = torch.empty((b, h, s, v.shape[-1]), dtype=torch.float32, device=query.device)
+    mass = torch.zeros((b, 2, s), dtype=torch.float32, device=query.device)
+    rows_per_chunk = max(1, chunk_elements // max(1, b * h * s))
+    for r0 in range(0, s, rows_per_chunk):
+        r1 = min(s, r0 + rows_per_chunk)
+        n = r1 if causal else s  # keys this chunk can see
+        bias = torch.zeros(allowed[:, :, r0:r1, :n].shape, device=query.device)  # [B|1, 1|H, R, n]
+        bias.masked_fill_(~allowed[:, :, r0:r1, :n], float("-inf"))
+        if additive:
+            bias = bias + attn_mask[:, :, r0:r1, :n].float()
+        logits = torch.matmul(query[:, :, r0:r1].float(), k_t[..., :n]).mul_(scale).add_(bias)  # [B, H, R, n]
+        probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)  # fully masked rows: NaN -> 0
+        out[:, :, r0:r1] = torch.matmul(probs, v[:, :, :n])
+        head_max = probs.amax(dim=1)  # [B, R, n]: max over heads before the sum over rows
+        mass[:, :, :n] += torch.bmm(weights[:, :, r0:r1], head_max)
+    return out.to(query.dtype), mass[:, 0].clone(), mass[:, 1].clone()
+
+
+@torch.library.custom_op("fitprune::attention_with_mass", mutates_args=(), schema=_SCHEMA)
+def attention_with_mass(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None,
+    instruction: Tensor,
+    visual: Tensor,
+    scale: float,
+    sdpa_is_causal: bool,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(attention output [B, H, S, Dv], cross [B, S], selfsum [B, S]); see the module docstring."""
+    return torch_attention_with_mass(query, key, value, attn_mask, instruction, visual, scale, causal)
+
+
+def cuda_attention_with_mass(
+    query, key, value, attn_mask, instruction, visual, scale, sdpa_is_causal, causal
+):
+    """SDPA's own output (its fused GPU kernels) and the Triton mass; no host synchronisation."""
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        is_causal=sdpa_is_causal,
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    cross, selfsum = cuda_attention_mass(query, key, attn_mask, instruction, visual, scale, causal)
+    return out.contiguous(), cross, selfsum
+
+
+attention_with_mass.register_kernel("cuda")(cuda_attention_with_mass)
+
+
+@attention_with_mass.register_fake
+def _attention_with_mass_fake(
+    query, key, value, attn_mask, instruction, visual, scale, sdpa_is_causal, causal
+):
+    b, h, s, _ = query.shape
+    mass = (instruction.shape[0], s)
+    return (
+        query.new_empty((b, h, s, value.shape[-1])),
+        query.new_empty(mass, dtype=torch.float32),
+        query.new_empty(mass, dtype=torch.float32),
+    )

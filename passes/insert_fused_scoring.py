@@ -1,0 +1,100 @@
+"""Score with FitPrune from the layer's own attention: replace its SDPA by `fitprune::attention_with_mass`.
+
+`insert_scoring` adds a scorer beside the layer's SDPA, which on CPU recomputes the attention
+probabilities (about one more attention per pruning layer). Here the SDPA node itself becomes the
+fused op, which returns the attention output (used where SDPA's was) and the attention mass that
+FitPrune's score is made of. Only for the built-in `fitprune` scorer, at layers that delete tokens,
+in graphs that do not require grad (the op has no backward) and whose keys are the layer's own
+tokens (no cache prefix). A layer listed with count 0 keeps the unfused path, so a zero recipe
+still reproduces the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+import fitprune_fx.kernels.fused_attention  # noqa: F401  (registers torch.ops.fitprune.attention_with_mass)
+
+from . import token_count_inputs  # noqa: F401  (registers torch.ops.fitprune.select_kept_tokens_like)
+from .locate import AttentionSite, example_value
+from .scorers import ScoringInputs, fitprune_from_mass, fitprune_score, instruction_rows
+from .token_ops import select_kept_tokens
+
+
+def can_fuse_scoring(site: AttentionSite, scorer: str, scorer_fn: Callable | None, num_delete: int) -> bool:
+    """True when this layer's FitPrune scoring can come from its attention (see the module docstring)."""
+    builtin = scorer_fn is fitprune_score or (scorer_fn is None and scorer == "fitprune")
+    if not builtin or num_delete == 0 or isinstance(site.scale, fx.Node):
+        return False
+    query, key = example_value(site.query), example_value(site.key)
+    value = _sdpa_value(site.sdpa)
+    if value is None or query.requires_grad or key.requires_grad or example_value(value).requires_grad:
+        return False
+    return query.shape[-2] == key.shape[-2] and set(site.sdpa.kwargs) <= _SDPA_KWARGS
+
+
+_SDPA_KWARGS = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
+
+
+def fitprune_instruction_rows(query, key, attn_mask, visual, *, is_causal: bool) -> torch.Tensor:
+    """Graph entry point: [B, S] bool instruction rows of FitPrune (see `scorers.instruction_rows`)."""
+    inputs = ScoringInputs(query, key, attn_mask, is_causal, 1.0, visual, -1, 0, {})
+    return instruction_rows(inputs)
+
+
+def insert_fused_fitprune_scoring(
+    graph: fx.Graph,
+    site: AttentionSite,
+    visual: fx.Node,
+    *,
+    num_delete: int,
+    causal_decoder: bool = False,
+    kept_length: fx.Node | None = None,
+) -> tuple[AttentionSite, fx.Node, list[fx.Node]]:
+    """Replace the layer's SDPA by the fused op; returns the site (its `sdpa` now the fused op's
+    attention output), the `kept` node ([B, S - d] original-order indices) and the nodes inserted."""
+    head_dim = example_value(site.query).shape[-1]
+    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
+    causal = site.is_causal or causal_decoder
+    sdpa = site.sdpa
+    with graph.inserting_after(sdpa):
+        instruction = graph.call_function(
+            fitprune_instruction_rows, (site.query, site.key, site.attn_mask, visual), {"is_causal": causal}
+        )
+    with graph.inserting_after(instruction):
+        fused = graph.call_function(
+            torch.ops.fitprune.attention_with_mass.default,
+            (site.query, site.key, _sdpa_value(sdpa), site.attn_mask, instruction, visual),
+            {"scale": float(scale), "sdpa_is_causal": site.is_causal, "causal": causal},
+        )
+    with graph.inserting_after(fused):
+        out = graph.call_function(operator.getitem, (fused, 0))
+    with graph.inserting_after(out):
+        cross = graph.call_function(operator.getitem, (fused, 1))
+    with graph.inserting_after(cross):
+        self_sum = graph.call_function(operator.getitem, (fused, 2))
+    with graph.inserting_after(self_sum):
+        scores = graph.call_function(fitprune_from_mass, (cross, self_sum, visual))
+    with graph.inserting_after(scores):
+        if kept_length is None:
+            kept = graph.call_function(select_kept_tokens, (scores, visual, num_delete))
+        else:
+            kept = graph.call_function(
+                torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, num_delete, kept_length)
+            )
+    out.meta.update(sdpa.meta)  # same value as SDPA's (shape, dtype, module scope)
+    sdpa.replace_all_uses_with(out)
+    graph.erase_node(sdpa)
+    nodes = [instruction, fused, out, cross, self_sum, scores, kept]
+    return dataclasses.replace(site, sdpa=out), kept, nodes
+
+
+def _sdpa_value(sdpa: fx.Node) -> fx.Node | None:
+    value = sdpa.args[2] if len(sdpa.args) > 2 else sdpa.kwargs.get("value")
+    return value if isinstance(value, fx.Node) else None
