@@ -67,14 +67,29 @@ def _image_processor(size: int):
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+# A user turn with the question before the image (synthetic.QUESTION_FIRST_PROMPT), whatever the
+# order of the content items: saved with question-first models, so that every prompt built through
+# the chat template (lmms-eval, `fitprune-fx fit --questions`) matches the training prompt.
+QUESTION_FIRST_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }} {% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'image' %}<image> {% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
 def build_processor(task: synthetic.Task = synthetic.SHAPES) -> LlavaProcessor:
-    """LlavaProcessor that expands one <image> into (image_size / 4)^2 image tokens (144, 576)."""
+    """LlavaProcessor that expands one <image> into (image_size / 4)^2 image tokens (144, 576).
+    Question-first tasks (clutter) carry `QUESTION_FIRST_TEMPLATE` as chat template; the others
+    none, so callers fall back to LLaVA-1.5's image-first prompt, which is theirs."""
+    question_first = task.prompt.index("{question}") < task.prompt.index("<image>")
     return LlavaProcessor(
         image_processor=_image_processor(task.image_size),
         tokenizer=build_tokenizer(task),
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
+        chat_template=QUESTION_FIRST_TEMPLATE if question_first else None,
     )
 
 
@@ -148,7 +163,7 @@ def load_shapes_llava(
 
 def encode(processor: LlavaProcessor, examples: list) -> dict[str, torch.Tensor]:
     """Left-padded batch: input_ids/attention_mask [B, S], pixel_values [B, 3, side, side]."""
-    texts = [synthetic.prompt(ex.question) for ex in examples]
+    texts = [ex.text for ex in examples]
     images = [ex.image for ex in examples]
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 

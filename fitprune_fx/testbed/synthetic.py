@@ -16,9 +16,12 @@ the shipped `shapes-llava`; `CLUTTER` is LLaVA-1.5's token geometry: 96x96 pixel
 16-pixel cells, 24x24 = 576 visual tokens at 4-pixel patches, 4 to 8 coloured shapes (one of each
 colour-kind pair at most) among 6 grey distractor shapes, each shape a 4x4-pixel sprite filling
 exactly one patch (`SPRITES`), and only questions whose answer sits in that one token: the colour
-or the kind of the shape at a named cell (36 cells). With at most 8 of 576 tokens informative,
-which tokens a pruned model keeps decides its answers. A third kind, "where is the red circle ?"
-(`find_cell`), is generated but not in the mix (not learnt in the training budget).
+or the kind of the shape at a named cell (36 cells). Its prompt puts the question before the
+image (`QUESTION_FIRST_PROMPT`), so that no word after the image knows the question in decoder
+layer 0 and the answer must be read from the shape's own token in a later layer. With at most 8
+of 576 tokens informative, which tokens a pruned model keeps decides its answers. A third kind,
+"where is the red circle ?" (`find_cell`), is generated but not in the mix (not learnt in the
+training budget).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ QUESTION_WEIGHTS = {
 }
 
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
+QUESTION_FIRST_PROMPT = "USER: {question} <image> ASSISTANT:"
 DISTRACTOR = (150, 150, 150)  # grey shapes that no question asks about (CLUTTER)
 
 # Every word that can appear in a prompt or an answer (the tokenizer's vocabulary).
@@ -104,6 +108,7 @@ class Task:
     unique_pairs: bool = False  # at most one shape per (colour, kind), so "where is the red circle ?"
     extra_words: tuple[str, ...] = ()  # vocabulary beyond the shapes task's (before the cell names)
     shape_size: int = SHAPE_SIZE  # pixels; 4 = one patch (`SPRITES`), 8 = the middle 2x2 patches
+    prompt: str = PROMPT  # chat template; "{question}" and "<image>" in either order
 
     @property
     def cell(self) -> int:
@@ -128,6 +133,9 @@ CLUTTER = Task(
     unique_pairs=True,
     extra_words=("where",),
     shape_size=4,
+    # Question before image: no word after the image knows the question before layer 1, so no
+    # decoder layer-0 attention can look up the asked cell, and a token deleted after layer 0 is lost.
+    prompt=QUESTION_FIRST_PROMPT,
 )
 
 # One-patch shapes (4x4 pixels, "#" painted): four patterns no rotation or shift turns into another.
@@ -147,6 +155,12 @@ class Example:
     question: str
     answer: str
     kind: str  # which entry of QUESTION_WEIGHTS produced it
+    template: str = PROMPT  # the task's chat prompt
+
+    @property
+    def text(self) -> str:
+        """The chat prompt of this question (the task's template)."""
+        return self.template.format(question=self.question)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, colour: tuple, x0: int, y0: int) -> None:
@@ -250,7 +264,7 @@ def _make(rng: random.Random, qkind: str | None = None, task: Task = SHAPES) -> 
     scene = make_scene(rng, task)
     image = render(scene, rng, task)
     question, answer = ask(scene, rng, qkind, task)
-    return Example(image, question, answer, qkind)
+    return Example(image, question, answer, qkind, task.prompt)
 
 
 SPLIT_OFFSETS = {"train": 0, "test": 1_000_003, "calib": 2_000_003}
@@ -263,9 +277,9 @@ def make_dataset(n: int, seed: int = 0, split: str = "train", task: Task = SHAPE
     return [_make(rng, task=task) for _ in range(n)]
 
 
-def prompt(question: str) -> str:
-    """The chat prompt the model was trained on."""
-    return PROMPT.format(question=question)
+def prompt(question: str, task: Task = SHAPES) -> str:
+    """The chat prompt the task's model was trained on."""
+    return task.prompt.format(question=question)
 
 
 def write_question_file(examples: list[Example], out_dir: str | Path) -> dict[str, Path]:
