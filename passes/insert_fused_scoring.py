@@ -21,10 +21,9 @@ from torch import fx
 
 import fitprune_fx.kernels.fused_attention  # noqa: F401  (registers torch.ops.fitprune.attention_with_mass)
 
-from . import token_count_inputs  # noqa: F401  (registers torch.ops.fitprune.select_kept_tokens_like)
+from .insert_scoring import insert_kept_selection
 from .locate import AttentionSite, example_value
 from .scorers import ScoringInputs, fitprune_from_mass, fitprune_score, instruction_rows
-from .token_ops import select_kept_tokens
 
 
 def can_fuse_scoring(site: AttentionSite, scorer: str, scorer_fn: Callable | None, num_delete: int) -> bool:
@@ -81,13 +80,7 @@ def insert_fused_fitprune_scoring(
         self_sum = graph.call_function(operator.getitem, (fused, 2))
     with graph.inserting_after(self_sum):
         scores = graph.call_function(fitprune_from_mass, (cross, self_sum, visual))
-    with graph.inserting_after(scores):
-        if kept_length is None:
-            kept = graph.call_function(select_kept_tokens, (scores, visual, num_delete))
-        else:
-            kept = graph.call_function(
-                torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, num_delete, kept_length)
-            )
+    kept = insert_kept_selection(graph, scores, visual, num_delete, kept_length)
     out.meta.update(sdpa.meta)  # same value as SDPA's (shape, dtype, module scope)
     sdpa.replace_all_uses_with(out)
     graph.erase_node(sdpa)

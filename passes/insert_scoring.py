@@ -58,11 +58,17 @@ def insert_importance_scoring(
                 "doomed": doomed,
             },
         )
+    kept = insert_kept_selection(graph, scores, visual, num_delete, kept_length)
+    return kept, [scores, kept]
+
+
+def insert_kept_selection(
+    graph: fx.Graph, scores: fx.Node, visual: fx.Node, num_delete: int, kept_length: fx.Node | None
+) -> fx.Node:
+    """After `scores`: the kept indices [B, S - d], their length a symbol when `kept_length` is given."""
     with graph.inserting_after(scores):
         if kept_length is None:
-            kept = graph.call_function(select_kept_tokens, (scores, visual, num_delete))
-        else:
-            kept = graph.call_function(
-                torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, num_delete, kept_length)
-            )
-    return kept, [scores, kept]
+            return graph.call_function(select_kept_tokens, (scores, visual, num_delete))
+        return graph.call_function(
+            torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, num_delete, kept_length)
+        )
