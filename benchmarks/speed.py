@@ -20,7 +20,7 @@ decoder dominates. Every variant goes through the same backend, ``fitprune_backe
   `passes/insert_fused_scoring.py`);
 * ``50``/``60``/... -- the shipped LLaVA-1.5-7B recipes rescaled to this model's depth;
 * ``<name>-merged`` -- the same after `merge_small_deletions` (threshold `merge_below` of the
-  width, about one scoring pass as the "one scoring pass" row measures it);
+  width: one scoring pass as measured before fused scoring, see `WIDTHS`);
 * ``<last>-static`` -- the last recipe compiled with constant token counts
   (``symbolic_token_counts=False``): the compile time before kernels were shared.
 

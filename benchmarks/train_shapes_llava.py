@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from question_first_loss import question_first_loss  # benchmarks/, next to this script
+from question_first_loss import mixing_mass, question_first_loss  # benchmarks/, next to this script
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
@@ -228,13 +228,8 @@ def visual_mixing_loss(attentions: tuple[torch.Tensor, ...], first_image: int, n
     """Attention mass that visual tokens put on other visual tokens (not themselves), mean per query,
     summed over heads and layers: driven to 0, each token keeps to its own patch until the lookup
     layer, so a deleted token's content is nowhere else. `attentions[l]` is [n, H, L, L]."""
-    img = slice(first_image, first_image + n_img)
-    total = torch.zeros(())
-    for a in attentions:
-        block = a[:, :, img, img]  # [n, H, P, P]
-        others = block.sum(-1) - block.diagonal(dim1=-2, dim2=-1)  # [n, H, P]
-        total = total + others.mean() * a.shape[1]
-    return total
+    img = (first_image + torch.arange(n_img)).expand(attentions[0].shape[0], -1)  # [n, P]
+    return sum(mixing_mass(a, img) for a in attentions)
 
 
 def lookup_attention_loss(
@@ -496,13 +491,12 @@ def main() -> None:
         t = (step - args.warmup) / max(total - args.warmup, 1)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    question_first = task.prompt.index("{question}") < task.prompt.index("<image>")
     start = time.time()
     step = 0
     for epoch in range(args.epochs):
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}")
         for _ in bar:
-            if question_first:
+            if task.question_first:
                 loss = question_first_loss(
                     model, processor, rng, args.images, args.questions, sample, patch_targets,
                     aux_head, args.aux_weight, args.attn_weight, task, mix, aux_logits,

@@ -31,9 +31,10 @@ def can_fuse_scoring(site: AttentionSite, scorer: str, scorer_fn: Callable | Non
     builtin = scorer_fn is fitprune_score or (scorer_fn is None and scorer == "fitprune")
     if not builtin or num_delete == 0 or isinstance(site.scale, fx.Node):
         return False
-    query, key = example_value(site.query), example_value(site.key)
-    value = _sdpa_value(site.sdpa)
-    if value is None or query.requires_grad or key.requires_grad or example_value(value).requires_grad:
+    if not isinstance(site.value, fx.Node):
+        return False
+    query, key, value = (example_value(n) for n in (site.query, site.key, site.value))
+    if query.requires_grad or key.requires_grad or value.requires_grad:
         return False
     return query.shape[-2] == key.shape[-2] and set(site.sdpa.kwargs) <= _SDPA_KWARGS
 
@@ -69,7 +70,7 @@ def insert_fused_fitprune_scoring(
     with graph.inserting_after(instruction):
         fused = graph.call_function(
             torch.ops.fitprune.attention_with_mass.default,
-            (site.query, site.key, _sdpa_value(sdpa), site.attn_mask, instruction, visual),
+            (site.query, site.key, site.value, site.attn_mask, instruction, visual),
             {"scale": float(scale), "sdpa_is_causal": site.is_causal, "causal": causal},
         )
     with graph.inserting_after(fused):
@@ -86,8 +87,3 @@ def insert_fused_fitprune_scoring(
     graph.erase_node(sdpa)
     nodes = [instruction, fused, out, cross, self_sum, scores, kept]
     return dataclasses.replace(site, sdpa=out), kept, nodes
-
-
-def _sdpa_value(sdpa: fx.Node) -> fx.Node | None:
-    value = sdpa.args[2] if len(sdpa.args) > 2 else sdpa.kwargs.get("value")
-    return value if isinstance(value, fx.Node) else None

@@ -54,6 +54,7 @@ class AttentionSite:
     sdpa: fx.Node
     query: fx.Node  # [B, H, S, D], post-RoPE
     key: fx.Node  # [B, H or Hkv, S_kv, D], post-RoPE, includes the cache
+    value: fx.Node  # [B, H or Hkv, S_kv, Dv]
     attn_mask: fx.Node | None  # [B|1, 1|H, S, S_kv] bool or additive float, or None
     is_causal: bool
     scale: float | None
@@ -163,7 +164,7 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
-def _sdpa_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, bool, float | None]:
+def _sdpa_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, bool, float | None]:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     bound = dict(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
@@ -172,7 +173,8 @@ def _sdpa_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, bool, f
         raise UnsupportedGraph(f"attention mask of {node.name} is a constant, not a tensor")
     if bound.get("dropout_p", 0.0) not in (0, 0.0):
         raise UnsupportedGraph(f"{node.name} uses attention dropout; run the model in eval mode")
-    return bound["query"], bound["key"], mask, bool(bound.get("is_causal", False)), bound.get("scale")
+    is_causal = bool(bound.get("is_causal", False))
+    return bound["query"], bound["key"], bound["value"], mask, is_causal, bound.get("scale")
 
 
 def _find_residual_add(
@@ -314,9 +316,9 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
             continue
         if layer in sites:
             raise UnsupportedGraph(f"layer {layer} has more than one attention call")
-        query, key, mask, is_causal, scale = _sdpa_args(node)
+        query, key, value, mask, is_causal, scale = _sdpa_args(node)
         add, residual = _find_residual_add(graph, layer, node, layout)
-        sites[layer] = AttentionSite(layer, node, query, key, mask, is_causal, scale, add, residual)
+        sites[layer] = AttentionSite(layer, node, query, key, value, mask, is_causal, scale, add, residual)
     if not sites:
         raise UnsupportedGraph(
             "no scaled_dot_product_attention in the decoder layers: the model runs another attention "

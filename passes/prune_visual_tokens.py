@@ -46,7 +46,6 @@ def prune_visual_tokens(
     scorer_fn: Callable | None = None,
     seed: int = 0,
     token_counts: TokenCountInputs | None = None,
-    fuse_scoring: bool = True,
 ) -> PruneResult:
     """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
     `deletions_for(n_visual) -> {layer: count}` gives the static plan.
@@ -58,8 +57,8 @@ def prune_visual_tokens(
     placeholder whose length is its kept token count (`token_count_inputs`): the caller must pass
     `token_counts.values()` after the graph's own inputs.
 
-    With `fuse_scoring`, FitPrune's scoring at a deleting layer comes from the layer's own
-    attention (`insert_fused_scoring`: one attention instead of two on CPU) where it can.
+    FitPrune's scoring at a deleting layer comes from the layer's own attention where it can
+    (`insert_fused_scoring`: one attention instead of two on CPU).
 
     Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
     not fit it.
@@ -97,7 +96,7 @@ def prune_visual_tokens(
         if d and token_counts is not None and isinstance(length, int):
             kept_length = token_counts.length_after(layer, length - d, device)
         length = length - d
-        if fuse_scoring and can_fuse_scoring(site, scorer, scorer_fn, d):
+        if can_fuse_scoring(site, scorer, scorer_fn, d):
             site, kept, nodes = insert_fused_fitprune_scoring(
                 graph, site, visual, num_delete=d, causal_decoder=layout.causal, kept_length=kept_length
             )

@@ -90,8 +90,7 @@ PROMPTS = [PromptSpec(before=3, after=5), PromptSpec(before=6, after=2)]
 
 def _run(model, inputs, recipe: Recipe, *, grad: bool = False, scorer=None):
     torch._dynamo.reset()
-    backend = fitprune_backend(recipe, compiler="eager", scorer=scorer) if scorer else None
-    backend = backend or fitprune_backend(recipe, compiler="eager")
+    backend = fitprune_backend(recipe, compiler="eager", scorer=scorer)
     with torch.set_grad_enabled(grad):
         logits = torch.compile(model, backend=backend)(**inputs).logits
     (report,) = backend.pruned_graphs

@@ -117,12 +117,15 @@ def test_every_question_kind_has_one_word_answers_in_the_vocabulary():
             assert all(w in synthetic.VOCAB for w in question.split())
 
 
-def test_question_file_round_trip(tmp_path):
-    examples = synthetic.make_dataset(5, seed=1, split="test")
+@pytest.mark.parametrize("task", [synthetic.SHAPES, synthetic.CLUTTER], ids=lambda t: t.name)
+def test_question_file_round_trip(tmp_path, task):
+    """Questions, answers, images and the prompt (the task's template: clutter's is question-first)."""
+    examples = synthetic.make_dataset(5, seed=1, split="test", task=task)
     paths = synthetic.write_question_file(examples, tmp_path)
     lines = paths["questions"].read_text().splitlines()
     assert len(lines) == 5 and '"question_id"' in lines[0] and '"image"' in lines[0]
-    back = synthetic.read_question_file(paths["questions"], paths["images"], paths["answers"])
+    back = synthetic.read_question_file(paths["questions"], paths["images"], paths["answers"], task=task)
     for a, b in zip(examples, back, strict=True):
-        assert (a.question, a.answer) == (b.question, b.answer)
+        assert (a.question, a.answer, a.text) == (b.question, b.answer, b.text)
         assert a.image.tobytes() == b.image.tobytes()  # PNG is lossless
+    assert back[0].text.startswith("USER: <image>") != task.question_first

@@ -82,14 +82,13 @@ def build_processor(task: synthetic.Task = synthetic.SHAPES) -> LlavaProcessor:
     """LlavaProcessor that expands one <image> into (image_size / 4)^2 image tokens (144, 576).
     Question-first tasks (clutter) carry `QUESTION_FIRST_TEMPLATE` as chat template; the others
     none, so callers fall back to LLaVA-1.5's image-first prompt, which is theirs."""
-    question_first = task.prompt.index("{question}") < task.prompt.index("<image>")
     return LlavaProcessor(
         image_processor=_image_processor(task.image_size),
         tokenizer=build_tokenizer(task),
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
-        chat_template=QUESTION_FIRST_TEMPLATE if question_first else None,
+        chat_template=QUESTION_FIRST_TEMPLATE if task.question_first else None,
     )
 
 

@@ -111,6 +111,11 @@ class Task:
     prompt: str = PROMPT  # chat template; "{question}" and "<image>" in either order
 
     @property
+    def question_first(self) -> bool:
+        """Whether its prompt puts the question before the image."""
+        return self.prompt.index("{question}") < self.prompt.index("<image>")
+
+    @property
     def cell(self) -> int:
         return self.image_size // self.grid
 
@@ -299,9 +304,10 @@ def write_question_file(examples: list[Example], out_dir: str | Path) -> dict[st
 
 
 def read_question_file(
-    questions: str | Path, images: str | Path, answers: str | Path | None = None
+    questions: str | Path, images: str | Path, answers: str | Path | None = None, task: Task = SHAPES
 ) -> list[Example]:
-    """Read back what `write_question_file` wrote (answers are "" when no answers file)."""
+    """Read back what `write_question_file` wrote (answers are "" when no answers file); the
+    examples' prompts use `task`'s template (the file holds only the questions)."""
     by_id: dict = {}
     if answers is not None:
         for line in Path(answers).read_text().splitlines():
@@ -312,5 +318,5 @@ def read_question_file(
         row = json.loads(line)
         with Image.open(Path(images) / row["image"]) as im:
             image = im.convert("RGB")
-        out.append(Example(image, row["text"], by_id.get(row["question_id"], ""), "file"))
+        out.append(Example(image, row["text"], by_id.get(row["question_id"], ""), "file", task.prompt))
     return out
