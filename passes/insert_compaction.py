@@ -8,15 +8,22 @@ At a pruning layer l (kept = [B, S'] indices):
     the adds that come after layer l's attention,
   * the visual-token mask is gathered for the next pruning layer.
 Layer l's keys and values (its KV cache) are untouched: they hold every token.
+
+Shared tensors and the visual mask are gathered from their uncompacted originals at the kept
+tokens' original positions ([B, S'], composed across pruning layers), not from the previous
+layer's compacted copy: Inductor fuses a chain of gathers into its consumer, so gathering copy
+from copy would give the RoPE kernel of every later layer one more indirection, and every layer
+a kernel of its own to compile.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from .layout import DecoderLayout
 from .locate import AttentionSite, PerTokenTensor
-from .token_ops import gather_tokens
+from .token_ops import gather_tokens  # also registers torch.ops.fitprune.kept_positions
 from .visual_token_marks import is_visual_residual_add
 
 
@@ -35,18 +42,21 @@ def insert_token_compaction(
     shared: dict[PerTokenTensor, fx.Node],
     visual: fx.Node,
     layout: DecoderLayout,
-) -> tuple[fx.Node, list[fx.Node]]:
+    positions: fx.Node | None = None,
+) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """Compact after `site`'s attention. Updates `shared` (tensor -> node later layers read).
 
-    Returns the compacted visual mask and all nodes inserted.
+    `visual` is the uncompacted visual-token mask [B, S] and `positions` [B, S_l] the original
+    positions of the tokens entering this layer (None: no earlier pruning layer).
+    Returns the compacted visual mask, the kept tokens' original positions and all nodes inserted.
     """
     inserted: list[fx.Node] = []
     last = kept
 
-    def gather(x: fx.Node, dims: tuple[int, ...]) -> fx.Node:
+    def gather(x: fx.Node, dims: tuple[int, ...], index: fx.Node = kept) -> fx.Node:
         nonlocal last
         before = set(graph.nodes)
-        node = _gather(graph, last, x, kept, dims)
+        node = _gather(graph, last, x, index, dims)
         inserted.extend(n for n in graph.nodes if n not in before)
         last = node
         return node
@@ -54,9 +64,19 @@ def insert_token_compaction(
     attn = gather(site.sdpa, (2,))
     site.sdpa.replace_all_uses_with(attn, delete_user_cb=lambda u: u not in inserted)
 
-    residual = gather(site.residual, (1,))
+    with graph.inserting_after(last):
+        residual = graph.call_function(torch.ops.fitprune.gather_residual.default, (site.residual, kept))
+    inserted.append(residual)
+    last = residual
     site.residual_add.replace_input_with(site.residual, residual)
 
+    if positions is None:
+        kept_positions = kept
+    else:
+        with graph.inserting_after(last):
+            kept_positions = graph.call_function(torch.ops.fitprune.kept_positions.default, (positions, kept))
+        inserted.append(kept_positions)
+        last = kept_positions
     order = {n: i for i, n in enumerate(graph.nodes)}
 
     def after_this_layer(user: fx.Node) -> bool:
@@ -68,8 +88,8 @@ def insert_token_compaction(
         return layer is not None and layer > site.layer
 
     for tensor, current in list(shared.items()):
-        compacted = gather(current, tensor.token_dims)
+        compacted = gather(tensor.node, tensor.token_dims, kept_positions)
         current.replace_all_uses_with(compacted, delete_user_cb=after_this_layer)
         shared[tensor] = compacted
 
-    return gather(visual, (1,)), inserted
+    return gather(visual, (1,), kept_positions), kept_positions, inserted

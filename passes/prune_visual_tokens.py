@@ -85,20 +85,29 @@ def prune_visual_tokens(
     inserted = [visual, count_ok, check]
     shared = {t: t.node for t in dec.per_token}
     present = n
+    all_visual, positions = visual, None  # uncompacted visual-token mask; original positions of the tokens
     fused: list[int] = []
     length = dec.seq_len
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs
     for layer, d in plan.items():
         site = dec.sites[layer]
-        current_mask = next((shared[t] for t in shared if t.node is site.attn_mask), site.attn_mask)
-        site = dataclasses.replace(site, attn_mask=current_mask)
+        mask_tensor = next((t for t in shared if t.node is site.attn_mask), None)  # a shared mask?
+        if mask_tensor is not None:
+            site = dataclasses.replace(site, attn_mask=shared[mask_tensor])
         kept_length = None
         if d and token_counts is not None and isinstance(length, int):
             kept_length = token_counts.length_after(layer, length - d, device)
         length = length - d
         if can_fuse_scoring(site, scorer, scorer_fn, d):
             site, kept, nodes = insert_fused_fitprune_scoring(
-                graph, site, visual, num_delete=d, causal_decoder=layout.causal, kept_length=kept_length
+                graph,
+                site,
+                visual,
+                num_delete=d,
+                causal_decoder=layout.causal,
+                kept_length=kept_length,
+                uncompacted_mask=None if mask_tensor is None else mask_tensor.node,
+                positions=positions,
             )
             fused.append(layer)
         else:
@@ -114,7 +123,9 @@ def prune_visual_tokens(
                 causal_decoder=layout.causal,
                 kept_length=kept_length,
             )
-        visual, more = insert_token_compaction(graph, site, kept, shared, visual, layout)
+        visual, positions, more = insert_token_compaction(
+            graph, site, kept, shared, all_visual, layout, positions
+        )
         inserted += nodes + more
         present -= d
 

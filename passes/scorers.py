@@ -86,12 +86,24 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def token_validity(inputs: ScoringInputs) -> torch.Tensor:
-    """[B, S] bool: non-padding tokens, read off the mask diagonal (a token always sees itself)."""
-    allowed = allowed_keys(inputs)
-    pos = torch.arange(allowed.shape[-1], device=allowed.device)
+    """[B, S] bool: non-padding tokens (`mask_validity` of the scorer's mask)."""
+    b, s = inputs.visual.shape
+    return mask_validity(inputs.attn_mask, b, s, inputs.visual.device)
+
+
+def mask_validity(
+    attn_mask: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
+    """[B, S] bool: non-padding tokens, read off the mask diagonal (a token always sees itself,
+    so causality never hides it; the same dtype rule as `allowed_mask`)."""
+    if attn_mask is None:
+        return torch.ones((batch, seq_len), dtype=torch.bool, device=device)
+    pos = torch.arange(seq_len, device=device)
     # indexing, not .diagonal(): Inductor's diagonal lowering warns (a deprecated torch helper)
-    diag = allowed[:, 0, pos, pos]  # [B|1, S]
-    return diag.expand(inputs.visual.shape[0], -1)
+    diag = attn_mask[:, 0, pos, pos]  # [B|1, S]
+    if diag.dtype != torch.bool:
+        diag = diag > torch.finfo(diag.dtype).min / 2
+    return diag.expand(batch, -1)
 
 
 @register_scorer("fitprune")
@@ -113,11 +125,15 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
 
 def instruction_rows(inputs: ScoringInputs) -> torch.Tensor:
     """[B, S] bool: FitPrune's instruction tokens (non-visual, non-padding, after the last visual)."""
-    visual = inputs.visual
+    return instruction_rows_from(token_validity(inputs), inputs.visual)
+
+
+def instruction_rows_from(valid: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """`instruction_rows` from the non-padding tokens `valid` and the visual tokens `visual` [B, S]."""
     b, s = visual.shape
     pos = torch.arange(s, device=visual.device).expand(b, s)
     last_visual = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)  # [B, 1]
-    return token_validity(inputs) & ~visual & (pos > last_visual)
+    return valid & ~visual & (pos > last_visual)
 
 
 def fitprune_from_mass(cross: torch.Tensor, self_sum: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

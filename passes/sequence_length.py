@@ -18,10 +18,11 @@ from torch import fx
 from torch.fx.node import map_arg
 
 from .locate import UnsupportedGraph, example_value, same_size
-from .token_ops import gather_tokens
+from .token_ops import gather_tokens  # also registers torch.ops.fitprune.gather_residual
 
 _VIEW_METHODS = {"view", "reshape", "expand"}
 _VIEW_FUNCTIONS = {torch.reshape: "reshape"}
+_COMPACTIONS = (gather_tokens, torch.ops.fitprune.gather_residual.default)
 
 
 def _view_kind(node: fx.Node) -> str | None:
@@ -104,7 +105,7 @@ def propagate_compaction(gm: fx.GraphModule, inserted: set[fx.Node], fake_mode) 
         kind = _view_kind(node)
         if kind is not None and node.args[0] in dirty:
             src = node.args[0]
-            while original.get(src) is None and src.target is gather_tokens:
+            while original.get(src) is None and src.target in _COMPACTIONS:
                 src = src.args[0]  # a compaction stands in for the tensor it compacts
             old_in, new_in = tuple(original[src].shape), tuple(example_value(node.args[0]).shape)
             before = node.args

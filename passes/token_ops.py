@@ -34,6 +34,36 @@ def gather_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor
     return torch.gather(x, dim, kept.reshape(index_shape).expand(out_shape))
 
 
+@torch.library.custom_op("fitprune::gather_residual", mutates_args=())
+def gather_residual(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`gather_tokens(x, kept, 1)` for the residual stream [B, S, D], as an op Inductor does not fuse.
+
+    Fused, the gather reads the previous layers' unstored residual adds, and how many of them
+    differs from layer to layer: each pruning layer would compile kernels of its own.
+    """
+    return gather_tokens(x, kept, 1)
+
+
+@gather_residual.register_fake
+def _gather_residual_fake(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((kept.shape[0], kept.shape[1], *x.shape[2:]))
+
+
+@torch.library.custom_op("fitprune::kept_positions", mutates_args=())
+def kept_positions(positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Original positions [B, K] of the kept tokens: `positions` [B, S_l] read at `kept` [B, K].
+
+    An op of its own so that Inductor stores the result: as a plain gather it would be fused
+    into its readers, and every later pruning layer's kernels would carry one more indirection.
+    """
+    return torch.gather(positions, 1, kept)
+
+
+@kept_positions.register_fake
+def _kept_positions_fake(positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return kept.new_empty(kept.shape)
+
+
 VISUAL_COUNT_ERROR = (
     "fitprune: the examples of this batch carry different numbers of visual tokens (different image "
     "counts, or LLaVA-NeXT images whose sizes give different counts); the pruned graph needs the same "
