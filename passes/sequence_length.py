@@ -18,7 +18,7 @@ from torch import fx
 from torch.fx.node import map_arg
 
 from .locate import UnsupportedGraph, example_value, same_size
-from .token_ops import gather_tokens  # also registers torch.ops.fitprune.gather_residual
+from .token_ops import gather_tokens, gathered_shape  # also registers torch.ops.fitprune.gather_residual
 
 _VIEW_METHODS = {"view", "reshape", "expand"}
 _VIEW_FUNCTIONS = {torch.reshape: "reshape"}
@@ -79,6 +79,8 @@ def _run_fake(gm: fx.GraphModule, node: fx.Node, fake_mode):
     args = map_arg(node.args, example_value)
     kwargs = map_arg(node.kwargs, example_value)
     with fake_mode:
+        if node.target is gather_tokens:  # a gather's shape is known: skip tracing it (most of its cost)
+            return args[0].new_empty(gathered_shape(*args))
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":

@@ -29,9 +29,14 @@ def gather_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor
         x = x.expand(b, *x.shape[1:])
     index_shape = [b] + [1] * (x.dim() - 1)
     index_shape[dim] = k
-    out_shape = list(x.shape)
-    out_shape[dim] = k
-    return torch.gather(x, dim, kept.reshape(index_shape).expand(out_shape))
+    return torch.gather(x, dim, kept.reshape(index_shape).expand(gathered_shape(x, kept, dim)))
+
+
+def gathered_shape(x: torch.Tensor, kept: torch.Tensor, dim: int) -> list:
+    """The shape of `gather_tokens(x, kept, dim)` (what shape propagation needs, without running it)."""
+    shape = [kept.shape[0], *x.shape[1:]]
+    shape[dim] = kept.shape[1]
+    return shape
 
 
 @torch.library.custom_op("fitprune::gather_residual", mutates_args=())
