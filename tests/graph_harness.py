@@ -66,6 +66,7 @@ class KeptRecorder:
     def __init__(self, backend: FitpruneBackend):
         self.backend = backend
         self.kept: list[torch.Tensor] = []
+        self.graph_module: torch.fx.GraphModule | None = None  # the last graph it transformed
 
     def __call__(self, gm, example_inputs):
         fn = self.backend(gm, example_inputs)
@@ -75,6 +76,7 @@ class KeptRecorder:
             if node.target in (select_kept_tokens, torch.ops.fitprune.select_kept_tokens_like.default):
                 node.target = self._record
         graph_module.recompile()
+        self.graph_module = graph_module
         return lambda *args: graph_module.forward(*args, *extra)
 
     def _record(self, scores, visual, num_delete, length=None):

@@ -170,3 +170,33 @@ def test_bfloat16_keeps_text_and_tracks_reference():
         if torch.equal(ours[-1][b], ref.kept_final[b]):
             diff = (out.logits[b].float() - ref.logits[b, ref.kept_final[b]].float()).abs().max()
             assert diff < 0.1
+
+
+def test_no_compaction_reads_a_compacted_tensor():
+    """Each pruning layer gathers the per-token tensors (RoPE, mask, visual mask) from their
+    uncompacted originals at the kept tokens' original positions, and the residual stream through
+    an op Inductor does not fuse. A gather of a gather would put one more indirection into every
+    later layer's kernels, so that no two pruning layers could share them. The numbers are the
+    reference's all the same."""
+    from fitprune_fx.passes.token_ops import gather_tokens
+
+    prompts = [PromptSpec(2, 5, images=2), PromptSpec(4, 1, images=2)]
+    m, inputs, out, recorder, prune = run_pass("llama", prompts, 5, {0: 3, 1: 5, 2: 2})
+    ref = reference_prefill(
+        m, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], prune=prune
+    )
+    assert_pass_matches_reference(inputs, out, recorder, ref, prune)
+
+    ops = torch.ops.fitprune
+    nodes = list(recorder.graph_module.graph.nodes)
+    gathers = [n for n in nodes if n.target is gather_tokens]
+    for n in gathers:  # a multi-dim gather (the 4-D mask: rows, then columns) uses one index twice
+        src = n.args[0]
+        assert src.target is not gather_tokens or src.args[1] is n.args[1], n.format_node()
+        assert src.target is not ops.gather_residual.default, n.format_node()
+    positions = [n for n in nodes if n.target is ops.kept_positions.default]
+    assert len(positions) == 2  # layers 1 and 2 compose their kept indices with the earlier ones
+    per_token = [n for n in gathers if n.args[1] in positions]
+    assert len(per_token) >= 2 * 3  # RoPE cos / sin, mask rows and columns, visual mask, per layer
+    residual = [n for n in nodes if n.target is ops.gather_residual.default]
+    assert len(residual) == 3
