@@ -75,7 +75,7 @@ VOCAB_SIZE = 32064
 # Widths the benchmark runs (the CPU default runs "small" and "7b" side by side). `merge_below` is
 # the threshold (decoder layers) of the "-merged" variants: one scoring pass at that width as the
 # "one scoring pass" row measured it before scoring was fused into the layer's attention (0.24 and
-# 0.047 then; 0.06 and below 0 since), kept so that the merged rows stay comparable across runs.
+# 0.047 then; about 0.001 and 0.014 now), kept so that the merged rows stay comparable across runs.
 STATIC = "-static"  # variant suffix: constant token counts (the compile before shared kernels)
 WIDTHS = {
     "small": dict(layers=8, hidden=512, heads=8, intermediate=1376, repeats=9, warmup=2, new_tokens=64,
