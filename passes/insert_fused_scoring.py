@@ -23,7 +23,7 @@ import fitprune_fx.kernels.fused_attention  # noqa: F401  (registers torch.ops.f
 
 from .insert_scoring import insert_kept_selection
 from .locate import AttentionSite, example_value
-from .scorers import fitprune_from_mass, fitprune_score, instruction_rows_from, mask_validity
+from .scorers import fitprune_from_mass, fitprune_score, instruction_rows_at
 
 
 def can_fuse_scoring(site: AttentionSite, scorer: str, scorer_fn: Callable | None, num_delete: int) -> bool:
@@ -42,23 +42,6 @@ def can_fuse_scoring(site: AttentionSite, scorer: str, scorer_fn: Callable | Non
 _SDPA_KWARGS = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
 
 
-def fitprune_instruction_rows(
-    attn_mask: torch.Tensor | None, visual: torch.Tensor, positions: torch.Tensor | None
-) -> torch.Tensor:
-    """Graph entry point: [B, S_l] bool instruction rows of FitPrune (see `scorers.instruction_rows`).
-
-    `attn_mask` is the uncompacted mask and `positions` [B, S_l] the layer's tokens' positions in
-    it (None: the uncompacted sequence); `visual` [B, S_l] marks the layer's visual tokens. Padding
-    is read off the uncompacted mask's diagonal at `positions`: the same rows as the compacted
-    mask's diagonal, without gathering a mask for it.
-    """
-    length = visual.shape[1] if attn_mask is None else attn_mask.shape[-1]  # uncompacted length
-    valid = mask_validity(attn_mask, visual.shape[0], length, visual.device)
-    if positions is not None:
-        valid = torch.gather(valid, 1, positions)
-    return instruction_rows_from(valid, visual)
-
-
 def insert_fused_fitprune_scoring(
     graph: fx.Graph,
     site: AttentionSite,
@@ -67,24 +50,21 @@ def insert_fused_fitprune_scoring(
     num_delete: int,
     causal_decoder: bool = False,
     kept_length: fx.Node | None = None,
-    uncompacted_mask: fx.Node | None = None,
-    positions: fx.Node | None = None,
+    padding_mask: fx.Node | None,
+    positions: fx.Node | None,
 ) -> tuple[AttentionSite, fx.Node, list[fx.Node]]:
     """Replace the layer's SDPA by the fused op; returns the site (its `sdpa` now the fused op's
     attention output), the `kept` node ([B, S - d] original-order indices) and the nodes inserted.
 
-    `uncompacted_mask` and `positions` (the original positions of the layer's tokens, None before
-    the first pruning layer) give the instruction rows their padding; without them it is read off
-    the layer's own mask.
+    The instruction rows read padding off `padding_mask` at `positions` (`scorers.instruction_rows_at`):
+    the uncompacted mask and the layer's tokens' original positions, or the layer's own mask and None.
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
     causal = site.is_causal or causal_decoder
     sdpa = site.sdpa
     with graph.inserting_after(sdpa):
-        if uncompacted_mask is None:
-            uncompacted_mask, positions = site.attn_mask, None
-        instruction = graph.call_function(fitprune_instruction_rows, (uncompacted_mask, visual, positions))
+        instruction = graph.call_function(instruction_rows_at, (padding_mask, visual, positions))
     with graph.inserting_after(instruction):
         fused = graph.call_function(
             torch.ops.fitprune.attention_with_mass.default,

@@ -85,15 +85,17 @@ def prune_visual_tokens(
     inserted = [visual, count_ok, check]
     shared = {t: t.node for t in dec.per_token}
     present = n
-    all_visual, positions = visual, None  # uncompacted visual-token mask; original positions of the tokens
+    all_visual, positions = visual, None  # visual mask before compaction; original token positions
     fused: list[int] = []
     length = dec.seq_len
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs
     for layer, d in plan.items():
         site = dec.sites[layer]
         mask_tensor = next((t for t in shared if t.node is site.attn_mask), None)  # a shared mask?
+        padding_mask, mask_positions = site.attn_mask, None  # where the fused scorer reads padding
         if mask_tensor is not None:
             site = dataclasses.replace(site, attn_mask=shared[mask_tensor])
+            mask_positions = positions
         kept_length = None
         if d and token_counts is not None and isinstance(length, int):
             kept_length = token_counts.length_after(layer, length - d, device)
@@ -106,8 +108,8 @@ def prune_visual_tokens(
                 num_delete=d,
                 causal_decoder=layout.causal,
                 kept_length=kept_length,
-                uncompacted_mask=None if mask_tensor is None else mask_tensor.node,
-                positions=positions,
+                padding_mask=padding_mask,
+                positions=mask_positions,
             )
             fused.append(layer)
         else:

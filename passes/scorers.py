@@ -16,6 +16,8 @@ import torch
 import fitprune_fx.kernels  # noqa: F401  (registers torch.ops.fitprune.visual_attention_mass)
 from fitprune_fx.kernels.attention_mass import allowed_mask
 
+from .token_ops import gather_tokens
+
 
 @dataclass
 class ScoringInputs:
@@ -134,6 +136,24 @@ def instruction_rows_from(valid: torch.Tensor, visual: torch.Tensor) -> torch.Te
     pos = torch.arange(s, device=visual.device).expand(b, s)
     last_visual = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)  # [B, 1]
     return valid & ~visual & (pos > last_visual)
+
+
+def instruction_rows_at(
+    attn_mask: torch.Tensor | None, visual: torch.Tensor, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """Graph entry point of the fused scoring: [B, S_l] bool instruction rows at a pruning layer.
+
+    `attn_mask` is the uncompacted mask and `positions` [B, S_l] the layer's tokens' positions in
+    it (None: the uncompacted sequence); `visual` [B, S_l] marks the layer's visual tokens. Padding
+    is read off the uncompacted mask's diagonal at `positions`: the same rows as the compacted
+    mask's diagonal, without gathering a mask for it. No mask: no padding.
+    """
+    if attn_mask is None:
+        return instruction_rows_from(torch.ones_like(visual), visual)
+    valid = mask_validity(attn_mask, visual.shape[0], attn_mask.shape[-1], visual.device)
+    if positions is not None:
+        valid = gather_tokens(valid, positions, 1)
+    return instruction_rows_from(valid, visual)
 
 
 def fitprune_from_mass(cross: torch.Tensor, self_sum: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

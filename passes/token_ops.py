@@ -51,7 +51,7 @@ def gather_residual(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 @gather_residual.register_fake
 def _gather_residual_fake(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((kept.shape[0], kept.shape[1], *x.shape[2:]))
+    return x.new_empty(gathered_shape(x, kept, 1))
 
 
 @torch.library.custom_op("fitprune::kept_positions", mutates_args=())
@@ -61,7 +61,7 @@ def kept_positions(positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     An op of its own so that Inductor stores the result: as a plain gather it would be fused
     into its readers, and every later pruning layer's kernels would carry one more indirection.
     """
-    return torch.gather(positions, 1, kept)
+    return gather_tokens(positions, kept, 1)
 
 
 @kept_positions.register_fake

@@ -141,3 +141,31 @@ def test_cuda_kernel_is_sdpa_plus_the_mass_without_host_sync(monkeypatch):
         (cross, selfsum), torch_attention_mass(q, k, mask, ~visual, visual, 0.35, True), strict=True
     ):
         assert torch.equal(a, e)
+
+
+def test_instruction_rows_read_padding_at_original_positions():
+    """The fused scorer's instruction rows at a later pruning layer: padding is read off the
+    uncompacted mask (additive or bool) at the kept tokens' original positions; with no mask there
+    is no padding. Expected rows written out by hand: non-padding, non-visual, after the layer's
+    last visual token."""
+    from fitprune_fx.passes.scorers import instruction_rows_at
+
+    s = 9
+    padding = torch.zeros(2, s, dtype=torch.bool)
+    padding[1, 7:] = True  # example 1 is right-padded: positions 7 and 8 are padding
+    visible = torch.ones(s, s, dtype=torch.bool).tril() & ~padding[:, None, None, :]  # [B, 1, S, S]
+    additive = torch.zeros(2, 1, s, s).masked_fill(~visible, torch.finfo(torch.float32).min)
+    # Kept tokens after an earlier deletion (original positions), and which of them are visual.
+    positions = torch.tensor([[0, 1, 2, 4, 6, 7, 8], [0, 1, 3, 4, 5, 7, 8]])
+    visual = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    expected = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    for mask in (additive, visible):
+        assert torch.equal(instruction_rows_at(mask, visual, positions), expected)
+    # Without a mask every token is real: example 1's positions 7 and 8 count then.
+    no_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(instruction_rows_at(None, visual, positions), no_mask)
+    # Before any deletion (positions None) the mask's own rows are the tokens.
+    full_visual = torch.zeros(2, s, dtype=torch.bool)
+    full_visual[:, 3:5] = True
+    rows = instruction_rows_at(additive, full_visual, None)
+    assert rows.tolist() == [[False] * 5 + [True] * 4, [False] * 5 + [True] * 2 + [False] * 2]

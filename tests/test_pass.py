@@ -197,6 +197,8 @@ def test_no_compaction_reads_a_compacted_tensor():
     positions = [n for n in nodes if n.target is ops.kept_positions.default]
     assert len(positions) == 2  # layers 1 and 2 compose their kept indices with the earlier ones
     per_token = [n for n in gathers if n.args[1] in positions]
-    assert len(per_token) >= 2 * 3  # RoPE cos / sin, mask rows and columns, visual mask, per layer
+    assert len(per_token) == 2 * 5  # RoPE cos and sin, mask rows and columns, visual mask, per layer
+    originals = {n.args[0] for n in per_token if n.args[0].target is not gather_tokens}
+    assert len(originals) == 4  # cos, sin, mask, visual mask: each read where it was made
     residual = [n for n in nodes if n.target is ops.gather_residual.default]
     assert len(residual) == 3

@@ -23,8 +23,8 @@ from .attention_mass import allowed_mask, cuda_attention_mass
 
 # About this many fp32 elements per [B, H, R, S] temporary (the probabilities of one row chunk):
 # 2 MB, so that the several passes over a chunk (softmax, head max, output) stay in cache. Measured
-# on 1 CPU thread at S = 642 / 356 tokens: 8 heads of 64, 7.8 / 2.6 ms against SDPA's 10.1 / 3.2
-# (2^21 elements: 17.7 / 9.1 ms); 32 heads of 128, 63.5 / 19.1 ms against 75.3 / 24.7 (62.3 / 32.7).
+# on 1 CPU thread at S = 642 / 356 tokens: 8 heads of 64, 7.4-7.8 / 2.9-3.1 ms against SDPA's 10 / 3.2
+# (2^21 elements: 12-17.7 / 3.8-9.1 ms); 32 heads of 128, 63.5 / 19.1 ms against 75.3 / 24.7 (62.3 / 32.7).
 CHUNK_ELEMENTS = 1 << 19
 
 _SCHEMA = (
@@ -80,18 +80,9 @@ def torch_attention_with_mass(
 
 
 @torch.library.custom_op("fitprune::attention_with_mass", mutates_args=(), schema=_SCHEMA)
-def attention_with_mass(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None,
-    instruction: Tensor,
-    visual: Tensor,
-    scale: float,
-    sdpa_is_causal: bool,
-    causal: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(attention output [B, H, S, Dv], cross [B, S], selfsum [B, S]); see the module docstring."""
+def attention_with_mass(query, key, value, attn_mask, instruction, visual, scale, sdpa_is_causal, causal):
+    """(attention output [B, H, S, Dv], cross [B, S], selfsum [B, S]); types in `_SCHEMA`. The CPU
+    implementation ignores `sdpa_is_causal` (its causality is `causal`); see the module docstring."""
     return torch_attention_with_mass(query, key, value, attn_mask, instruction, visual, scale, causal)
 
 
