@@ -181,6 +181,29 @@ def make_recipes(
     return recipes
 
 
+def unprunable_macs(model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor]) -> float:
+    """Multiply-accumulates per prompt of the work pruning leaves alone: the vision tower, the
+    projector and lm_head at the one position ``logits_to_keep=1`` computes.
+
+    The decoder's FLOPs model (`fitprune_fx.flops`) leaves them out; a timed forward runs them,
+    and at a 4-layer decoder they weigh 8 times their share in the 32-layer model it stands for.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pv = inputs["pixel_values"]
+    last = torch.zeros((pv.shape[0], 1, model.config.text_config.hidden_size), dtype=pv.dtype, device=pv.device)
+    tower = model.model.vision_tower
+    kept = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")  # the counter has no formula for CPU SDPA; eager is matmuls
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.model.get_image_features(pixel_values=pv)
+            model.lm_head(last)
+    finally:
+        tower.set_attn_implementation(kept)
+    return counter.get_total_flops() / 2 / pv.shape[0]  # the counter's FLOPs are 2 per MAC
+
+
 # ----------------------------------------------------------------------------------- timing
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
@@ -509,6 +532,7 @@ def run_width(args: argparse.Namespace) -> Results:
             new_tokens=args.new_tokens,
             merge_below=args.merge_below,
             batch=args.batch,
+            unprunable_macs=unprunable_macs(model, inputs),
         ),
     )
     print(machine_line(results))

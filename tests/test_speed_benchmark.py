@@ -66,6 +66,30 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
     summary = side_by_side({"a": run, "b": run})
     row = next(line for line in summary.splitlines() if line.startswith("| 70 |"))
     f = results["flops"]["70"]
-    cell = f"{f['ideal_full']:.2f}x | {f['speedup']:.2f}x | {f['speedup'] / f['ideal_full']:.2f}"
+    ideal, forward, speedup = f["ideal_full"], f["ideal_forward"], f["speedup"]
+    cell = f"{ideal:.2f}x / {forward:.2f}x | {speedup:.2f}x | {speedup / ideal:.2f} / {speedup / forward:.2f}"
     assert row == f"| 70 | {cell} | {cell} |"
+
+    # The forward ideal adds what pruning leaves alone, counted by hand here: the CLIP tower's
+    # patch convolution, its one layer's projections, MLP and attention (CLS token included), the
+    # projector, and lm_head at one position.
+    s = results["sizes"]
+    grid, width, mlp, hidden = (s["image_size"] // s["patch_size"]) ** 2, 64, 128, s["hidden"]
+    tokens = grid + 1
+    by_hand = (
+        grid * 3 * s["patch_size"] ** 2 * width
+        + tokens * (4 * width * width + 2 * width * mlp)
+        + 2 * tokens * tokens * width
+        + grid * (width * hidden + hidden * hidden)
+        + hidden * 32064
+    )
+    assert s["unprunable_macs"] == by_hand
+    # Both recipes imply the same unpruned decoder FLOPs U: forward = (U + F) / (U (1 - r) + F).
+    implied = []
+    for name in ("50", "70"):
+        f = results["flops"][name]
+        fwd, kept = f["ideal_forward"], 1 - f["full_reduction"]
+        assert 1 < fwd < f["ideal_full"]
+        implied.append(by_hand * (fwd - 1) / (1 - fwd * kept))
+    assert abs(implied[0] - implied[1]) < 1e-6 * implied[0], implied
     assert "| decode throughput 70 / unpruned |" in summary
