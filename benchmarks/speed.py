@@ -191,7 +191,8 @@ def unprunable_macs(model: LlavaForConditionalGeneration, inputs: dict[str, torc
     from torch.utils.flop_counter import FlopCounterMode
 
     pv = inputs["pixel_values"]
-    last = torch.zeros((pv.shape[0], 1, model.config.text_config.hidden_size), dtype=pv.dtype, device=pv.device)
+    hidden = model.config.text_config.hidden_size
+    last = torch.zeros((pv.shape[0], 1, hidden), dtype=pv.dtype, device=pv.device)
     tower = model.model.vision_tower
     kept = tower.config._attn_implementation
     tower.set_attn_implementation("eager")  # the counter has no formula for CPU SDPA; eager is matmuls
