@@ -28,8 +28,9 @@ import warnings
 import torch
 from torch import Tensor
 
-# Chunk size of the PyTorch implementation: about this many fp32 elements per [B, H, R, S] temporary.
-CHUNK_ELEMENTS = 1 << 21
+# Chunk size of the PyTorch implementation: about this many fp32 elements per [B, H, R, S] temporary
+# (2 MB: a chunk's several passes stay in cache, as in `fused_attention.py`).
+CHUNK_ELEMENTS = 1 << 19
 
 
 def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device: torch.device) -> Tensor:
@@ -83,22 +84,20 @@ def torch_attention_mass(
     rows_per_chunk = max(1, chunk_elements // max(1, b * h * s))
     mass = torch.zeros((weights.shape[0], 2, s), dtype=torch.float32, device=query.device)
     for r0 in range(first, s, rows_per_chunk):
-        rows = slice(r0, min(s, r0 + rows_per_chunk))
-        if skip_unweighted and not bool(rows_used[rows].any()):
+        r1 = min(s, r0 + rows_per_chunk)
+        if skip_unweighted and not bool(rows_used[r0:r1].any()):
             continue  # every row of this chunk has weight 0: it would add exact zeros
-        # One additive bias at [B|1, 1|H, R, S] instead of a broadcast masked_fill over all heads.
-        bias = torch.zeros(allowed[:, :, rows].shape, device=query.device)
-        bias.masked_fill_(~allowed[:, :, rows], float("-inf"))
-        if additive:
-            bias = bias + attn_mask[:, :, rows].float()
-        logits = torch.matmul(query[:, :, rows].float(), k_t).mul_(scale).add_(bias)  # [B, H, R, S]
+        n = r1 if is_causal else s  # keys this chunk can see (causal: none after its last row)
+        ok = allowed[:, :, r0:r1, :n]  # [B|1, 1|H, R, n]
+        bias = torch.where(ok, attn_mask[:, :, r0:r1, :n].float() if additive else 0.0, float("-inf"))
+        logits = torch.matmul(query[:, :, r0:r1].float(), k_t[..., :n]).mul_(scale).add_(bias)  # [B, H, R, n]
         probs = logits.softmax(dim=-1)
         if not shared_mask:  # a per-head mask can fully mask a row in some heads only
             probs = torch.nan_to_num(probs, nan=0.0)
         # Max over heads first, then rows are summed; fully masked rows (padding queries) give
-        # NaN, cleared here on [B, R, S] rather than on [B, H, R, S]. They carry no weight.
-        head_max = torch.nan_to_num(probs.amax(dim=1), nan=0.0)  # [B, R, S]
-        mass = mass + torch.bmm(weights[:, :, rows].expand(head_max.shape[0], -1, -1), head_max)
+        # NaN, cleared here on [B, R, n] rather than on [B, H, R, n]. They carry no weight.
+        head_max = torch.nan_to_num(probs.amax(dim=1), nan=0.0)  # [B, R, n]
+        mass[:, :, :n] += torch.bmm(weights[:, :, r0:r1].expand(head_max.shape[0], -1, -1), head_max)
     return mass[:, 0].clone(), mass[:, 1].clone()  # separate outputs: a custom op may not alias
 
 
