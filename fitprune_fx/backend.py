@@ -175,12 +175,15 @@ class FitpruneBackend:
             return self._compile(gm, example_inputs, report)
         report.action = "pruned"
         log.info("fitprune: %s", report)
-        extra = token_counts.values() if token_counts else []  # size-only inputs, one per pruning layer
         fakes = token_counts.fakes if token_counts else []
         compiled = self._compile(candidate, [*example_inputs, *fakes], report)
-        run = self._count_runs(lambda *args: compiled(*args, *extra))
+
+        def extra_inputs(args) -> list:  # size-only inputs, one per pruning layer (sized at this call)
+            return token_counts.values(args) if token_counts else []
+
+        run = self._count_runs(lambda *args: compiled(*args, *extra_inputs(args)))
         run.graph_module = candidate  # the rewritten graph, for inspection
-        run.extra_inputs = extra  # what calls of graph_module pass after the graph's own inputs
+        run.extra_inputs = extra_inputs  # what a call of graph_module passes after its own inputs
         return run
 
     def __repr__(self) -> str:  # short: Dynamo puts it at the head of BackendCompilerFailed

@@ -53,9 +53,9 @@ def prune_visual_tokens(
     A layer listed with count 0 still gets scoring and (identity) compaction: that is how the
     scoring overhead is measured and how tests check that the machinery itself is exact.
 
-    With `token_counts` and a static prompt length, every layer that deletes tokens gets an extra
-    placeholder whose length is its kept token count (`token_count_inputs`): the caller must pass
-    `token_counts.values()` after the graph's own inputs.
+    With `token_counts`, every layer that deletes tokens gets an extra placeholder whose length is
+    its kept token count (`token_count_inputs`): the caller must pass `token_counts.values(args)`
+    after the graph's own inputs `args`.
 
     FitPrune's scoring at a deleting layer comes from the layer's own attention where it can
     (`insert_fused_scoring`: one attention instead of two on CPU).
@@ -97,8 +97,9 @@ def prune_visual_tokens(
             site = dataclasses.replace(site, attn_mask=shared[mask_tensor])
             mask_positions = positions
         kept_length = None
-        if d and token_counts is not None and isinstance(length, int):
-            kept_length = token_counts.length_after(layer, length - d, device)
+        if d and token_counts is not None:
+            # S holds `present` visual tokens, so at least present - d tokens remain.
+            kept_length = token_counts.length_after(layer, length - d, device, at_least=present - d)
         length = length - d
         if can_fuse_scoring(site, scorer, scorer_fn, d):
             site, kept, nodes = insert_fused_fitprune_scoring(

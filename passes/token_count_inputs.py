@@ -9,13 +9,20 @@ passes on every call; the kept indices take their length from it (`select_kept_t
 so the kernels after layer l read that length as an argument and layers of one structure share
 one kernel.
 
-Only for graphs with a static prompt length: the count is then known, and each symbol's range is
-[2, count], so no guard on it can arise (a guard on a symbol that no Dynamo input carries would
-be unresolvable). A graph with a symbolic length S keeps the expressions S - d.
+A symbolic prompt length S (Dynamo recompiles with one after a second prompt length) needs the
+same: left as expressions, every layer's kernels inline their own `S - d_l` and share nothing
+(65 kernels and 6x the unpruned compile time at 8 layers). There each count's symbol ranges over
+[2, upper bound of S - d_l] and its input's length is computed per call from the S of the call's
+arguments (a graph input that carries S: Dynamo passes its symbols as inputs).
+
+Each symbol's range is [2, count] or [2, upper bound of S - d]: nothing the compiler asks about a
+count has to be guarded on (a guard on a symbol that no Dynamo input carries would be
+unresolvable), and sizes 0 and 1, which are always specialised, are excluded.
 """
 
 from __future__ import annotations
 
+import sympy
 import torch
 from torch import fx
 
@@ -47,36 +54,83 @@ class TokenCountInputs:
     def __init__(self, graph: fx.Graph, fake_mode) -> None:
         self.graph = graph
         self.fake_mode = fake_mode
-        self.counts: list[tuple[int, torch.device]] = []  # length and device of each extra input
+        # Length of each extra input (an int, or an expression in the graph's own size symbols) and device.
+        self.counts: list[tuple[int | sympy.Expr, torch.device]] = []
         self.fakes: list[torch.Tensor] = []  # their fake values (example inputs for Inductor)
-        self._last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self._last = placeholders[-1]
+        self._where = _symbol_inputs(placeholders)  # size symbol -> (argument index, dim or None)
+        self._static: list[torch.Tensor] | None = None
 
-    def length_after(self, layer: int, count: int, device: torch.device) -> fx.Node | None:
+    def length_after(
+        self, layer: int, count: int | torch.SymInt, device: torch.device, at_least: int = 2
+    ) -> fx.Node | None:
         """A new placeholder [count] on `device` whose length is a fresh symbol with range [2, count].
 
-        None when there is no shape environment or the count is below 2 (sizes 0 and 1 are
-        always specialised): the caller then keeps the static length.
+        `count` may be an expression in the prompt length S: then the range is [lower, upper bound
+        of the expression], with `at_least` a lower bound the caller knows (the visual tokens left,
+        which S holds). None when there is no shape environment, the count can be below 2 (sizes 0
+        and 1 are always specialised), or S is not a graph input the backend could read it from:
+        the caller then keeps the length it had.
         """
         from torch._dynamo.source import ConstantSource
         from torch.fx.experimental.symbolic_shapes import DimDynamic
 
         shape_env = getattr(self.fake_mode, "shape_env", None)
-        if shape_env is None or count < 2:
+        if shape_env is None:
+            return None
+        if isinstance(count, int):
+            length, hint, lower, upper = count, count, count, count
+        else:
+            length = count.node.expr
+            if not length.free_symbols <= set(self._where) or count.node.hint is None:
+                return None
+            bounds = shape_env.bound_sympy(length)
+            hint, lower, upper = int(count.node.hint), max(bounds.lower, at_least), bounds.upper
+        if lower < 2:
             return None
         name = f"fitprune_tokens_after_layer_{layer}"
-        symbol = shape_env.create_symbol(count, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
-        shape_env.constrain_symbol_range(symbol, 2, count)
-        size = shape_env.create_symintnode(symbol, hint=count)
+        symbol = shape_env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        shape_env.constrain_symbol_range(symbol, 2 if isinstance(count, int) else lower, upper)
+        size = shape_env.create_symintnode(symbol, hint=hint)
         with self.fake_mode:
             fake = torch.empty((size,), dtype=torch.uint8, device=device)
         with self.graph.inserting_after(self._last):
             node = self.graph.placeholder(name)
         node.meta["example_value"] = node.meta["val"] = fake
         self._last = node
-        self.counts.append((count, device))
+        self.counts.append((length, device))
         self.fakes.append(fake)
         return node
 
-    def values(self) -> list[torch.Tensor]:
-        """The tensors to pass for the extra placeholders on every call (allocate once)."""
-        return [torch.empty((n,), dtype=torch.uint8, device=device) for n, device in self.counts]
+    def values(self, args: tuple | list) -> list[torch.Tensor]:
+        """The tensors to pass for the extra placeholders on a call with the graph's own `args`.
+
+        Static counts: allocated once. Counts in S: evaluated at this call's S.
+        """
+        if self._static is not None:
+            return self._static
+        sizes = {}
+        for symbol, (index, dim) in self._where.items():
+            sizes[symbol] = int(args[index] if dim is None else args[index].shape[dim])
+        tensors = [
+            torch.empty((n if isinstance(n, int) else int(n.xreplace(sizes)),), dtype=torch.uint8, device=d)
+            for n, d in self.counts
+        ]
+        if all(isinstance(n, int) for n, _ in self.counts):
+            self._static = tensors
+        return tensors
+
+
+def _symbol_inputs(placeholders: list[fx.Node]) -> dict[sympy.Symbol, tuple[int, int | None]]:
+    """Where a call's arguments carry each size symbol: a SymInt input (dim None) or a tensor dim."""
+    where: dict[sympy.Symbol, tuple[int, int | None]] = {}
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        sizes = [(None, value)] if isinstance(value, torch.SymInt) else []
+        if isinstance(value, torch.Tensor):
+            sizes = list(enumerate(value.shape))
+        for dim, size in sizes:
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                where.setdefault(size.node.expr, (index, dim))
+    return where

@@ -71,13 +71,13 @@ class KeptRecorder:
     def __call__(self, gm, example_inputs):
         fn = self.backend(gm, example_inputs)
         graph_module = getattr(fn, "graph_module", None) or fn.__self__  # pruned, or unchanged (eager)
-        extra = getattr(fn, "extra_inputs", ())  # the token-count inputs of a pruned graph
+        extra = getattr(fn, "extra_inputs", lambda args: ())  # the token-count inputs of a pruned graph
         for node in graph_module.graph.nodes:
             if node.target in (select_kept_tokens, torch.ops.fitprune.select_kept_tokens_like.default):
                 node.target = self._record
         graph_module.recompile()
         self.graph_module = graph_module
-        return lambda *args: graph_module.forward(*args, *extra)
+        return lambda *args: graph_module.forward(*args, *extra(args))
 
     def _record(self, scores, visual, num_delete, length=None):
         kept = select_kept_tokens(scores, visual, num_delete)
