@@ -22,7 +22,10 @@ decoder dominates. Every variant goes through the same backend, ``fitprune_backe
 * ``<name>-merged`` -- the same after `merge_small_deletions` (threshold `merge_below` of the
   width: one scoring pass as measured before fused scoring, see `WIDTHS`);
 * ``<last>-static`` -- the last recipe compiled with constant token counts
-  (``symbolic_token_counts=False``): the compile time before kernels were shared.
+  (``symbolic_token_counts=False``): the compile time before kernels were shared;
+* ``unpruned-any-length`` / ``<last>-any-length`` -- compiled with ``dynamic=True``: the graph
+  Dynamo compiles after a second prompt length (a symbolic length S), whose compile time is
+  compared with unpruned's at any length.
 
 Variants run alternately (round robin, start rotated each round), warm-up excluded; medians are
 reported. Speed-ups are ratios of medians measured side by side in one run. Also measured:
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import torch
 from speed_report import (
+    ANY_LENGTH,
     SCORE_ONLY,
     UNPRUNED,
     Results,
@@ -292,7 +296,9 @@ def measure_prefill(
         for n, r in recipes.items()
     }
     timers = {n: TimedBackend(b) for n, b in backends.items()}
-    compiled = {n: torch.compile(model, backend=t) for n, t in timers.items()}
+    compiled = {
+        n: torch.compile(model, backend=t, dynamic=n.endswith(ANY_LENGTH) or None) for n, t in timers.items()
+    }
     names = list(recipes)
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -334,8 +340,14 @@ def measure_prefill(
         results.reports[name] = [str(r) for r in b.reports]
         results.pruned_graphs[name] = len(b.pruned_graphs)
         pruned = [r.result for r in b.pruned_graphs if r.result is not None]
-        results.kept_tokens[name] = [int(t) for t in pruned[0].tokens_per_layer] if pruned else []
+        prompt = inputs["input_ids"].shape[1]
+        results.kept_tokens[name] = [_tokens(t, prompt) for t in pruned[0].tokens_per_layer] if pruned else []
     return timers
+
+
+def _tokens(length: str, prompt: int) -> int:
+    """A reported length ("412", or "S-230" for a graph compiled for any prompt length S) at `prompt`."""
+    return prompt - int(length[2:] or 0) if length.startswith("S") else int(length)
 
 
 def measure_decode(
@@ -463,6 +475,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also compile the last recipe with constant token counts (the compile before shared kernels)",
     )
+    p.add_argument(
+        "--any-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also compile unpruned and the last recipe for any prompt length (dynamic=True)",
+    )
     p.add_argument("--quick", action="store_true", help="CI-sized smoke run: 2 tiny layers, few repeats")
     p.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     args = p.parse_args(argv)
@@ -510,6 +528,10 @@ def run_width(args: argparse.Namespace) -> Results:
     if args.static_counts and not args.quick and args.compiler == "inductor":
         last = args.recipes[-1]
         recipes[last + STATIC] = recipes[last]
+    if args.any_length:
+        last = args.recipes[-1]
+        recipes[UNPRUNED + ANY_LENGTH] = recipes[UNPRUNED]
+        recipes[last + ANY_LENGTH] = recipes[last]
     num_text = inputs["input_ids"].shape[1] - info.num_visual_tokens
     results = Results(
         machine=machine_info(args.device),

@@ -54,6 +54,11 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
     steps = [a - b for a, b in zip(scored[:-1], scored[1:], strict=True)]
     assert scored[0] == prompt and set(steps) <= {0, 1} and sum(steps) >= 1, scored
     assert results["decode"]["70"]["pruned_graphs"] >= 1
+    # Compiled for any prompt length (symbolic S), the last recipe keeps the same tokens, and its
+    # compile time is compared with unpruned compiled the same way.
+    assert results["kept_tokens"]["70-any-length"] == results["kept_tokens"]["70"]
+    assert sum("tokens per layer S -> S-" in r for r in results["reports"]["70-any-length"]) == 1
+    assert "| compile time, 70-any-length vs unpruned-any-length (" in table
     # The cache the pruned prefill really left (layer l holds what entered it) is what the pass reported.
     assert results["cache_lengths"]["70"] == results["kept_tokens"]["70"][:-1]
     assert results["cache_lengths"]["unpruned"] == [prompt] * results["sizes"]["layers"]
