@@ -106,6 +106,31 @@ def test_a_user_sees_tokens_per_layer_and_mixed_counts_are_refused():
         torch.compile(model, backend=eager)(**mixed)
 
 
+def test_any_prompt_length_graph_prunes_like_masking():
+    """Compiled for any prompt length (as Dynamo does after a second length), the kept counts are
+    sized per call from the call's S; two lengths on one graph, each against pruning as masking."""
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=1)
+    oracle = copy.deepcopy(model)
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, FRACTIONS), compiler="eager"))
+    compiled = torch.compile(model, backend=recorder, dynamic=True)
+    for before, after in (([2, 6], [5, 2]), ([1, 3], [9, 4])):
+        inputs = make_qwen_inputs(model, before, after, seed=3)
+        prune = plan(model, inputs, FRACTIONS)
+        recorder.kept.clear()
+        with torch.no_grad():
+            out = compiled(**inputs).logits
+        with torch.no_grad(), MaskingReference(oracle, prune) as masking:
+            expected = oracle(**inputs).logits
+        batch, seq_len = inputs["input_ids"].shape
+        kept = compose_kept(recorder.kept, seq_len, batch)[-1]
+        for b in range(batch):
+            deleted = masking.deleted[0][b] | masking.deleted[2][b]
+            assert torch.equal(kept[b], (~deleted).nonzero().squeeze(1))
+            valid = inputs["attention_mask"][b, kept[b]].bool()
+            torch.testing.assert_close(out[b][valid], expected[b, kept[b]][valid], atol=1e-4, rtol=1e-4)
+    assert [r.result.seq_len for r in recorder.backend.pruned_graphs] == ["S"]
+
+
 @pytest.mark.parametrize("variant", NEWER)
 def test_an_image_and_a_video_are_pruned_together(variant):
     """Video tokens are visual tokens: a prompt with an image (16) and a video (8) prunes from all 24."""
