@@ -227,6 +227,23 @@ def test_three_image_sizes_one_graph_per_visual_count(fresh_dynamo):
     assert not [r for r in backend.reports if "not understood" in r.reason]
 
 
+def test_any_prompt_length_graph_matches_the_reference(fresh_dynamo):
+    """Compiled for any prompt length: three lengths at one image size run on one graph."""
+    m = model()
+    recipe = Recipe.from_fractions(info(), {0: 0.25, 1: 0.2})
+    backend = fitprune_backend(recipe, compiler="eager")
+    compiled = torch.compile(m, backend=backend, dynamic=True)
+    prune = recipe.deletions_for(SIZES[(32, 64)])
+    for spec in (PromptSpec(2, 3), PromptSpec(5, 7), PromptSpec(1, 1)):
+        inputs = make_next_inputs(m, [spec], [(32, 64)], seed=1)
+        with torch.no_grad():
+            out = compiled(**inputs)
+        ref = reference(inputs, prune)
+        assert out.logits.shape[1] == inputs["input_ids"].shape[1] - sum(prune.values())
+        torch.testing.assert_close(out.logits[0], ref.logits[0, ref.kept_final[0]], atol=1e-4, rtol=1e-4)
+    assert [r.result.seq_len for r in backend.pruned_graphs] == ["S"], backend.summary()
+
+
 @pytest.mark.parametrize(
     ("sizes", "error", "message"),
     [

@@ -81,6 +81,29 @@ def test_prefill_equals_the_eager_reference_on_processor_inputs():
     assert_pass_matches_reference(inputs, out, recorder, ref, prune)
 
 
+def test_any_prompt_length_graph_equals_the_eager_reference():
+    """Compiled for any prompt length (as Dynamo does after a second length): two batches of other
+    lengths run on one graph, each sizing the kept counts from its own length."""
+    model = tiny_llava_onevision(num_layers=4, seed=1)
+    recorder = KeptRecorder(fitprune_backend(fraction_recipe(model, FRACTIONS), compiler="eager"))
+    compiled = torch.compile(model, backend=recorder, dynamic=True)
+    for prompts in (
+        ["w1 w2 w3 <image> what is in the image ?", "<image> what ?"],
+        ["w1 <image> what is it ?", "<image> a b c d e f g h ?"],
+    ):
+        inputs = processed(model, prompts, [(40, 60)] * 2)
+        prune = plan(model, inputs, FRACTIONS)
+        recorder.kept.clear()
+        with torch.no_grad():
+            out = compiled(**inputs)
+        ref = reference_prefill(
+            model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], prune=prune,
+            image_sizes=inputs["image_sizes"],
+        )  # fmt: skip
+        assert_pass_matches_reference(inputs, out, recorder, ref, prune)
+    assert [r.result.seq_len for r in recorder.backend.pruned_graphs] == ["S"]
+
+
 def test_an_image_and_a_video_are_pruned_together():
     """Two merges (images, then videos) read as one visual mask: kept sets and logits vs masking."""
     model = tiny_llava_onevision(num_layers=3, seed=2)
