@@ -61,7 +61,8 @@ class TokenCountInputs:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self._last = placeholders[-1]
         self._where = _symbol_inputs(placeholders)  # size symbol -> (argument index, dim or None)
-        self._static: list[torch.Tensor] | None = None
+        self._symbols: list[sympy.Symbol] = []  # the size symbols the counts depend on
+        self._last_call: tuple[tuple, list[torch.Tensor]] | None = None  # (their sizes, the tensors)
 
     def length_after(
         self, layer: int, count: int | torch.SymInt, device: torch.device, at_least: int = 2
@@ -102,25 +103,31 @@ class TokenCountInputs:
         self._last = node
         self.counts.append((length, device))
         self.fakes.append(fake)
+        if not isinstance(length, int):
+            self._symbols += sorted(length.free_symbols - set(self._symbols), key=str)
         return node
 
     def values(self, args: tuple | list) -> list[torch.Tensor]:
         """The tensors to pass for the extra placeholders on a call with the graph's own `args`.
 
-        Static counts: allocated once. Counts in S: evaluated at this call's S.
+        Counts in S are evaluated at this call's S. Allocated again only when S changes (static
+        counts: once).
         """
-        if self._static is not None:
-            return self._static
-        sizes = {}
-        for symbol, (index, dim) in self._where.items():
-            sizes[symbol] = int(args[index] if dim is None else args[index].shape[dim])
-        tensors = [
-            torch.empty((n if isinstance(n, int) else int(n.xreplace(sizes)),), dtype=torch.uint8, device=d)
-            for n, d in self.counts
-        ]
-        if all(isinstance(n, int) for n, _ in self.counts):
-            self._static = tensors
-        return tensors
+        key = tuple(_size_in(args, *self._where[symbol]) for symbol in self._symbols)
+        if self._last_call is None or self._last_call[0] != key:
+            sizes = dict(zip(self._symbols, key, strict=True))
+            lengths = [n if isinstance(n, int) else int(n.xreplace(sizes)) for n, _ in self.counts]
+            tensors = [
+                torch.empty((n,), dtype=torch.uint8, device=d)
+                for n, (_, d) in zip(lengths, self.counts, strict=True)
+            ]
+            self._last_call = (key, tensors)
+        return self._last_call[1]
+
+
+def _size_in(args: tuple | list, index: int, dim: int | None) -> int:
+    """The size a call carries at argument `index`: the argument itself (a SymInt input) or its `dim`."""
+    return int(args[index] if dim is None else args[index].shape[dim])
 
 
 def _symbol_inputs(placeholders: list[fx.Node]) -> dict[sympy.Symbol, tuple[int, int | None]]:

@@ -228,13 +228,14 @@ def test_three_image_sizes_one_graph_per_visual_count(fresh_dynamo):
 
 
 def test_any_prompt_length_graph_matches_the_reference(fresh_dynamo):
-    """Compiled for any prompt length: three lengths at one image size run on one graph."""
+    """Compiled for any prompt length: three lengths at one image size run on one graph, then the
+    first again (the size-only inputs follow each call's length, not the last one's)."""
     m = model()
     recipe = Recipe.from_fractions(info(), {0: 0.25, 1: 0.2})
     backend = fitprune_backend(recipe, compiler="eager")
     compiled = torch.compile(m, backend=backend, dynamic=True)
     prune = recipe.deletions_for(SIZES[(32, 64)])
-    for spec in (PromptSpec(2, 3), PromptSpec(5, 7), PromptSpec(1, 1)):
+    for spec in (PromptSpec(2, 3), PromptSpec(5, 7), PromptSpec(1, 1), PromptSpec(2, 3)):
         inputs = make_next_inputs(m, [spec], [(32, 64)], seed=1)
         with torch.no_grad():
             out = compiled(**inputs)

@@ -50,6 +50,34 @@ def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device
     return allowed
 
 
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """[B, Hkv, S, D] -> [B, H, S, D] for grouped-query attention (each kv head serves H / Hkv)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def chunk_probabilities(
+    query: Tensor,
+    k_t: Tensor,
+    allowed: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    r0: int,
+    r1: int,
+    n: int,
+) -> tuple[Tensor, Tensor]:
+    """fp32 softmax probabilities [B, H, R, n] of query rows r0..r1 over keys 0..n, and which of
+    those keys each row may see ([B|1, 1|H, R, n]). A fully masked row gives NaN.
+
+    k_t [B, H, D, S] (fp32, heads repeated); `allowed` from `allowed_mask`; an additive float
+    `attn_mask` is added where allowed.
+    """
+    ok = allowed[:, :, r0:r1, :n]
+    additive = attn_mask is not None and attn_mask.dtype != torch.bool
+    bias = torch.where(ok, attn_mask[:, :, r0:r1, :n].float() if additive else 0.0, float("-inf"))
+    logits = torch.matmul(query[:, :, r0:r1].float(), k_t[..., :n]).mul_(scale).add_(bias)
+    return logits.softmax(dim=-1), ok
+
+
 def torch_attention_mass(
     query: Tensor,
     key: Tensor,
@@ -69,12 +97,8 @@ def torch_attention_mass(
     host; the CUDA path turns it off (same result, no synchronisation).
     """
     b, h, s, _ = query.shape
-    k = key.float()
-    if k.shape[1] != h:  # grouped-query attention: each kv head serves h / hkv query heads
-        k = k.repeat_interleave(h // k.shape[1], dim=1)
-    k_t = k.transpose(-1, -2)  # [B, H, D, S]
+    k_t = repeat_kv(key.float(), h).transpose(-1, -2)  # [B, H, D, S]
     allowed = allowed_mask(attn_mask, is_causal, s, query.device)  # [B|1, 1|H, S, S]
-    additive = attn_mask is not None and attn_mask.dtype != torch.bool
     shared_mask = allowed.shape[1] == 1  # one mask for all heads: NaN rows are NaN in every head
     weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
     first = 0
@@ -88,10 +112,7 @@ def torch_attention_mass(
         if skip_unweighted and not bool(rows_used[r0:r1].any()):
             continue  # every row of this chunk has weight 0: it would add exact zeros
         n = r1 if is_causal else s  # keys this chunk can see (causal: none after its last row)
-        ok = allowed[:, :, r0:r1, :n]  # [B|1, 1|H, R, n]
-        bias = torch.where(ok, attn_mask[:, :, r0:r1, :n].float() if additive else 0.0, float("-inf"))
-        logits = torch.matmul(query[:, :, r0:r1].float(), k_t[..., :n]).mul_(scale).add_(bias)  # [B, H, R, n]
-        probs = logits.softmax(dim=-1)
+        probs, _ = chunk_probabilities(query, k_t, allowed, attn_mask, scale, r0, r1, n)  # [B, H, R, n]
         if not shared_mask:  # a per-head mask can fully mask a row in some heads only
             probs = torch.nan_to_num(probs, nan=0.0)
         # Max over heads first, then rows are summed; fully masked rows (padding queries) give

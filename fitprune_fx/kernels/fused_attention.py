@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention_mass import allowed_mask, cuda_attention_mass
+from .attention_mass import allowed_mask, chunk_probabilities, cuda_attention_mass, repeat_kv
 
 # About this many fp32 elements per [B, H, R, S] temporary (the probabilities of one row chunk):
 # 2 MB, so that the several passes over a chunk (softmax, head max, output) stay in cache. Measured
@@ -31,11 +31,6 @@ _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor instruction, Tensor visual, "
     "float scale, bool sdpa_is_causal, bool causal) -> (Tensor, Tensor, Tensor)"
 )
-
-
-def _repeat_kv(x: Tensor, heads: int) -> Tensor:
-    """[B, Hkv, S, D] -> [B, H, S, D] for grouped-query attention (each kv head serves H / Hkv)."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def torch_attention_with_mass(
@@ -56,10 +51,9 @@ def torch_attention_with_mass(
     keys after its last row. Fully masked rows (padding queries) give zeros in all three outputs.
     """
     b, h, s, _ = query.shape
-    k_t = _repeat_kv(key.float(), h).transpose(-1, -2)  # [B, H, D, S]
-    v = _repeat_kv(value.float(), h)  # [B, H, S, Dv]
+    k_t = repeat_kv(key.float(), h).transpose(-1, -2)  # [B, H, D, S]
+    v = repeat_kv(value.float(), h)  # [B, H, S, Dv]
     allowed = allowed_mask(attn_mask, causal, s, query.device)  # [B|1, 1|H, S, S]
-    additive = attn_mask is not None and attn_mask.dtype != torch.bool
     weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
     out = torch.empty((b, h, s, v.shape[-1]), dtype=torch.float32, device=query.device)
     mass = torch.zeros((b, 2, s), dtype=torch.float32, device=query.device)
@@ -67,10 +61,7 @@ def torch_attention_with_mass(
     for r0 in range(0, s, rows_per_chunk):
         r1 = min(s, r0 + rows_per_chunk)
         n = r1 if causal else s  # keys this chunk can see
-        ok = allowed[:, :, r0:r1, :n]  # [B|1, 1|H, R, n]
-        bias = torch.where(ok, attn_mask[:, :, r0:r1, :n].float() if additive else 0.0, float("-inf"))
-        logits = torch.matmul(query[:, :, r0:r1].float(), k_t[..., :n]).mul_(scale).add_(bias)  # [B, H, R, n]
-        probs = logits.softmax(dim=-1)
+        probs, ok = chunk_probabilities(query, k_t, allowed, attn_mask, scale, r0, r1, n)  # [B, H, R, n]
         if not bool(ok.any(dim=-1).all()):  # fully masked rows (padding queries): NaN -> 0
             probs = torch.nan_to_num(probs, nan=0.0)
         out[:, :, r0:r1] = torch.matmul(probs, v[:, :, :n])
