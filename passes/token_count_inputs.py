@@ -13,7 +13,7 @@ A symbolic prompt length S (Dynamo recompiles with one after a second prompt len
 same: left as expressions, every layer's kernels inline their own `S - d_l` and share nothing
 (8 layers at hidden 512: 65 kernels, and a first call of 2.6x unpruned's at any length). There
 each input's length is computed per call from the S of the call's arguments (read from a graph
-input that carries S: Dynamo passes its size symbols as inputs).
+SymInt input that carries S: Dynamo passes its size symbols as inputs).
 
 Each symbol's range is [2, count], or [visual tokens left, upper bound of S - d_l] (S holds the
 visual tokens still present): the compiler has nothing to guard on (a guard on a symbol that no
@@ -60,7 +60,7 @@ class TokenCountInputs:
         self.fakes: list[torch.Tensor] = []  # their fake values (example inputs for Inductor)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self._last = placeholders[-1]
-        self._where = _symbol_inputs(placeholders)  # size symbol -> (argument index, dim or None)
+        self._where = _symbol_inputs(placeholders)  # size symbol -> index of the argument carrying it
         self._symbols: list[sympy.Symbol] = []  # the size symbols the counts depend on
         self._last_call: tuple[tuple, list[torch.Tensor]] | None = None  # (their sizes, the tensors)
 
@@ -113,7 +113,7 @@ class TokenCountInputs:
         Counts in S are evaluated at this call's S. Allocated again only when S changes (static
         counts: once).
         """
-        key = tuple(_size_in(args, *self._where[symbol]) for symbol in self._symbols)
+        key = tuple(int(args[self._where[symbol]]) for symbol in self._symbols)
         if self._last_call is None or self._last_call[0] != key:
             sizes = dict(zip(self._symbols, key, strict=True))
             lengths = [n if isinstance(n, int) else int(n.xreplace(sizes)) for n, _ in self.counts]
@@ -125,20 +125,12 @@ class TokenCountInputs:
         return self._last_call[1]
 
 
-def _size_in(args: tuple | list, index: int, dim: int | None) -> int:
-    """The size a call carries at argument `index`: the argument itself (a SymInt input) or its `dim`."""
-    return int(args[index] if dim is None else args[index].shape[dim])
-
-
-def _symbol_inputs(placeholders: list[fx.Node]) -> dict[sympy.Symbol, tuple[int, int | None]]:
-    """Where a call's arguments carry each size symbol: a SymInt input (dim None) or a tensor dim."""
-    where: dict[sympy.Symbol, tuple[int, int | None]] = {}
+def _symbol_inputs(placeholders: list[fx.Node]) -> dict[sympy.Symbol, int]:
+    """Size symbol -> the argument index of the SymInt input that carries it (Dynamo lifts every
+    size symbol a graph uses into such an input; a symbol without one keeps its count an expression)."""
+    where: dict[sympy.Symbol, int] = {}
     for index, node in enumerate(placeholders):
         value = node.meta.get("example_value", node.meta.get("val"))
-        sizes = [(None, value)] if isinstance(value, torch.SymInt) else []
-        if isinstance(value, torch.Tensor):
-            sizes = list(enumerate(value.shape))
-        for dim, size in sizes:
-            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                where.setdefault(size.node.expr, (index, dim))
+        if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+            where.setdefault(value.node.expr, index)
     return where
