@@ -24,6 +24,7 @@ from fitprune_fx.passes.layout import DecoderLayout
 from fitprune_fx.passes.locate import (
     NoVisualTokens,
     UnsupportedGraph,
+    copy_graph_module,
     has_decoder_layers,
     has_final_norm,
     has_image_merge,
@@ -37,7 +38,7 @@ from fitprune_fx.passes.scorers import SCORERS, Scorer
 from fitprune_fx.passes.token_count_inputs import TokenCountInputs
 from fitprune_fx.passes.visual_token_marks import strip_visual_token_marks
 
-from . import pruned_cache
+from . import layer_compile, pruned_cache
 from .families import graph_layouts, install_families
 from .recipe import Recipe, RecipeError
 
@@ -55,9 +56,12 @@ class GraphReport:
     result: PruneResult | None = None
     layers: int = 0  # decoder layers in the graph
     compile_s: float | None = None  # Inductor time of a decoder graph
+    partitions: tuple[int, int] | None = None  # compiled per layer: (partitions, distinct compiles)
 
     def __str__(self) -> str:
         took = f" [compiled in {self.compile_s:.1f} s]" if self.compile_s is not None else ""
+        if self.partitions is not None:
+            took = f" [{self.partitions[0]} partitions, {self.partitions[1]} compiled]{took}"
         if self.result is None:
             return f"graph {self.index} ({self.nodes} nodes): unchanged, {self.reason}{took}"
         r = self.result
@@ -81,6 +85,8 @@ class FitpruneBackend:
     # Each pruning layer's kept count a symbol (`passes/token_count_inputs.py`): the layers share
     # kernels. False: constant counts, one kernel variant per count (longer compile).
     symbolic_token_counts: bool = True
+    # Pruned decoder graphs compiled per layer, each distinct layer once (`layer_compile`).
+    compile_by_layer: bool = True
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
     pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
@@ -145,7 +151,7 @@ class FitpruneBackend:
                     "pruned cache cannot keep a window counted in original positions, so models with "
                     "sliding-window layers are not pruned"
                 )
-            candidate = _copy_graph_module(gm)
+            candidate = copy_graph_module(gm)
             token_counts = (
                 TokenCountInputs(candidate.graph, _fake_mode(gm)) if self.symbolic_token_counts else None
             )
@@ -176,7 +182,9 @@ class FitpruneBackend:
         report.action = "pruned"
         log.info("fitprune: %s", report)
         fakes = token_counts.fakes if token_counts else []
-        compiled = self._compile(candidate, [*example_inputs, *fakes], report)
+        compiled = self._compile(
+            candidate, [*example_inputs, *fakes], report, layout, {f.shape[0].node.expr for f in fakes}
+        )
 
         def extra_inputs(args) -> list:  # size-only inputs, one per pruning layer (sized at this call)
             return token_counts.values(args) if token_counts else []
@@ -224,7 +232,12 @@ class FitpruneBackend:
         return run
 
     def _compile(
-        self, gm: fx.GraphModule, example_inputs: list, decoder: GraphReport | None = None
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list,
+        decoder: GraphReport | None = None,
+        layout: DecoderLayout | None = None,
+        count_symbols: set | None = None,
     ) -> Callable:
         """Compile `gm`; its fitprune run-time checks become an output read after each call.
 
@@ -248,7 +261,15 @@ class FitpruneBackend:
                 )
                 sys.stderr.flush()
             start = time.perf_counter()
-            compiled = compile_fx(gm, example_inputs, config_patches=self._config)
+            cudagraphs = self._config.get("triton.cudagraphs", False)  # one graph per compile there
+            by_layer = None
+            if layout is not None and self.compile_by_layer and count_symbols and not cudagraphs:
+                by_layer = layer_compile.compile_by_layer(gm, layout, self._config, count_symbols)
+            if by_layer is not None:
+                compiled, parts, distinct = by_layer
+                decoder.partitions = (parts, distinct)
+            else:
+                compiled = compile_fx(gm, example_inputs, config_patches=self._config)
             if decoder is not None:
                 decoder.compile_s = time.perf_counter() - start
         if not messages:
@@ -329,6 +350,7 @@ def fitprune_backend(
     mode: str | None = None,
     progress: bool = True,
     symbolic_token_counts: bool = True,
+    compile_by_layer: bool = True,
 ) -> FitpruneBackend:
     """A Dynamo backend that prunes visual tokens per `recipe` and compiles with Inductor.
 
@@ -340,6 +362,9 @@ def fitprune_backend(
     compile (the long wait of a first call). `symbolic_token_counts` (default) gives each pruning
     layer's kept token count a symbol, so Inductor compiles one set of kernels for layers of one
     shape structure; False bakes every count into its own kernels (the compile takes longer).
+    `compile_by_layer` (default; with symbolic counts and without CUDA graphs) compiles a pruned
+    decoder graph per layer, each distinct layer once (`fitprune_fx.layer_compile`); False hands
+    Inductor the whole graph.
     """
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
@@ -367,6 +392,7 @@ def fitprune_backend(
         mode=mode,
         progress=progress,
         symbolic_token_counts=symbolic_token_counts,
+        compile_by_layer=compile_by_layer,
     )
 
 
@@ -423,13 +449,6 @@ def _inductor_config(mode: str | None, options: dict | None) -> dict:
 
     config = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
     return {**config, **(options or {})}
-
-
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of gm with its own graph (node meta copied shallowly), so a failed pass leaves gm intact."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
 
 
 def _fake_mode(gm: fx.GraphModule):

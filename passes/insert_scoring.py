@@ -65,10 +65,11 @@ def insert_importance_scoring(
 def insert_kept_selection(
     graph: fx.Graph, scores: fx.Node, visual: fx.Node, num_delete: int, kept_length: fx.Node | None
 ) -> fx.Node:
-    """After `scores`: the kept indices [B, S - d], their length a symbol when `kept_length` is given."""
+    """After `scores`: the kept indices [B, S - d], their length a symbol when `kept_length` is given
+    (then d is read off the sizes: every layer that deletes runs the same call)."""
     with graph.inserting_after(scores):
         if kept_length is None:
             return graph.call_function(select_kept_tokens, (scores, visual, num_delete))
         return graph.call_function(
-            torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, num_delete, kept_length)
+            torch.ops.fitprune.select_kept_tokens_like.default, (scores, visual, kept_length)
         )

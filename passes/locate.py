@@ -89,6 +89,13 @@ def example_value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm with its own graph (node meta copied shallowly): a failed rewrite leaves gm intact."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
 def has_decoder_layers(gm: fx.GraphModule, layout: DecoderLayout) -> bool:
     return any(layout.layer_index(n) is not None for n in gm.graph.nodes)
 

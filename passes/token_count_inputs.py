@@ -31,21 +31,20 @@ from .token_ops import select_kept_tokens
 
 
 @torch.library.custom_op("fitprune::select_kept_tokens_like", mutates_args=())
-def select_kept_tokens_like(
-    scores: torch.Tensor, visual: torch.Tensor, num_delete: int, length: torch.Tensor
-) -> torch.Tensor:
-    """`select_kept_tokens`, whose result length [B, K] is read from `length` [K] when compiling."""
-    kept = select_kept_tokens(scores, visual, num_delete)
-    if kept.shape[1] != length.shape[0]:
+def select_kept_tokens_like(scores: torch.Tensor, visual: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """`select_kept_tokens` keeping `length` [K] tokens of S: its result [B, K] takes its length from
+    `length` when compiling, and the S - K deleted tokens are no constant of the graph."""
+    num_delete = scores.shape[1] - length.shape[0]
+    if num_delete < 0:
         raise RuntimeError(
-            f"fitprune: {kept.shape[1]} tokens kept but the graph was compiled for {length.shape[0]} "
+            f"fitprune: {length.shape[0]} tokens to keep of {scores.shape[1]} "
             "(a token-count input of the wrong length)"
         )
-    return kept
+    return select_kept_tokens(scores, visual, num_delete)
 
 
 @select_kept_tokens_like.register_fake
-def _select_kept_tokens_like_fake(scores, visual, num_delete, length):
+def _select_kept_tokens_like_fake(scores, visual, length):
     return scores.new_empty((scores.shape[0], length.shape[0]), dtype=torch.long)
 
 

@@ -79,9 +79,11 @@ class KeptRecorder:
         self.graph_module = graph_module
         return lambda *args: graph_module.forward(*args, *extra(args))
 
-    def _record(self, scores, visual, num_delete, length=None):
+    def _record(self, scores, visual, num_delete_or_length):
+        num_delete = num_delete_or_length
+        if isinstance(num_delete, torch.Tensor):  # select_kept_tokens_like: keeps that tensor's length
+            num_delete = scores.shape[1] - num_delete_or_length.shape[0]
         kept = select_kept_tokens(scores, visual, num_delete)
-        assert length is None or kept.shape[1] == length.shape[0]
         self.kept.append(kept)
         return kept
 
