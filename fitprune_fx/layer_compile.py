@@ -25,13 +25,7 @@ import torch
 from torch import fx
 
 from fitprune_fx.passes.layout import DecoderLayout
-from fitprune_fx.passes.split_layers import (
-    align_outputs,
-    graph_signature,
-    input_signature,
-    partition_calls,
-    split_by_layer,
-)
+from fitprune_fx.passes.split_layers import partition_calls, split_by_layer
 
 log = logging.getLogger("fitprune_fx")
 
@@ -52,48 +46,25 @@ def compile_by_layer(
 
     if _size_symbols(gm) - count_symbols:
         return None
-    split, reads, values = split_by_layer(gm, layout)
-    calls = partition_calls(split)
-    inputs: dict[str, list] = {}
-    alike: dict[tuple, list[str]] = {}  # the same nodes and inputs, outputs aside
-    for call in calls:
-        sub = getattr(split, call.target)
-        names = [n.name for n in sub.graph.nodes if n.op == "placeholder"]
-        if any(name not in values for name in names):
-            return None
-        inputs[call.target] = [values[name] for name in names]
-        key = (graph_signature(sub)[:-1], input_signature(inputs[call.target])[0])
-        alike.setdefault(key, []).append(call.target)
-    groups: dict[tuple, list[str]] = {}
-    for members in alike.values():
-        if len(members) > 1:
-            align_outputs(split, members)
-        for name in members:
-            key = (graph_signature(getattr(split, name)), input_signature(inputs[name])[0])
-            groups.setdefault(key, []).append(name)
-    if len(groups) == len(calls):
+    split = split_by_layer(gm, layout)
+    if split is None or len(split.groups) == len(split.inputs):
         return None
     compiled: dict[str, Callable] = {}
     try:
         with _kernels_compiled_together():
-            for members in groups.values():
-                fn = _compile_alone(
-                    getattr(split, members[0]), inputs[members[0]], config_patches, compile_fx
-                )
+            for members in split.groups:
+                first = getattr(split.module, members[0])
+                fn = _compile_alone(first, split.inputs[members[0]], config_patches, compile_fx)
                 compiled.update(dict.fromkeys(members, fn))
     except SharedCompileRefused as e:
         log.info("fitprune: whole-graph compile: %s", e)
         return None
-    for call in calls:  # call the compiled code instead of the partition's module
+    for call in partition_calls(split.module):  # call the compiled code instead of the module
         name = call.target
         call.op, call.target = "call_function", _Partition(name, compiled[name])
-        split.delete_submodule(name)
-    split.recompile()
-
-    def run(*args):
-        return split(*args, *(args[i].shape[d] for i, d in reads))
-
-    return run, len(calls), len(groups)
+        split.module.delete_submodule(name)
+    split.module.recompile()
+    return split, len(split.inputs), len(split.groups)
 
 
 @contextlib.contextmanager

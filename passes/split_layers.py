@@ -13,6 +13,8 @@ the graph, so the split graph has no cycles.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy
 import torch
 from torch import fx
@@ -39,20 +41,53 @@ def layer_partitions(gm: fx.GraphModule, layout: DecoderLayout) -> dict[fx.Node,
     return parts
 
 
-def split_by_layer(
-    gm: fx.GraphModule, layout: DecoderLayout
-) -> tuple[fx.GraphModule, list[tuple[int, int]], dict[str, object]]:
-    """`gm` as a graph of calls `submod_<p>` (each returning a tuple), one per partition; the extra
-    size inputs it takes after `gm`'s own ((argument index, dimension) to read each from); and the
-    fake value of every value by name (a partition's inputs are named after the values they take).
+@dataclass
+class LayerSplit:
+    """A graph split at layer boundaries (`split_by_layer`)."""
 
-    `gm` is left as it is.
+    module: fx.GraphModule  # calls `submod_<p>` in order; each returns a tuple
+    size_reads: list[tuple[int, int]]  # extra SymInt inputs after the graph's own: (argument, dim)
+    inputs: dict[str, list]  # partition name -> the fake values of its inputs
+    groups: list[list[str]]  # partitions that run the same program on inputs of the same kind
+
+    def __call__(self, *args):
+        """Run like the graph that was split (`args`: that graph's inputs)."""
+        return self.module(*args, *(args[i].shape[d] for i, d in self.size_reads))
+
+
+def split_by_layer(gm: fx.GraphModule, layout: DecoderLayout) -> LayerSplit | None:
+    """`gm` split into partitions (`layer_partitions`), grouped by what they compute. None when a
+    partition's input has no fake value to compile it from. `gm` is left as it is.
+
+    Partitions that hold the same nodes but return different values (the last layer: nothing
+    after it reads the next layer's inputs) are made to return the same ones (`align_outputs`).
     """
     gm = copy_graph_module(gm)
     reads = _bind_size_symbols(gm.graph)
     parts = layer_partitions(gm, layout)
     split = split_module(gm, None, lambda node: parts[node], keep_original_order=True, tuple_return=True)
-    return split, reads, {node.name: example_value(node) for node in gm.graph.nodes}
+    values = {node.name: example_value(node) for node in gm.graph.nodes}
+    inputs: dict[str, list] = {}
+    for call in partition_calls(split):
+        names = [n.name for n in getattr(split, call.target).graph.nodes if n.op == "placeholder"]
+        if any(values.get(name) is None for name in names):
+            return None
+        inputs[call.target] = [values[name] for name in names]
+
+    def kind(name: str, outputs: bool = True) -> tuple:
+        program = graph_signature(getattr(split, name))
+        return (program if outputs else program[:-1], input_signature(inputs[name]))
+
+    alike: dict[tuple, list[str]] = {}
+    for name in inputs:
+        alike.setdefault(kind(name, outputs=False), []).append(name)
+    groups: dict[tuple, list[str]] = {}
+    for members in alike.values():
+        if len(members) > 1:
+            align_outputs(split, members)
+        for name in members:
+            groups.setdefault(kind(name), []).append(name)
+    return LayerSplit(split, reads, inputs, list(groups.values()))
 
 
 def _bind_size_symbols(graph: fx.Graph) -> list[tuple[int, int]]:
@@ -118,10 +153,9 @@ def graph_signature(sub: fx.GraphModule) -> tuple:
     )
 
 
-def input_signature(values: list) -> tuple[tuple, dict[sympy.Symbol, int]]:
-    """Metadata of a partition's inputs with size symbols renamed in order of appearance, and the
-    renaming. Inputs whose sizes are expressions other than symbols and integers are refused (None
-    key): the shared compile could not tell how to size them."""
+def input_signature(values: list) -> tuple:
+    """Metadata of a partition's inputs (dtype, device, sizes, strides), size symbols renamed in
+    order of appearance: equal for inputs of the same kind whatever their token counts."""
     names: dict[sympy.Symbol, int] = {}
 
     def size(s) -> tuple:
@@ -153,7 +187,7 @@ def input_signature(values: list) -> tuple[tuple, dict[sympy.Symbol, int]]:
             key.append(("symint", size(value)))
         else:
             key.append(("value", repr(value)))
-    return tuple(key), names
+    return tuple(key)
 
 
 def align_outputs(split: fx.GraphModule, names: list[str]) -> None:

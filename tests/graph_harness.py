@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from fitprune_fx.backend import FitpruneBackend, _copy_graph_module
+from fitprune_fx.backend import FitpruneBackend
 from fitprune_fx.families import graph_layouts
-from fitprune_fx.passes.locate import has_decoder_layers
+from fitprune_fx.passes.locate import copy_graph_module, has_decoder_layers
 from fitprune_fx.passes.token_ops import select_kept_tokens
 
 
@@ -37,7 +37,7 @@ class CapturedDecoder:
 
         def dispatch(*args):
             if entry["version"] != self.version:  # a new backend: transform a fresh copy
-                entry["impl"] = self.backend(_copy_graph_module(gm), example_inputs)
+                entry["impl"] = self.backend(copy_graph_module(gm), example_inputs)
                 entry["version"] = self.version
             self.calls += 1
             return entry["impl"](*args)

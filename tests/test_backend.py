@@ -38,7 +38,8 @@ def assert_matches_reference(m, inputs, out, prune, **kw):
 @pytest.mark.parametrize("text_model, symbolic", [("llama", False), ("qwen2", True)])
 def test_inductor_output_matches_reference_and_code_compacts(text_model, symbolic):
     """Both ways of sizing the layers after a deletion compile to the reference's numbers; with a
-    symbol per kept count, layers 1 and 2 (21 -> 15 and 15 -> 12 tokens) run the same kernels."""
+    symbol per kept count, layers 1 and 2 (21 -> 15 and 15 -> 12 tokens) are one compile, called
+    per layer (`layer_compile`)."""
     m = tiny_llava(text_model, seed=1)
     prune = {0: 4, 1: 6, 2: 3}
     backend = fitprune_backend(recipe_for(m, prune), symbolic_token_counts=symbolic)
@@ -47,6 +48,8 @@ def test_inductor_output_matches_reference_and_code_compacts(text_model, symboli
     with torch.no_grad():
         out, code = run_and_get_code(lambda: compiled(**inputs))
     assert [r.result.tokens_per_layer for r in backend.pruned_graphs] == [["25", "21", "15", "12"]]
+    # With symbols, compiled per layer: before the layers, layer 0, layers 1-2 once, the final norm.
+    assert backend.pruned_graphs[0].partitions == ((5, 4) if symbolic else None)
     assert out.logits.shape[:2] == (2, 12)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [25, 21, 15]
     assert_matches_reference(m, inputs, out, prune)
@@ -96,6 +99,7 @@ def test_symbolic_prompt_length_keeps_kernels_shared_and_matches_reference():
                 out = compiled(**inputs)
         assert_matches_reference(m, inputs, out, prune)
     assert [r.result.seq_len for r in backend.pruned_graphs] == ["S"], backend.summary()
+    assert backend.pruned_graphs[0].partitions is None  # Dynamo's own symbol S: the whole graph
     decoder = "\n".join(c for c in code if "select_kept_tokens_like" in c)
     assert decoder.count("torch.ops.fitprune.select_kept_tokens_like.default(") == 3  # a length input each
     calls = re.findall(r"^\s+(cpp_fused_\w+)\(", decoder, flags=re.M)
