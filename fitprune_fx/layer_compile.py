@@ -46,18 +46,18 @@ def compile_by_layer(
 
     if _size_symbols(gm) - count_symbols:
         return None
-    split = split_by_layer(gm, layout)
-    if split is None or len(split.groups) == len(split.inputs):
-        return None
     compiled: dict[str, Callable] = {}
-    try:
+    try:  # whatever fails here, compiling the whole graph is the same program, only slower
+        split = split_by_layer(gm, layout)
+        if split is None or len(split.groups) == len(split.inputs):
+            return None
         with _kernels_compiled_together():
             for members in split.groups:
                 first = getattr(split.module, members[0])
                 fn = _compile_alone(first, split.inputs[members[0]], config_patches, compile_fx)
                 compiled.update(dict.fromkeys(members, fn))
-    except SharedCompileRefused as e:
-        log.info("fitprune: whole-graph compile: %s", e)
+    except Exception as e:
+        log.info("fitprune: decoder graph compiled whole: %s: %s", type(e).__name__, e)
         return None
     for call in partition_calls(split.module):  # call the compiled code instead of the module
         name = call.target
@@ -141,6 +141,8 @@ def _compile_alone(sub: fx.GraphModule, values: list, config_patches: dict, comp
                 hint = int(outer.backed_var_to_val[symbol])
                 source = ConstantSource(f"fitprune_partition_size_{len(fresh)}")
                 fresh[symbol] = shape_env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
+                if not isinstance(fresh[symbol], sympy.Symbol):  # 0 and 1 are specialised
+                    raise SharedCompileRefused(f"a size of {hint} would be compiled as a constant")
                 hints[fresh[symbol]] = hint
         new = expr.xreplace(fresh)
         return shape_env.create_symintnode(new, hint=int(new.xreplace(hints)))
@@ -148,7 +150,8 @@ def _compile_alone(sub: fx.GraphModule, values: list, config_patches: dict, comp
     fakes = []
     for value in values:
         if isinstance(value, torch.Tensor):
-            if value.storage_offset() != 0:
+            offset = value.storage_offset()
+            if not isinstance(offset, int) or offset != 0:
                 raise SharedCompileRefused("an input is a view with an offset")
             with mode:
                 fake = torch.empty_strided(

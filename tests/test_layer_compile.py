@@ -101,14 +101,22 @@ def test_split_runs_like_the_pruned_graph_for_other_recipes(prune):
     assert len(split.groups) >= 4  # before, first layer, a pruning layer, after
 
 
-def test_refused_shared_compile_falls_back_to_the_whole_graph(monkeypatch):
-    """A partition whose compile needs a fact about its sizes is not shared: the whole graph is
-    compiled instead, and the output is still the reference's."""
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        ("_compile_alone", layer_compile.SharedCompileRefused("test: a guard on a partition's sizes")),
+        ("split_by_layer", RuntimeError("test: the split failed")),
+    ],
+    ids=["refused", "split-failed"],
+)
+def test_a_failed_per_layer_compile_falls_back_to_the_whole_graph(monkeypatch, where, error):
+    """A partition whose compile needs a fact about its sizes is not shared, and a split that
+    fails is not used: the whole graph is compiled instead, and the output is the reference's."""
 
-    def refuse(*args, **kwargs):
-        raise layer_compile.SharedCompileRefused("test: a guard on a partition's sizes")
+    def fail(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(layer_compile, "_compile_alone", refuse)
+    monkeypatch.setattr(layer_compile, where, fail)
     m = tiny_llava("llama", seed=1)
     prune = {0: 4, 1: 6, 2: 3}
     backend = fitprune_backend(Recipe(model=ModelInfo.from_config(m.config), prune=prune), progress=False)
