@@ -141,9 +141,11 @@ def graph_signature(sub: fx.GraphModule) -> tuple:
             return (type(value).__name__, tuple(norm(v) for v in value))
         if isinstance(value, dict):
             return ("dict", tuple((k, norm(v)) for k, v in value.items()))
+        if isinstance(value, slice):  # its bounds may be nodes
+            return ("slice", norm(value.start), norm(value.stop), norm(value.step))
         if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
             return repr(value)
-        if isinstance(value, (int, float, bool, str, type(None), slice, type(Ellipsis))):
+        if isinstance(value, (int, float, bool, str, type(None), type(Ellipsis))):
             return (type(value).__name__, repr(value))
         return ("object", id(value))  # anything else is the same only if it is the same object
 
