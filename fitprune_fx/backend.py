@@ -242,7 +242,9 @@ class FitpruneBackend:
         """Compile `gm`; its fitprune run-time checks become an output read after each call.
 
         A decoder graph (`decoder` is its report) announces its Inductor compile on stderr when
-        `progress` is on: it is the long wait of a first call (tens of seconds).
+        `progress` is on: it is the long wait of a first call (tens of seconds). A pruned one
+        (`layout` its decoder's, `count_symbols` its token counts' size symbols) is compiled per
+        layer when `layer_compile` can share compiles, else whole.
         """
         strip_visual_token_marks(gm)  # the pass has read them; compiled code never runs them
         messages = collect_run_time_checks(gm)
@@ -266,8 +268,8 @@ class FitpruneBackend:
             if layout is not None and self.compile_by_layer and count_symbols and not cudagraphs:
                 by_layer = layer_compile.compile_by_layer(gm, layout, self._config, count_symbols)
             if by_layer is not None:
-                compiled, parts, distinct = by_layer
-                decoder.partitions = (parts, distinct)
+                compiled = by_layer
+                decoder.partitions = (len(by_layer.inputs), len(by_layer.groups))
             else:
                 compiled = compile_fx(gm, example_inputs, config_patches=self._config)
             if decoder is not None:

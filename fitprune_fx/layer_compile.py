@@ -6,7 +6,7 @@ again, on symbolic sizes: at hidden 512, 8 layers and the 70 recipe it took 11-1
 graph against 5-6 s unpruned. Here the graph is split at layer boundaries
 (`passes/split_layers.py`); partitions that run the same program on inputs of the same kind are
 compiled once, on inputs whose sizes are fresh symbols of a shape environment of their own, and
-the compiled code is called for each of them (8-10 s there: 4 compiles for 10 partitions).
+the compiled code is called for each of them (7.7-10.2 s there: 4 compiles for 10 partitions).
 
 A shared compile must not rest on any fact about its sizes beyond their kind: if Inductor records
 a guard on those symbols, the split is abandoned and the caller compiles the whole graph. Graphs
@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from fitprune_fx.passes.layout import DecoderLayout
-from fitprune_fx.passes.split_layers import partition_calls, split_by_layer
+from fitprune_fx.passes.split_layers import LayerSplit, partition_calls, split_by_layer
 
 log = logging.getLogger("fitprune_fx")
 
@@ -36,8 +36,9 @@ class SharedCompileRefused(Exception):
 
 def compile_by_layer(
     gm: fx.GraphModule, layout: DecoderLayout, config_patches: dict, count_symbols: set
-) -> tuple[Callable, int, int] | None:
-    """Compile `gm` as its layer partitions: (callable, partitions, distinct compiles), or None
+) -> LayerSplit | None:
+    """Compile `gm` as its layer partitions: the split, called like `gm`, whose partitions now run
+    compiled code (`inputs` and `groups` say how many were compiled for how many), or None
     when no two partitions are the same (nothing to share), a shared compile was refused, or a
     size symbol other than the token counts' (`count_symbols`) is about: Dynamo's own symbols
     (a prompt length compiled for any length, a dynamic batch) come with facts that a partition's
@@ -64,7 +65,7 @@ def compile_by_layer(
         call.op, call.target = "call_function", _Partition(name, compiled[name])
         split.module.delete_submodule(name)
     split.module.recompile()
-    return split, len(split.inputs), len(split.groups)
+    return split
 
 
 @contextlib.contextmanager
@@ -109,7 +110,7 @@ class _Partition:
     """A partition's compiled code, named after the partition in the split graph's code."""
 
     def __init__(self, name: str, fn: Callable) -> None:
-        self.name, self.fn = name, fn
+        self.fn = fn
         self.__name__ = name
 
     def __call__(self, *args):

@@ -90,15 +90,21 @@ def test_split_runs_like_the_pruned_graph_and_pruning_layers_share_one_program()
 
 
 @pytest.mark.parametrize(
-    "prune",
-    [{1: 5}, {0: 3, 2: 4}, {0: 0, 1: 2}],
+    "prune, shared",
+    [
+        ({1: 5}, ["submod_3", "submod_4"]),  # layers 2-3: unpruned, after the one deletion
+        ({0: 3, 2: 4}, ["submod_2", "submod_4"]),  # layers 1 and 3: unpruned, counted inputs
+        ({0: 0, 1: 2}, ["submod_3", "submod_4"]),  # layer 0 deletes nothing: no count of its own
+    ],
     ids=["one-layer", "every-other", "count-0-layer"],
 )
-def test_split_runs_like_the_pruned_graph_for_other_recipes(prune):
+def test_split_runs_like_the_pruned_graph_for_other_recipes(prune, shared):
     """Unpruned layers between pruning layers, a layer that scores but deletes nothing: the
-    split still computes the same outputs, and grouped partitions are one program."""
+    split still computes the same outputs, and only layers of one program share a compile."""
     split = _split_and_compare(prune, [PromptSpec(2, 4), PromptSpec(0, 6)])
-    assert len(split.groups) >= 4  # before, first layer, a pruning layer, after
+    assert sorted(map(sorted, split.groups)) == sorted(
+        [[name] for name in split.inputs if name not in shared] + [shared]
+    )
 
 
 @pytest.mark.parametrize(
