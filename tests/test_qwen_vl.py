@@ -131,6 +131,26 @@ def test_any_prompt_length_graph_prunes_like_masking():
     assert [r.result.seq_len for r in recorder.backend.pruned_graphs] == ["S"]
 
 
+def test_inductor_per_layer_compile_prunes_like_masking():
+    """Inductor, compiled per layer (M-RoPE and the visual marks inside the partitions): layers 1
+    and 3 (unpruned, after a deletion) share one compile, and the logits at the kept positions are
+    pruning as masking's."""
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=1)
+    oracle = copy.deepcopy(model)
+    backend = fitprune_backend(fraction_recipe(model, FRACTIONS), progress=False)
+    inputs = make_qwen_inputs(model, [2, 6], [5, 2], seed=3)
+    prune = plan(model, inputs, FRACTIONS)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(**inputs).logits
+    with torch.no_grad(), MaskingReference(oracle, prune) as masking:
+        expected = oracle(**inputs).logits
+    assert backend.pruned_graphs[0].partitions == (6, 5), backend.summary()
+    for b in range(inputs["input_ids"].shape[0]):
+        kept = (~(masking.deleted[0][b] | masking.deleted[2][b])).nonzero().squeeze(1)
+        valid = inputs["attention_mask"][b, kept].bool()
+        torch.testing.assert_close(out[b][valid], expected[b, kept][valid], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("variant", NEWER)
 def test_an_image_and_a_video_are_pruned_together(variant):
     """Video tokens are visual tokens: a prompt with an image (16) and a video (8) prunes from all 24."""
