@@ -36,10 +36,16 @@ def naive_attention(case: Case, value: torch.Tensor) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(case=cases(), chunk=st.sampled_from([1, 50, 1 << 30]), dv=st.sampled_from([4, 8]), data=st.data())
-def test_fused_op_matches_full_matrix_attention_and_mass(case, chunk, dv, data):
-    """Output and mass == the float64 specification, chunked down to one row, with causal key
-    truncation wherever the mask is causal already."""
+@given(
+    case=cases(),
+    chunk=st.sampled_from([1, 50, 1 << 30]),
+    rows=st.sampled_from([3, 32, 1 << 30]),
+    dv=st.sampled_from([4, 8]),
+    data=st.data(),
+)
+def test_fused_op_matches_full_matrix_attention_and_mass(case, chunk, rows, dv, data):
+    """Output and mass == the float64 specification, chunked down to one row (by the element budget
+    or the row cap) or not at all, with causal key truncation wherever the mask is causal already."""
     b, _, s, _ = case.query.shape
     value = torch.randn(b, case.key.shape[1], s, dv, generator=torch.Generator().manual_seed(s)).to(
         case.query.dtype
@@ -48,7 +54,7 @@ def test_fused_op_matches_full_matrix_attention_and_mass(case, chunk, dv, data):
     causal = exact_causal and data.draw(st.booleans(), label="causal truncation")
     out, cross, selfsum = torch_attention_with_mass(
         case.query, case.key, value, case.attn_mask, case.instruction, case.visual, case.scale,
-        causal or case.is_causal, chunk_elements=chunk,
+        causal or case.is_causal, chunk_elements=chunk, chunk_rows=rows,
     )  # fmt: skip
     assert out.dtype == case.query.dtype and out.shape == (b, case.query.shape[1], s, dv)
     tol = 2e-5 if case.query.dtype == torch.float32 else 2e-2

@@ -9,10 +9,11 @@ op computes the probabilities once per chunk of query rows and derives both
     cross, selfsum                                                       (as `visual_attention_mass`)
 
 CPU: chunked PyTorch, fp32 softmax. With `causal`, a chunk of rows ending at row r reads keys
-0..r only (the rest are masked), and chunks small enough to stay in cache make it faster than
-SDPA alone at the sizes measured (`CHUNK_ELEMENTS`). CUDA: SDPA (flash / memory-efficient
-kernels) plus the Triton mass kernel, so the GPU output is SDPA's own. The op is not
-differentiable: the pass uses it only when the query does not require grad (inference).
+0..r only (the rest are masked), and chunks of a few dozen rows (little masked work, matmuls still
+large enough) make it about as fast as SDPA alone or faster at the sizes measured (`CHUNK_ROWS`).
+CUDA: SDPA (flash / memory-efficient kernels) plus the Triton mass kernel, so the GPU output is
+SDPA's own. The op is not differentiable: the pass uses it only when the query does not require
+grad (inference).
 """
 
 import torch
@@ -21,11 +22,15 @@ from torch import Tensor
 
 from .attention_mass import allowed_mask, chunk_probabilities, cuda_attention_mass, repeat_kv
 
-# About this many fp32 elements per [B, H, R, S] temporary (the probabilities of one row chunk):
-# 2 MB, so that the several passes over a chunk (softmax, head max, output) stay in cache. Measured
-# on 1 CPU thread at S = 642 / 356 tokens: 8 heads of 64, 7.4-7.8 / 2.9-3.1 ms against SDPA's 10 / 3.2
-# (2^21 elements: 12-17.7 / 3.8-9.1 ms); 32 heads of 128, 63.5 / 19.1 ms against 75.3 / 24.7 (62.3 / 32.7).
-CHUNK_ELEMENTS = 1 << 19
+# A chunk is at most CHUNK_ROWS query rows, and fewer where its [B, H, R, S] fp32 temporary (the
+# probabilities of those rows) would pass CHUNK_ELEMENTS (8 MB; long prompts, large batches).
+# Rows set the cost: a causal chunk computes its R x R diagonal block in full (half of it masked),
+# and too few rows make small matmuls. Measured on 1 CPU thread over the 70 recipe's token counts
+# (642 ... 155, `benchmarks/speed.py` small width): 8 heads of 64, 25.3 ms for 8 layers against
+# SDPA's 26.1 (2^19-element chunks, which at 356 / 261 tokens gave 184 / 251 rows: 34.3 ms);
+# 32 heads of 128 at 642 / 356 / 229 / 155 tokens, 113.4 ms against SDPA's 145.2 (2^19: 126.9).
+CHUNK_ROWS = 32
+CHUNK_ELEMENTS = 1 << 21
 
 _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor instruction, Tensor visual, "
@@ -43,6 +48,7 @@ def torch_attention_with_mass(
     scale: float,
     causal: bool,
     chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, H, S, Dv] in the query's dtype, cross [B, S], selfsum [B, S] fp32).
 
@@ -57,7 +63,7 @@ def torch_attention_with_mass(
     weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
     out = torch.empty((b, h, s, v.shape[-1]), dtype=torch.float32, device=query.device)
     mass = torch.zeros((b, 2, s), dtype=torch.float32, device=query.device)
-    rows_per_chunk = max(1, chunk_elements // max(1, b * h * s))
+    rows_per_chunk = max(1, min(chunk_rows, chunk_elements // max(1, b * h * s)))
     for r0 in range(0, s, rows_per_chunk):
         r1 = min(s, r0 + rows_per_chunk)
         n = r1 if causal else s  # keys this chunk can see
