@@ -32,24 +32,26 @@ reported. Speed-ups are ratios of medians measured side by side in one run. Also
 compile time of every variant (its first call minus a warm call, Inductor caches off, after a
 throw-away compile that absorbs one-time costs) and greedy decode after a pruned prefill
 (in-place ``model.compile(backend=...)`` + ``generate``): decode-step time against the per-layer
-cache length the prefill left. Tables are Markdown (`speed_report.py`).
+cache length the prefill left. On CPU each variant is also profiled (`speed_breakdown.py`): its
+time split into GEMMs, attention, the pass's ops, compiled code and the rest, each against what
+its work would take at unpruned's rates, which says what holds a recipe below its ideal
+(``--no-breakdown`` skips it). Tables are Markdown (`speed_report.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import json
-import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from speed_breakdown import breakdown_table, profile_call
 from speed_report import (
     ANY_LENGTH,
     SCORE_ONLY,
@@ -62,17 +64,17 @@ from speed_report import (
     prefill_table,
     side_by_side,
 )
+from timing import StepClock, TimedBackend, inductor_caches_disabled, round_robin, synchronize, timed
 from tqdm import tqdm
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LogitsProcessor,
     LogitsProcessorList,
 )
 
-from fitprune_fx import FitpruneBackend, ModelInfo, Recipe, fitprune_backend, merge_small_deletions
+from fitprune_fx import ModelInfo, Recipe, fitprune_backend, merge_small_deletions
 
 IMAGE_TOKEN_ID = 32000  # LLaVA-1.5's <image> id; text ids are drawn below it
 VOCAB_SIZE = 32064
@@ -209,75 +211,6 @@ def unprunable_macs(model: LlavaForConditionalGeneration, inputs: dict[str, torc
     return counter.get_total_flops() / 2 / pv.shape[0]  # the counter's FLOPs are 2 per MAC
 
 
-# ----------------------------------------------------------------------------------- timing
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    """Seconds for one call of fn, device work included."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
-def round_robin(names: list[str], repeats: int) -> Iterator[tuple[int, str]]:
-    """(round, name) pairs; each round runs every name once, the start rotated per round."""
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            yield r, name
-
-
-@contextlib.contextmanager
-def inductor_caches_disabled() -> Iterator[None]:
-    """No FX-graph/AOT/kernel caches while compiling, so compile time is the full cost."""
-    import torch._inductor.config as ic
-
-    saved = (ic.fx_graph_cache, ic.force_disable_caches, os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES"))
-    ic.fx_graph_cache, ic.force_disable_caches = False, True
-    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
-    try:
-        yield
-    finally:
-        ic.fx_graph_cache, ic.force_disable_caches = saved[0], saved[1]
-        if saved[2] is None:
-            os.environ.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
-        else:
-            os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = saved[2]
-
-
-class TimedBackend:
-    """Wraps a backend and adds up the seconds spent inside it (pass + Inductor)."""
-
-    def __init__(self, backend: FitpruneBackend) -> None:
-        self.backend = backend
-        self.seconds = 0.0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        t0 = time.perf_counter()
-        try:
-            return self.backend(gm, example_inputs)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
-class StepClock(LogitsProcessor):
-    """Records the time at every generation step (called once per forward, after the logits)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 # ----------------------------------------------------------------------------------- phases
 def measure_prefill(
     model: LlavaForConditionalGeneration,
@@ -331,6 +264,12 @@ def measure_prefill(
                 for _ in range(args.vision_repeats + 1)
             ]
             results.vision_ms = 1e3 * statistics.median(vision[1:])
+        if args.breakdown and args.device == "cpu":  # where the time goes (`speed_breakdown.py`)
+            calls = max(1, min(3, args.repeats // 3))
+            for name in tqdm(names, desc="profile", file=sys.stdout):
+                forward = functools.partial(compiled[name], **inputs, logits_to_keep=1)
+                rows = sorted((profile_call(forward) for _ in range(calls)), key=lambda r: r["total"])
+                results.breakdown[name] = rows[len(rows) // 2]  # the median call
     for name in names:
         warm = statistics.median(times[name])
         results.prefill_samples_ms[name] = [1e3 * t for t in times[name]]
@@ -446,6 +385,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-warmup", type=int, default=1)
     p.add_argument(
         "--vision-repeats", type=int, default=5, help="eager vision-tower timings for its share (0 skips)"
+    )
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the profiled calls that split each variant's time by kind of work (CPU)",
     )
     p.add_argument(
         "--compaction-only",
@@ -572,6 +517,8 @@ def run_width(args: argparse.Namespace) -> Results:
     print("\n" + machine_line(results) + "\n")
     print(prefill + "\n")
     print(overhead_table(results, recipes) + "\n")
+    if results.breakdown:
+        print(breakdown_table(results.breakdown, results.cache_lengths, UNPRUNED) + "\n")
     if results.decode:
         print(decode_table(results) + "\n")
     print("Backend reports (decoder graphs):")

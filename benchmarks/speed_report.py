@@ -39,6 +39,7 @@ class Results:
     compile_s: dict[str, dict] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)  # CUDA: peak allocated during one prefill
     decode: dict[str, dict] = field(default_factory=dict)
+    breakdown: dict[str, dict] = field(default_factory=dict)  # CPU: ms per kind of work (speed_breakdown)
 
 
 def machine_info(device: str) -> dict:

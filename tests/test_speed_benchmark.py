@@ -98,3 +98,45 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
         implied.append(by_hand * (fwd - 1) / (1 - fwd * kept))
     assert abs(implied[0] - implied[1]) < 1e-6 * implied[0], implied
     assert "| decode throughput 70 / unpruned |" in summary
+
+    # Where the time went: every variant profiled, the kinds adding up to the call's time; the pass's ops
+    # only where it pruned; lm_head (one position, same weight) the same work in both; less
+    # attention work once tokens are gone.
+    bd = results["breakdown"]
+    assert {"unpruned", "70"} <= set(bd)
+    for row in bd.values():
+        kinds = sum(row[k] for k in ("gemm", "attention", "pass", "compiled", "rest"))
+        assert abs(kinds - row["total"]) <= 1e-6 * row["total"], row  # nothing counted twice
+    assert bd["unpruned"]["pass"] == 0 and bd["70"]["pass"] > 0
+    lm_head = f"{hidden}x32064"
+    assert bd["70"]["by_gemm"][lm_head][0] == bd["unpruned"]["by_gemm"][lm_head][0] == hidden * 32064
+    work = {n: sum(w for w, _ in bd[n]["by_attention"].values()) for n in ("unpruned", "70")}
+    assert 0 < work["70"] < work["unpruned"]
+    from speed_breakdown import expected
+
+    lines = proc.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("| variant | profiled call ms")))
+    row = next(line for line in lines[start:] if line.startswith("| 70 | "))
+    lengths = results["cache_lengths"]
+    exp = expected(bd["unpruned"], lengths["unpruned"], bd["70"], lengths["70"])
+    assert row.endswith(f" | {sum(exp.values()) / bd['70']['total']:.2f} |"), row
+
+
+def test_breakdown_charges_each_shape_at_the_base_rate() -> None:
+    """A GEMM weight shape in both runs costs its work at the base's rate; one the base lacks, or
+    without counted work, costs what it took; pass ops are all excess; rest is the base's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed_breakdown import expected
+
+    base = {
+        "by_gemm": {"512x1376": [100.0, 10.0], "512x32064": [7.0, 6.0]},
+        "by_attention": {"8x64": [40.0, 4.0]},
+        "compiled": 8.0,
+        "rest": 3.0,
+    }
+    row = {
+        "by_gemm": {"512x1376": [50.0, 6.0], "512x32064": [7.0, 6.5], "64x64": [9.0, 1.0], "other": [0, 2.0]},
+        "by_attention": {"8x64": [10.0, 1.5]},
+    }
+    exp = expected(base, [4, 4], row, [4, 2])
+    assert exp == {"gemm": 5.0 + 6.0 + 1.0 + 2.0, "attention": 1.0, "pass": 0.0, "compiled": 6.0, "rest": 3.0}
