@@ -44,14 +44,41 @@ def gather_residual(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """`gather_tokens(x, kept, 1)` for the residual stream [B, S, D], as an op Inductor does not fuse.
 
     Fused, the gather reads the previous layers' unstored residual adds, and how many of them
-    differs from layer to layer: each pruning layer would compile kernels of its own.
+    differs from layer to layer: each pruning layer would compile kernels of its own. Rows are
+    copied whole (`index_select` on the flattened batch): on 1 CPU thread 14x faster than
+    `torch.gather`'s per-element index (0.02 against 0.30 ms for 356 of 642 rows of 512).
     """
-    return gather_tokens(x, kept, 1)
+    b, k = kept.shape
+    rows = x.shape[2:]
+    if x.shape[0] == 1:  # one residual stream for every example (broadcast batch)
+        return x[0].index_select(0, kept.reshape(-1)).reshape(b, k, *rows)
+    offsets = torch.arange(b, device=kept.device)[:, None] * x.shape[1]  # example e's rows start at e * S
+    flat = x.reshape(b * x.shape[1], *rows).index_select(0, (kept + offsets).reshape(-1))
+    return flat.reshape(b, k, *rows)
 
 
 @gather_residual.register_fake
 def _gather_residual_fake(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return x.new_empty(gathered_shape(x, kept, 1))
+
+
+@torch.library.custom_op("fitprune::gather_token_pairs", mutates_args=())
+def gather_token_pairs(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`x` [B|1, H, S, S] (the 4-D attention mask) at kept rows and kept columns: [B, H, K, K].
+
+    An op of its own because its readers are ops Inductor does not fuse into (SDPA, the fused
+    scoring attention): lowered, the two gathers became one kernel indexing every element, 2.5 ms
+    for 634 of 642 tokens on 1 CPU thread against 0.55 ms for two `index_select` copies here.
+    """
+    if kept.shape[0] == 1:
+        return x.index_select(2, kept[0]).index_select(3, kept[0])
+    return gather_tokens(gather_tokens(x, kept, 2), kept, 3)
+
+
+@gather_token_pairs.register_fake
+def _gather_token_pairs_fake(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    b, k = kept.shape
+    return x.new_empty((b, x.shape[1], k, k))
 
 
 @torch.library.custom_op("fitprune::kept_positions", mutates_args=())
