@@ -23,14 +23,11 @@ from torch import fx
 
 from .layout import DecoderLayout
 from .locate import AttentionSite, PerTokenTensor
-from .token_ops import gather_tokens  # also registers torch.ops.fitprune.kept_positions, gather_token_pairs
+from .token_ops import gather_tokens  # also registers torch.ops.fitprune.kept_positions
 from .visual_token_marks import is_visual_residual_add
 
 
 def _gather(graph: fx.Graph, after: fx.Node, x: fx.Node, kept: fx.Node, dims: tuple[int, ...]):
-    if dims == (2, 3):  # the 4-D mask: rows and columns in one op (`gather_token_pairs`)
-        with graph.inserting_after(after):
-            return graph.call_function(torch.ops.fitprune.gather_token_pairs.default, (x, kept))
     node = after
     for d in dims:
         with graph.inserting_after(node):

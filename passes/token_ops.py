@@ -62,25 +62,6 @@ def _gather_residual_fake(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return x.new_empty(gathered_shape(x, kept, 1))
 
 
-@torch.library.custom_op("fitprune::gather_token_pairs", mutates_args=())
-def gather_token_pairs(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """`x` [B|1, H, S, S] (the 4-D attention mask) at kept rows and kept columns: [B, H, K, K].
-
-    An op of its own because its readers are ops Inductor does not fuse into (SDPA, the fused
-    scoring attention): lowered, the two gathers became one kernel indexing every element, 2.5 ms
-    for 634 of 642 tokens on 1 CPU thread against 0.55 ms for two `index_select` copies here.
-    """
-    if kept.shape[0] == 1:
-        return x.index_select(2, kept[0]).index_select(3, kept[0])
-    return gather_tokens(gather_tokens(x, kept, 2), kept, 3)
-
-
-@gather_token_pairs.register_fake
-def _gather_token_pairs_fake(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    b, k = kept.shape
-    return x.new_empty((b, x.shape[1], k, k))
-
-
 @torch.library.custom_op("fitprune::kept_positions", mutates_args=())
 def kept_positions(positions: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Original positions [B, K] of the kept tokens: `positions` [B, S_l] read at `kept` [B, K].

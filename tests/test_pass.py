@@ -189,16 +189,16 @@ def test_no_compaction_reads_a_compacted_tensor():
 
     ops = torch.ops.fitprune
     nodes = list(recorder.graph_module.graph.nodes)
-    compactions = (gather_tokens, ops.gather_token_pairs.default, ops.gather_residual.default)
-    gathers = [n for n in nodes if n.target in compactions[:2]]  # the mask's rows and columns: one op
-    for n in gathers:
-        assert n.args[0].target not in compactions, n.format_node()
+    gathers = [n for n in nodes if n.target is gather_tokens]
+    for n in gathers:  # a multi-dim gather (the 4-D mask: rows, then columns) uses one index twice
+        src = n.args[0]
+        assert src.target is not gather_tokens or src.args[1] is n.args[1], n.format_node()
+        assert src.target is not ops.gather_residual.default, n.format_node()
     positions = [n for n in nodes if n.target is ops.kept_positions.default]
     assert len(positions) == 2  # layers 1 and 2 compose their kept indices with the earlier ones
     per_token = [n for n in gathers if n.args[1] in positions]
-    assert len(per_token) == 2 * 4  # RoPE cos and sin, the 4-D mask, the visual mask, per layer
-    assert sum(n.target is ops.gather_token_pairs.default for n in per_token) == 2
-    originals = {n.args[0] for n in per_token}
+    assert len(per_token) == 2 * 5  # RoPE cos and sin, mask rows and columns, visual mask, per layer
+    originals = {n.args[0] for n in per_token if n.args[0].target is not gather_tokens}
     assert len(originals) == 4  # cos, sin, mask, visual mask: each read where it was made
     residual = [n for n in nodes if n.target is ops.gather_residual.default]
     assert len(residual) == 3
