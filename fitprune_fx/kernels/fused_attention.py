@@ -25,10 +25,11 @@ from .attention_mass import allowed_mask, chunk_probabilities, cuda_attention_ma
 # A chunk is at most CHUNK_ROWS query rows, and fewer where its [B, H, R, S] fp32 temporary (the
 # probabilities of those rows) would pass CHUNK_ELEMENTS (8 MB; long prompts, large batches).
 # Rows set the cost: a causal chunk computes its R x R diagonal block in full (half of it masked),
-# and too few rows make small matmuls. Measured on 1 CPU thread over the 70 recipe's token counts
-# (642 ... 155, `benchmarks/speed.py` small width): 8 heads of 64, 25.3 ms for 8 layers against
-# SDPA's 26.1 (2^19-element chunks, which at 356 / 261 tokens gave 184 / 251 rows: 34.3 ms);
+# and too few rows make small matmuls. Timed alone on 1 CPU thread over the 70 recipe's token
+# counts (642 ... 155, `benchmarks/speed.py` small width): 8 heads of 64, 25.3 ms for 8 layers
+# against SDPA's 26.1 (2^19-element chunks, which at 356 / 261 tokens gave 184 / 251 rows: 34.3 ms);
 # 32 heads of 128 at 642 / 356 / 229 / 155 tokens, 113.4 ms against SDPA's 145.2 (2^19: 126.9).
+# Inside the compiled small-width prefill the 8 calls took 26.6 ms against 28.0 (2^19 elements).
 CHUNK_ROWS = 32
 CHUNK_ELEMENTS = 1 << 21
 
