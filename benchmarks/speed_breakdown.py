@@ -1,8 +1,8 @@
 """Where a prefill's time goes: one profiled call per variant, split by kind of work (CPU).
 
 `benchmarks/speed.py` compares each recipe with its FLOPs ideal; this module says what holds a
-recipe below it. Each variant's forward is profiled once (``torch.profiler``, shapes recorded)
-and its time split into
+recipe below it. Each variant's forward is profiled (``torch.profiler``, shapes recorded; `speed.py`
+keeps the median of up to three profiled calls) and its time split into
 
 * GEMMs -- ``aten::mm`` / ``addmm`` / ``bmm`` outside attention, with the rate they ran at
   (multiply-accumulates from the recorded shapes);
@@ -133,7 +133,7 @@ def expected(base: dict, base_lengths: list[int], row: dict, lengths: list[int])
     }
 
 
-def breakdown_table(breakdown: dict[str, dict[str, float]], lengths: dict[str, list[int]], base: str) -> str:
+def breakdown_table(breakdown: dict[str, dict], lengths: dict[str, list[int]], base: str) -> str:
     """Markdown: per variant the milliseconds of each kind and, for pruned variants, (+ms) beyond
     what the kind's own work predicts at `base`'s rates; last column the profiled call against that
     timed ideal."""
