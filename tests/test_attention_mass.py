@@ -148,10 +148,11 @@ def assert_close(actual: tuple, expected: tuple, atol: float, rtol: float) -> fl
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-@given(case=cases(), chunk=st.sampled_from([1, 50, 1 << 30]))
-def test_torch_op_matches_naive_full_matrix(case, chunk):
-    """Chunked (down to one row per chunk) PyTorch implementation == float64 full-matrix spec."""
-    ours = torch_attention_mass(*case.args(), chunk_elements=chunk)
+@given(case=cases(), chunk=st.sampled_from([1, 50, 1 << 30]), rows=st.sampled_from([3, 32, 1 << 30]))
+def test_torch_op_matches_naive_full_matrix(case, chunk, rows):
+    """Chunked (down to one row per chunk, by the element budget or the row cap, or not at all)
+    PyTorch implementation == float64 full-matrix spec."""
+    ours = torch_attention_mass(*case.args(), chunk_elements=chunk, chunk_rows=rows)
     assert_close(ours, naive_mass(case), atol=2e-5, rtol=2e-5)
 
 

@@ -20,18 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention_mass import allowed_mask, chunk_probabilities, cuda_attention_mass, repeat_kv
+from .attention_mass import (
+    CHUNK_ELEMENTS,
+    CHUNK_ROWS,
+    allowed_mask,
+    chunk_probabilities,
+    cuda_attention_mass,
+    repeat_kv,
+    rows_per_chunk,
+)
 
-# A chunk is at most CHUNK_ROWS query rows, and fewer where its [B, H, R, S] fp32 temporary (the
-# probabilities of those rows) would pass CHUNK_ELEMENTS (8 MB; long prompts, large batches).
-# Rows set the cost: a causal chunk computes its R x R diagonal block in full (half of it masked),
-# and too few rows make small matmuls. Timed alone on 1 CPU thread over the 70 recipe's token
-# counts (642 ... 155, `benchmarks/speed.py` small width): 8 heads of 64, 25.3 ms for 8 layers
-# against SDPA's 26.1 (2^19-element chunks, which at 356 / 261 tokens gave 184 / 251 rows: 34.3 ms);
-# 32 heads of 128 at 642 / 356 / 229 / 155 tokens, 113.4 ms against SDPA's 145.2 (2^19: 126.9).
-# Inside the compiled small-width prefill the 8 calls took 26.6 ms against 28.0 (2^19 elements).
-CHUNK_ROWS = 32
-CHUNK_ELEMENTS = 1 << 21
+# Row chunks as in `attention_mass.py` (CHUNK_ROWS). Timed alone on 1 CPU thread over the 70
+# recipe's token counts (642 ... 155, `benchmarks/speed.py` small width): 8 heads of 64, 25.3 ms for
+# 8 layers against SDPA's 26.1 (2^19-element chunks, which at 356 / 261 tokens gave 184 / 251 rows:
+# 34.3 ms); 32 heads of 128 at 642 / 356 / 229 / 155 tokens, 113.4 ms against SDPA's 145.2 (2^19:
+# 126.9). Inside the compiled small-width prefill the 8 calls took 26.6 ms against 28.0 (2^19).
 
 _SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor instruction, Tensor visual, "
@@ -64,9 +67,9 @@ def torch_attention_with_mass(
     weights = torch.stack([instruction, visual], dim=1).float()  # [B, 2, S]: (cross, self) row weights
     out = torch.empty((b, h, s, v.shape[-1]), dtype=torch.float32, device=query.device)
     mass = torch.zeros((b, 2, s), dtype=torch.float32, device=query.device)
-    rows_per_chunk = max(1, min(chunk_rows, chunk_elements // max(1, b * h * s)))
-    for r0 in range(0, s, rows_per_chunk):
-        r1 = min(s, r0 + rows_per_chunk)
+    rows = rows_per_chunk(b, h, s, chunk_elements, chunk_rows)
+    for r0 in range(0, s, rows):
+        r1 = min(s, r0 + rows)
         n = r1 if causal else s  # keys this chunk can see
         probs, ok = chunk_probabilities(query, k_t, allowed, attn_mask, scale, r0, r1, n)  # [B, H, R, n]
         if not bool(ok.any(dim=-1).all()):  # fully masked rows (padding queries): NaN -> 0
