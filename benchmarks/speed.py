@@ -54,8 +54,10 @@ import torch
 from speed_breakdown import breakdown_table, profile_call
 from speed_report import (
     ANY_LENGTH,
+    INDUCTOR_LINEARS,
     SCORE_ONLY,
     UNPRUNED,
+    UNPRUNED_INDUCTOR_LINEARS,
     Results,
     decode_table,
     machine_info,
@@ -225,7 +227,12 @@ def measure_prefill(
     its median warm call; `backend_s` is the part spent inside the backend (pass + Inductor).
     """
     backends = {
-        n: fitprune_backend(r, compiler=args.compiler, symbolic_token_counts=not n.endswith(STATIC))
+        n: fitprune_backend(
+            r,
+            compiler=args.compiler,
+            symbolic_token_counts=not n.endswith(STATIC),
+            onednn_linears=not n.endswith(INDUCTOR_LINEARS),
+        )
         for n, r in recipes.items()
     }
     timers = {n: TimedBackend(b) for n, b in backends.items()}
@@ -473,6 +480,8 @@ def run_width(args: argparse.Namespace) -> Results:
     if args.static_counts and not args.quick and args.compiler == "inductor":
         last = args.recipes[-1]
         recipes[last + STATIC] = recipes[last]
+    if args.device == "cpu":  # the baseline's other half (`speed_report.baseline`)
+        recipes[UNPRUNED_INDUCTOR_LINEARS] = recipes[UNPRUNED]
     if args.any_length:
         last = args.recipes[-1]
         recipes[UNPRUNED + ANY_LENGTH] = recipes[UNPRUNED]
@@ -512,7 +521,8 @@ def run_width(args: argparse.Namespace) -> Results:
     prefill = prefill_table(results, recipes, num_text)
     print("\n" + prefill + "\n", flush=True)  # decode (more compiles) comes next
     if args.decode_repeats:
-        decode_names = [UNPRUNED, *(n for n in args.decode_recipes or args.recipes if n in recipes)]
+        unpruned = [n for n in (UNPRUNED, UNPRUNED_INDUCTOR_LINEARS) if n in recipes]
+        decode_names = [*unpruned, *(n for n in args.decode_recipes or args.recipes if n in recipes)]
         results.decode = measure_decode(model, inputs, backends, decode_names, args)
     print("\n" + machine_line(results) + "\n")
     print(prefill + "\n")

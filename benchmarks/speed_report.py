@@ -15,6 +15,16 @@ from fitprune_fx import Recipe
 
 UNPRUNED, SCORE_ONLY = "unpruned", "score-only"
 ANY_LENGTH = "-any-length"  # variant suffix: compiled for any prompt length (dynamic=True)
+# Unpruned with Inductor's own linears (`fitprune_backend(onednn_linears=False)`): every other
+# variant runs its fp32 CPU linears through oneDNN, and speed-ups are taken against the faster
+# of the two unpruned runs, so that a slower oneDNN unpruned cannot inflate them.
+INDUCTOR_LINEARS = "-inductor-linears"
+UNPRUNED_INDUCTOR_LINEARS = UNPRUNED + INDUCTOR_LINEARS
+
+
+def baseline(times: dict[str, float]) -> float:
+    """The unpruned time speed-ups are taken against: the faster of the unpruned runs in `times`."""
+    return min(times[n] for n in (UNPRUNED, UNPRUNED_INDUCTOR_LINEARS) if n in times)
 
 
 def compile_base(name: str) -> str:
@@ -66,8 +76,9 @@ def machine_info(device: str) -> dict:
 
 
 def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -> str:
-    """Markdown: per recipe, the FLOPs reductions, ideal and measured speed-ups and their ratio."""
-    base = results.prefill_ms[UNPRUNED]
+    """Markdown: per recipe, the FLOPs reductions, ideal and measured speed-ups and their ratio
+    (speed-ups against the faster unpruned run, `baseline`)."""
+    base = baseline(results.prefill_ms)
     fixed = results.sizes.get("unprunable_macs", 0.0)  # vision tower, projector, lm_head: not pruned
     lines = [
         "| variant | pruned graphs | tokens per layer (first -> last) | r (reference) | r (full, text incl.) "
@@ -124,6 +135,12 @@ def overhead_table(results: Results, recipes: dict[str, Recipe]) -> str:
         f"| one scoring pass, in decoder layers | {scoring_pass_layers(results, recipes):.3f} "
         f"| -merged threshold {results.sizes['merge_below']} |"
     )
+    if UNPRUNED_INDUCTOR_LINEARS in results.prefill_ms:
+        other = results.prefill_ms[UNPRUNED_INDUCTOR_LINEARS]
+        lines.append(
+            f"| unpruned prefill, oneDNN linears vs Inductor's | {other / base:.2f}x ({base:.1f} vs "
+            f"{other:.1f} ms; speed-ups are against the faster) | - |"
+        )
     if results.vision_ms is not None:
         lines.append(
             f"| vision tower + projector (eager) share of unpruned prefill | "
@@ -144,9 +161,10 @@ def overhead_table(results: Results, recipes: dict[str, Recipe]) -> str:
 
 
 def decode_table(results: Results) -> str:
-    """Markdown: decode-step time against the per-layer cache length the prefill left."""
+    """Markdown: decode-step time against the per-layer cache length the prefill left (throughput
+    against the faster unpruned run)."""
     d = results.decode
-    base = d[UNPRUNED]["step_ms"]
+    base = baseline({n: row["step_ms"] for n, row in d.items()})
     lines = [
         f"| variant | cache per layer after the prefill (mean; first -> last layer) | decode step ms "
         f"({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned |",
@@ -198,13 +216,20 @@ def side_by_side(runs: dict[str, Results]) -> str:
         return lambda r: f"{r.compile_s[name]['compile_s'] / r.compile_s[base]['compile_s']:.2f}x"
 
     def decode_ratio(name: str):
-        return lambda r: f"{r.decode[name]['tokens_per_s'] / r.decode[UNPRUNED]['tokens_per_s']:.2f}x"
+        return lambda r: (
+            f"{baseline({n: d['step_ms'] for n, d in r.decode.items()}) / r.decode[name]['step_ms']:.2f}x"
+        )
+
+    def onednn(r: Results) -> str:
+        ms = r.prefill_ms
+        return f"{ms[UNPRUNED_INDUCTOR_LINEARS] / ms[UNPRUNED]:.2f}x"
 
     row("scoring overhead (score-only vs unpruned)", scoring)
+    row("unpruned prefill, oneDNN linears vs Inductor's (speed-up)", onednn)
     compiled = [n for n in runs[widths[0]].compile_s if n != compile_base(n) and n != SCORE_ONLY]
     for name in compiled:
         row(f"compile time {name} / {compile_base(name)}", compile_ratio(name))
-    for name in (n for n in runs[widths[0]].decode if n != UNPRUNED):
+    for name in (n for n in runs[widths[0]].decode if not n.startswith(UNPRUNED)):
         row(f"decode throughput {name} / unpruned", decode_ratio(name))
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
@@ -32,6 +33,7 @@ from fitprune_fx.passes.locate import (
     locate_decoder,
     locate_hidden_size,
 )
+from fitprune_fx.passes.onednn_linear import onednn_available, route_linears_to_onednn
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.run_time_checks import collect_run_time_checks, raise_failed_checks
 from fitprune_fx.passes.scorers import SCORERS, Scorer
@@ -57,11 +59,14 @@ class GraphReport:
     layers: int = 0  # decoder layers in the graph
     compile_s: float | None = None  # Inductor time of a decoder graph
     partitions: tuple[int, int] | None = None  # compiled per layer: (partitions, distinct compiles)
+    onednn_linears: int = 0  # linears routed to oneDNN (`passes/onednn_linear.py`)
 
     def __str__(self) -> str:
         took = f" [compiled in {self.compile_s:.1f} s]" if self.compile_s is not None else ""
         if self.partitions is not None:
             took = f" [{self.partitions[0]} partitions, {self.partitions[1]} compiled]{took}"
+        if self.onednn_linears:
+            took = f" [{self.onednn_linears} linears through oneDNN]{took}"
         if self.result is None:
             return f"graph {self.index} ({self.nodes} nodes): unchanged, {self.reason}{took}"
         r = self.result
@@ -87,6 +92,8 @@ class FitpruneBackend:
     symbolic_token_counts: bool = True
     # Pruned decoder graphs compiled per layer, each distinct layer once (`layer_compile`).
     compile_by_layer: bool = True
+    # fp32 CPU prefill linears of pruned decoder graphs through oneDNN (`passes/onednn_linear.py`).
+    onednn_linears: bool = True
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
     pruned_runs: int = 0  # calls of pruned graphs so far (a fallback to eager runs none)
@@ -174,7 +181,7 @@ class FitpruneBackend:
                 )
                 self._warn_unchanged(report)
             log.info("fitprune: %s", report)
-            return self._compile(gm, example_inputs, report)
+            return self._compile(gm, example_inputs, report, understood=not merge_apart)
         except UnsupportedGraph as e:
             report.reason = f"not understood: {e}"
             self._warn_unchanged(report)
@@ -183,7 +190,12 @@ class FitpruneBackend:
         log.info("fitprune: %s", report)
         fakes = token_counts.fakes if token_counts else []
         compiled = self._compile(
-            candidate, [*example_inputs, *fakes], report, layout, {f.shape[0].node.expr for f in fakes}
+            candidate,
+            [*example_inputs, *fakes],
+            report,
+            layout,
+            {f.shape[0].node.expr for f in fakes},
+            understood=True,
         )
 
         def extra_inputs(args) -> list:  # size-only inputs, one per pruning layer (sized at this call)
@@ -238,13 +250,16 @@ class FitpruneBackend:
         decoder: GraphReport | None = None,
         layout: DecoderLayout | None = None,
         count_symbols: set | None = None,
+        understood: bool = False,
     ) -> Callable:
         """Compile `gm`; its fitprune run-time checks become an output read after each call.
 
         A decoder graph (`decoder` is its report) announces its Inductor compile on stderr when
         `progress` is on: it is the long wait of a first call (tens of seconds). A pruned one
         (`layout` its decoder's, `count_symbols` its token counts' size symbols) is compiled per
-        layer when `layer_compile` can share compiles, else whole.
+        layer when `layer_compile` can share compiles, else whole. The linears of a decoder graph the
+        backend `understood` (pruned, or a decoder of a known family run without an image, as in a
+        decode step) may go to oneDNN (`onednn_linears`).
         """
         strip_visual_token_marks(gm)  # the pass has read them; compiled code never runs them
         messages = collect_run_time_checks(gm)
@@ -263,6 +278,9 @@ class FitpruneBackend:
                 )
                 sys.stderr.flush()
             start = time.perf_counter()
+            if understood and self.onednn_linears and _may_route_linears(example_inputs):
+                decoder.onednn_linears = route_linears_to_onednn(gm.graph)
+                gm.recompile()
             cudagraphs = self._config.get("triton.cudagraphs", False)  # one graph per compile there
             by_layer = None
             if layout is not None and self.compile_by_layer and count_symbols and not cudagraphs:
@@ -339,6 +357,16 @@ def check_recipe_fits(recipe: Recipe, gm: fx.GraphModule, layout: DecoderLayout)
         )
 
 
+def _may_route_linears(example_inputs: list) -> bool:
+    """oneDNN is built in and the graph is compiled for inference (the op has no backward)."""
+    if not onednn_available():
+        return False
+    return not (
+        torch.is_grad_enabled()
+        and any(isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs)
+    )
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else ""
@@ -353,6 +381,7 @@ def fitprune_backend(
     progress: bool = True,
     symbolic_token_counts: bool = True,
     compile_by_layer: bool = True,
+    onednn_linears: bool = True,
 ) -> FitpruneBackend:
     """A Dynamo backend that prunes visual tokens per `recipe` and compiles with Inductor.
 
@@ -366,7 +395,9 @@ def fitprune_backend(
     shape structure; False bakes every count into its own kernels (the compile takes longer).
     `compile_by_layer` (default; with symbolic counts and without CUDA graphs) compiles a pruned
     decoder graph per layer, each distinct layer once (`fitprune_fx.layer_compile`); False hands
-    Inductor the whole graph.
+    Inductor the whole graph. `onednn_linears` (default) runs the fp32 CPU linears of a pruned
+    decoder graph's prefill through oneDNN (`fitprune_fx.passes.onednn_linear`): MKL's sgemm,
+    which Inductor calls, slows down on the fewer rows a pruned layer keeps; False keeps Inductor's.
     """
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
@@ -395,6 +426,7 @@ def fitprune_backend(
         progress=progress,
         symbolic_token_counts=symbolic_token_counts,
         compile_by_layer=compile_by_layer,
+        onednn_linears=onednn_linears,
     )
 
 

@@ -62,6 +62,13 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
     # The cache the pruned prefill really left (layer l holds what entered it) is what the pass reported.
     assert results["cache_lengths"]["70"] == results["kept_tokens"]["70"][:-1]
     assert results["cache_lengths"]["unpruned"] == [prompt] * results["sizes"]["layers"]
+    # Speed-ups are against the faster unpruned run: oneDNN's linears (the default) or Inductor's.
+    ms = results["prefill_ms"]
+    base = min(ms["unpruned"], ms["unpruned-inductor-linears"])
+    assert abs(results["flops"]["70"]["speedup"] - base / ms["70"]) < 1e-9
+    assert "| unpruned prefill, oneDNN linears vs Inductor's | " in table
+    step = {n: d["step_ms"] for n, d in results["decode"].items()}
+    assert {"unpruned", "unpruned-inductor-linears", "70"} == set(step)
 
     # The side-by-side summary of two widths (here the same run twice) puts each ratio in its column.
     sys.path.insert(0, str(ROOT / "benchmarks"))
