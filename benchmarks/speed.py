@@ -235,16 +235,20 @@ def measure_prefill(
         )
         for n, r in recipes.items()
     }
-    timers = {n: TimedBackend(b) for n, b in backends.items()}
+    timers = {n: TimedBackend(b, args.device) for n, b in backends.items()}
     compiled = {
         n: torch.compile(model, backend=t, dynamic=n.endswith(ANY_LENGTH) or None) for n, t in timers.items()
     }
     names = list(recipes)
     first: dict[str, float] = {}
     times: dict[str, list[float]] = {n: [] for n in names}
+    decoder: dict[str, list[float]] = {n: [] for n in names}  # the decoder graph's share of each call
 
     def call(name: str) -> float:
-        return timed(lambda: compiled[name](**inputs, logits_to_keep=1), args.device)
+        before = len(timers[name].decoder_s)
+        took = timed(lambda: compiled[name](**inputs, logits_to_keep=1), args.device)
+        decoder[name].append(sum(timers[name].decoder_s[before:]))
+        return took
 
     with torch.no_grad():
         with inductor_caches_disabled():
@@ -257,6 +261,8 @@ def measure_prefill(
             results.cache_lengths[name] = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
         for _, name in tqdm(list(round_robin(names, args.warmup)), desc="warm-up", file=sys.stdout):
             call(name)
+        for name in names:
+            decoder[name].clear()
         for _, name in tqdm(list(round_robin(names, args.repeats)), desc="prefill", file=sys.stdout):
             times[name].append(call(name))
         if args.device.startswith("cuda"):
@@ -281,6 +287,7 @@ def measure_prefill(
         warm = statistics.median(times[name])
         results.prefill_samples_ms[name] = [1e3 * t for t in times[name]]
         results.prefill_ms[name] = 1e3 * warm
+        results.decoder_ms[name] = 1e3 * statistics.median(decoder[name])
         results.compile_s[name] = {"compile_s": first[name] - warm, "backend_s": timers[name].seconds}
         b = backends[name]
         results.reports[name] = [str(r) for r in b.reports]

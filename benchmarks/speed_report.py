@@ -40,6 +40,7 @@ class Results:
     sizes: dict
     prefill_ms: dict[str, float] = field(default_factory=dict)
     prefill_samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    decoder_ms: dict[str, float] = field(default_factory=dict)  # the decoder graph's calls in a prefill
     flops: dict[str, dict] = field(default_factory=dict)
     kept_tokens: dict[str, list[int]] = field(default_factory=dict)
     cache_lengths: dict[str, list[int]] = field(default_factory=dict)  # per layer, after one prefill
@@ -83,8 +84,9 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
     lines = [
         "| variant | pruned graphs | tokens per layer (first -> last) | r (reference) | r (full, text incl.) "
         "| ideal 1/(1-r) | ideal (full) | ideal (forward) | prefill ms (median) | measured speed-up "
-        "| measured / ideal | measured / ideal (full) | measured / ideal (forward) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| measured / ideal | measured / ideal (full) | measured / ideal (forward) "
+        "| decoder graph ms | decoder graph speed-up / ideal (full) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in [UNPRUNED, SCORE_ONLY, *(n for n in recipes if n not in (UNPRUNED, SCORE_ONLY))]:
         recipe = recipes[name]
@@ -94,6 +96,8 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
         # The timed forward also runs what pruning leaves alone: the same FLOPs ratio with it added.
         ideal_forward = (report.full_unpruned + fixed) / (report.full_total + fixed)
         speedup = base / results.prefill_ms[name]
+        decoder = results.decoder_ms.get(name)
+        decoder_speedup = baseline(results.decoder_ms) / decoder if decoder else float("nan")
         results.flops[name] = {
             "reference_reduction": r_ref,
             "full_reduction": r_full,
@@ -101,6 +105,7 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
             "ideal_full": ideal_full,
             "ideal_forward": ideal_forward,
             "speedup": speedup,
+            "decoder_speedup": decoder_speedup,
         }
         kept = results.kept_tokens[name]
         tokens = f"{kept[0]} -> {kept[-1]}" if kept else "-"
@@ -108,7 +113,8 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
             f"| {name} | {results.pruned_graphs[name]} | {tokens} | {r_ref:.3f} | {r_full:.3f} "
             f"| {ideal:.2f}x | {ideal_full:.2f}x | {ideal_forward:.2f}x | {results.prefill_ms[name]:.1f} "
             f"| {speedup:.2f}x | {speedup / ideal:.2f} | {speedup / ideal_full:.2f} "
-            f"| {speedup / ideal_forward:.2f} |"
+            f"| {speedup / ideal_forward:.2f} | {decoder or float('nan'):.1f} "
+            f"| {decoder_speedup / ideal_full:.2f} |"
         )
     return "\n".join(lines)
 
@@ -184,10 +190,10 @@ def side_by_side(runs: dict[str, Results]) -> str:
     widths = list(runs)
     head = " | ".join(
         f"{w} ({runs[w].sizes['layers']} x {runs[w].sizes['hidden']}): ideal, decoder / forward | measured "
-        "| measured / ideal, decoder / forward"
+        "| measured / ideal, decoder / forward | decoder graph alone / decoder ideal"
         for w in widths
     )
-    lines = [f"| variant | {head} |", "|---|" + "---|---|---|" * len(widths)]
+    lines = [f"| variant | {head} |", "|---|" + "---|---|---|---|" * len(widths)]
     names = [n for n in runs[widths[0]].flops if all(n in runs[w].flops for w in widths)]
     for name in names:
         cells = []
@@ -195,7 +201,8 @@ def side_by_side(runs: dict[str, Results]) -> str:
             f = runs[w].flops[name]
             ideal, forward, speedup = f["ideal_full"], f["ideal_forward"], f["speedup"]
             ratios = f"{speedup / ideal:.2f} / {speedup / forward:.2f}"
-            cells.append(f"{ideal:.2f}x / {forward:.2f}x | {speedup:.2f}x | {ratios}")
+            alone = f.get("decoder_speedup", float("nan")) / ideal
+            cells.append(f"{ideal:.2f}x / {forward:.2f}x | {speedup:.2f}x | {ratios} | {alone:.2f}")
         lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", f"| figure | {' | '.join(widths)} |", "|---|" + "---|" * len(widths)]
 

@@ -55,18 +55,34 @@ def inductor_caches_disabled() -> Iterator[None]:
 
 
 class TimedBackend:
-    """Wraps a backend and adds up the seconds spent inside it (pass + Inductor)."""
+    """Wraps a backend: adds up the seconds spent inside it (pass + Inductor), and times every
+    call of the decoder graphs it compiled (`decoder_s`, in call order): the decoder alone, without
+    the vision tower, projector and `lm_head` that run in graphs of their own."""
 
-    def __init__(self, backend: FitpruneBackend) -> None:
+    def __init__(self, backend: FitpruneBackend, device: str = "cpu") -> None:
         self.backend = backend
+        self.device = device
         self.seconds = 0.0
+        self.decoder_s: list[float] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         t0 = time.perf_counter()
         try:
-            return self.backend(gm, example_inputs)
+            compiled = self.backend(gm, example_inputs)
         finally:
             self.seconds += time.perf_counter() - t0
+        if not self.backend.reports[-1].layers:
+            return compiled
+
+        def run(*args):
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = compiled(*args)
+            synchronize(self.device)
+            self.decoder_s.append(time.perf_counter() - start)
+            return out
+
+        return run
 
 
 class StepClock(LogitsProcessor):
