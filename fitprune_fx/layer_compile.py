@@ -24,6 +24,7 @@ import sympy
 import torch
 from torch import fx
 
+from fitprune_fx.passes.insert_compaction import mask_gathers_as_row_copies
 from fitprune_fx.passes.layout import DecoderLayout
 from fitprune_fx.passes.split_layers import LayerSplit, partition_calls, split_by_layer
 
@@ -55,6 +56,8 @@ def compile_by_layer(
         with _kernels_compiled_together():
             for members in split.groups:
                 first = getattr(split.module, members[0])
+                if mask_gathers_as_row_copies(first.graph):  # the mask is a stored input here
+                    first.recompile()
                 fn = _compile_alone(first, split.inputs[members[0]], config_patches, compile_fx)
                 compiled.update(dict.fromkeys(members, fn))
     except Exception as e:

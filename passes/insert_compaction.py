@@ -23,7 +23,7 @@ from torch import fx
 
 from .layout import DecoderLayout
 from .locate import AttentionSite, PerTokenTensor
-from .token_ops import gather_tokens  # also registers torch.ops.fitprune.kept_positions
+from .token_ops import gather_tokens  # also registers fitprune::kept_positions, gather_token_pairs
 from .visual_token_marks import is_visual_residual_add
 
 
@@ -93,3 +93,27 @@ def insert_token_compaction(
         shared[tensor] = compacted
 
     return gather(visual, (1,), kept_positions), kept_positions, inserted
+
+
+def mask_gathers_as_row_copies(graph: fx.Graph) -> int:
+    """Where a layer partition gathers the 4-D mask it takes as input (rows on dim 2, then columns
+    on dim 3, at one index), gather with `fitprune::gather_token_pairs` instead; returns how many.
+
+    For compiled code whose mask arrives stored (`fitprune_fx.layer_compile`) only: see the op.
+    """
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not gather_tokens or node.args[2] != 3:
+            continue
+        rows, kept = node.args[0], node.args[1]
+        if not (isinstance(rows, fx.Node) and rows.target is gather_tokens and rows.args[1:] == (kept, 2)):
+            continue
+        if rows.args[0].op != "placeholder" or len(rows.users) != 1:
+            continue
+        with graph.inserting_before(node):
+            pairs = graph.call_function(torch.ops.fitprune.gather_token_pairs.default, (rows.args[0], kept))
+        node.replace_all_uses_with(pairs)
+        graph.erase_node(node)
+        graph.erase_node(rows)
+        replaced += 1
+    return replaced

@@ -1,4 +1,5 @@
-"""`fitprune::gather_residual` (the residual stream's compaction) against per-example indexing."""
+"""The compaction ops (`fitprune::gather_residual`, `fitprune::gather_token_pairs`) against
+per-example indexing."""
 
 from __future__ import annotations
 
@@ -42,3 +43,61 @@ def test_gather_residual_opcheck():
     kept = torch.tensor([[0, 2, 6], [1, 3, 4]])
     torch.library.opcheck(torch.ops.fitprune.gather_residual.default, (x, kept))
     torch.library.opcheck(torch.ops.fitprune.gather_residual.default, (x[:1], kept))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    broadcast=st.booleans(),
+    heads=st.sampled_from([1, 2]),
+    seq=st.integers(1, 10),
+    dtype=st.sampled_from([torch.bool, torch.float32, torch.bfloat16]),
+    data=st.data(),
+)
+def test_gather_token_pairs_keeps_kept_rows_and_columns(batch, broadcast, heads, seq, dtype, data):
+    g = torch.Generator().manual_seed(seq * 7 + heads)
+    x = torch.randn(1 if broadcast else batch, heads, seq, seq, generator=g)
+    x = (x > 0) if dtype == torch.bool else x.to(dtype)
+    count = data.draw(st.integers(0, seq), label="kept")
+    kept = torch.stack([torch.sort(torch.randperm(seq, generator=g)[:count]).values for _ in range(batch)])
+    out = torch.ops.fitprune.gather_token_pairs(x, kept)
+    expected = torch.stack(
+        [x[e if x.shape[0] > 1 else 0][:, kept[e]][:, :, kept[e]] for e in range(batch)]
+    )  # example e: its mask at kept rows, then kept columns
+    assert out.shape == (batch, heads, count, count) and out.dtype == x.dtype
+    assert torch.equal(out, expected)
+
+
+def test_gather_token_pairs_opcheck():
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()[None, None]
+    for kept in (torch.tensor([[0, 2, 6]]), torch.tensor([[0, 2, 6], [1, 3, 4]])):
+        torch.library.opcheck(torch.ops.fitprune.gather_token_pairs.default, (mask, kept))
+
+
+def test_mask_gathers_of_a_partition_input_become_row_copies():
+    """Only the rows-then-columns gather of an input mask, read once, is replaced; same values."""
+    from torch import fx
+
+    from fitprune_fx.passes.insert_compaction import mask_gathers_as_row_copies
+    from fitprune_fx.passes.token_ops import gather_tokens
+
+    graph = fx.Graph()
+    mask, kept = graph.placeholder("mask"), graph.placeholder("kept")
+    pairs = graph.call_function(gather_tokens, (graph.call_function(gather_tokens, (mask, kept, 2)), kept, 3))
+    computed = graph.call_function(torch.logical_not, (mask,))  # not an input: left to Inductor
+    other = graph.call_function(
+        gather_tokens, (graph.call_function(gather_tokens, (computed, kept, 2)), kept, 3)
+    )
+    rows = graph.call_function(gather_tokens, (mask, kept, 2))  # rows read twice: left alone
+    shared = graph.call_function(gather_tokens, (rows, kept, 3))
+    graph.output((pairs, other, shared, rows))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.rand(2, 1, 9, 9) > 0.5
+    k = torch.tensor([[0, 3, 4, 8], [1, 2, 5, 7]])
+    expected = gm(x, k)
+    assert mask_gathers_as_row_copies(gm.graph) == 1
+    gm.recompile()
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.fitprune.gather_token_pairs.default) == 1 and ops.count(gather_tokens) == 4
+    for a, b in zip(gm(x, k), expected, strict=True):
+        assert torch.equal(a, b)
