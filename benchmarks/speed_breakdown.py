@@ -4,8 +4,9 @@
 recipe below it. Each variant's forward is profiled (``torch.profiler``, shapes recorded; `speed.py`
 keeps the median of up to three profiled calls) and its time split into
 
-* GEMMs -- ``aten::mm`` / ``addmm`` / ``bmm`` outside attention, with the rate they ran at
-  (multiply-accumulates from the recorded shapes);
+* GEMMs -- ``aten::mm`` / ``addmm`` / ``bmm`` outside attention, and ``fitprune::onednn_linear``
+  with all it calls (the decoder's linears on CPU), with the rate they ran at (multiply-accumulates
+  from the recorded shapes);
 * attention -- SDPA, or ``fitprune::attention_with_mass`` at a pruning layer, everything under it;
 * pass ops -- the pass's other ops (``fitprune::select_kept_tokens_like``, the gathers);
 * compiled code -- the compiled graphs' own time (Inductor's kernels: norms, RoPE, activations,
@@ -23,6 +24,7 @@ is its gap to this timed ideal. Profiling adds its own overhead, most to calls o
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,16 +40,22 @@ GEMMS = {
     "mkldnn::_linear_pointwise",
 }
 ATTENTION = "fitprune::attention_with_mass"
+LINEAR = "fitprune::onednn_linear"  # a GEMM, counted with the oneDNN call under it
+
+
+def _whole(name: str) -> bool:
+    """Events counted with everything they call (their children are skipped)."""
+    return name == LINEAR or _kind(name) in ("attention", "pass")
 
 
 def _kind(name: str) -> str | None:
-    """The kind an event's whole time belongs to (attention, pass) or its self time (the others)."""
+    """The kind an event's whole time (`_whole`) or its self time (the others) belongs to."""
     if name == ATTENTION or (name.startswith("aten::") and "scaled_dot_product" in name):
         return "attention"
+    if name in GEMMS or name == LINEAR:
+        return "gemm"
     if name.startswith("fitprune::"):
         return "pass"
-    if name in GEMMS:
-        return "gemm"
     if name.startswith("## Call CompiledFxGraph"):
         return "compiled"
     return None
@@ -65,6 +73,10 @@ def _gemm_key(name: str, shapes: Sequence) -> tuple[str, float]:
         if name == "aten::bmm":
             (b, m, k), (_, _, n) = shapes[0], shapes[1]
             return f"{k}x{n}", float(b * m * k * n)
+        if name in (LINEAR, "mkldnn::_linear_pointwise"):  # x [..., K], weight [N, K]
+            *rows, k = shapes[0]
+            n = shapes[1][0]
+            return f"{k}x{n}", float(math.prod(rows) * k * n)
     except (TypeError, ValueError, IndexError):
         pass
     return "other", 0.0
@@ -92,12 +104,12 @@ def profile_call(fn: Callable[[], object]) -> dict:
         if kind is None:
             continue
         parent, inside = event.cpu_parent, False
-        while parent is not None and not inside:  # attention / pass ops count with all they call
-            inside = _kind(parent.name) in ("attention", "pass")
+        while parent is not None and not inside:  # attention, pass ops, linears count with all they call
+            inside = _whole(parent.name)
             parent = parent.cpu_parent
         if inside:
             continue
-        ms = (event.cpu_time_total if kind in ("attention", "pass") else event.self_cpu_time_total) / 1e3
+        ms = (event.cpu_time_total if _whole(event.name) else event.self_cpu_time_total) / 1e3
         out[kind] += ms
         if kind in ("gemm", "attention"):
             key, work = (

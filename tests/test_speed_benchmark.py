@@ -154,3 +154,17 @@ def test_breakdown_charges_each_shape_at_the_base_rate() -> None:
     }
     exp = expected(base, [4, 4], row, [4, 2])
     assert exp == {"gemm": 5.0 + 6.0 + 1.0 + 2.0, "attention": 1.0, "pass": 0.0, "compiled": 6.0, "rest": 3.0}
+
+
+def test_breakdown_keys_a_linear_by_weight_shape_whichever_library_ran_it() -> None:
+    """oneDNN's linear (x [B, S, K], weight [N, K]) and MKL's mm (x [M, K], weight.T [K, N]) of
+    the same projection land on one weight shape with the same work, so either is charged at
+    the other's rate."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed_breakdown import _gemm_key, _kind
+
+    macs = 2 * 321 * 512 * 1376
+    assert _gemm_key("fitprune::onednn_linear", [[2, 321, 512], [1376, 512], []]) == ("512x1376", macs)
+    assert _gemm_key("mkldnn::_linear_pointwise", [[2, 321, 512], [1376, 512], []]) == ("512x1376", macs)
+    assert _gemm_key("aten::mm", [[642, 512], [512, 1376]]) == ("512x1376", macs)
+    assert _kind("fitprune::onednn_linear") == "gemm" and _kind("fitprune::gather_residual") == "pass"
