@@ -92,7 +92,7 @@ class FitpruneBackend:
     symbolic_token_counts: bool = True
     # Pruned decoder graphs compiled per layer, each distinct layer once (`layer_compile`).
     compile_by_layer: bool = True
-    # fp32 CPU prefill linears of pruned decoder graphs through oneDNN (`passes/onednn_linear.py`).
+    # fp32 CPU linears of understood decoder graphs through oneDNN (`passes/onednn_linear.py`).
     onednn_linears: bool = True
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
@@ -395,9 +395,10 @@ def fitprune_backend(
     shape structure; False bakes every count into its own kernels (the compile takes longer).
     `compile_by_layer` (default; with symbolic counts and without CUDA graphs) compiles a pruned
     decoder graph per layer, each distinct layer once (`fitprune_fx.layer_compile`); False hands
-    Inductor the whole graph. `onednn_linears` (default) runs the fp32 CPU linears of a pruned
-    decoder graph's prefill through oneDNN (`fitprune_fx.passes.onednn_linear`): MKL's sgemm,
-    which Inductor calls, slows down on the fewer rows a pruned layer keeps; False keeps Inductor's.
+    Inductor the whole graph. `onednn_linears` (default) runs the fp32 CPU linears of the decoder
+    graphs it understands through oneDNN (`fitprune_fx.passes.onednn_linear`; a prefill's all, a
+    decode step's large ones): MKL's sgemm, which Inductor calls, slows down on the fewer rows a
+    pruned layer keeps; False keeps Inductor's.
     """
     if compiler not in ("inductor", "eager"):
         raise ValueError(f"compiler must be 'inductor' or 'eager', not {compiler!r}")
