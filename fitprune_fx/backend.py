@@ -92,7 +92,7 @@ class FitpruneBackend:
     symbolic_token_counts: bool = True
     # Pruned decoder graphs compiled per layer, each distinct layer once (`layer_compile`).
     compile_by_layer: bool = True
-    # fp32 CPU linears of understood decoder graphs through oneDNN (`passes/onednn_linear.py`).
+    # fp32 CPU prefill linears of understood decoder graphs through oneDNN (`passes/onednn_linear.py`).
     onednn_linears: bool = True
     scorer_fn: Scorer | None = None  # the function pruned graphs call (None: the recipe's named scorer)
     reports: list[GraphReport] = field(default_factory=list)
@@ -258,8 +258,8 @@ class FitpruneBackend:
         `progress` is on: it is the long wait of a first call (tens of seconds). A pruned one
         (`layout` its decoder's, `count_symbols` its token counts' size symbols) is compiled per
         layer when `layer_compile` can share compiles, else whole. The linears of a decoder graph the
-        backend `understood` (pruned, or a decoder of a known family run without an image, as in a
-        decode step) may go to oneDNN (`onednn_linears`).
+        backend `understood` (pruned, or a decoder of a known family run without an image) may go to
+        oneDNN in a prefill (`onednn_linears`).
         """
         strip_visual_token_marks(gm)  # the pass has read them; compiled code never runs them
         messages = collect_run_time_checks(gm)
@@ -396,8 +396,8 @@ def fitprune_backend(
     `compile_by_layer` (default; with symbolic counts and without CUDA graphs) compiles a pruned
     decoder graph per layer, each distinct layer once (`fitprune_fx.layer_compile`); False hands
     Inductor the whole graph. `onednn_linears` (default) runs the fp32 CPU linears of the decoder
-    graphs it understands through oneDNN (`fitprune_fx.passes.onednn_linear`; a prefill's all, a
-    decode step's large ones): MKL's sgemm, which Inductor calls, slows down on the fewer rows a
+    graphs it understands through oneDNN in a prefill (`fitprune_fx.passes.onednn_linear`; decode
+    steps keep Inductor's): MKL's sgemm, which Inductor calls, slows down on the fewer rows a
     pruned layer keeps; False keeps Inductor's.
     """
     if compiler not in ("inductor", "eager"):

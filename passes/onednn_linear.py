@@ -8,10 +8,11 @@ faster than MKL at hidden 512, from 642 rows down to 64). Inductor's own oneDNN 
 weights frozen into constants (a packed copy of every weight); the op here reads the model's
 weights as they are, so nothing is copied and weight updates are seen.
 
-In a prefill (a linear of at least `MIN_ROWS` rows) every linear moves; in a decode step those
-with a weight of at least `MIN_WEIGHT` elements do. A decode step's one row per example went
-1.07-1.45x faster through oneDNN on most large weights (4096 x 4096, 4096 x 11008, 512 x 32064;
-0.80x at 11008 x 4096) but slower on small ones (0.038 against 0.025 ms at 512 x 512).
+Only prefill graphs move (a linear of at least `MIN_ROWS` rows; then all of the graph's linears,
+so that layers sharing a compile stay one program). A decode step's rows are one per example:
+there oneDNN ran faster on some weights and slower on others timed alone (1.40x at 512 x 32064,
+0.80x at 11008 x 4096), and with every weight of at least 2^22 elements routed, the unpruned
+decode step at 7B width took 202.8 against 197.1 ms (`benchmarks/speed.py`, 2026-11-30).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from torch import fx
 
 MIN_ROWS = 32  # rows (tokens x batch) from which a graph is a prefill: all its linears go
-MIN_WEIGHT = 1 << 22  # weight elements from which a linear goes at any row count
 
 
 # Defined with `torch.library.Library`, not `custom_op`: its Python wrapper cost 15 us a call
@@ -67,9 +67,9 @@ def _rows_hint(x: torch.Tensor) -> int:
     return rows
 
 
-def _fp32_cpu_linears(graph: fx.Graph) -> list[tuple[fx.Node, tuple, torch.Tensor, torch.Tensor]]:
+def _fp32_cpu_linears(graph: fx.Graph) -> list[tuple[fx.Node, tuple, torch.Tensor]]:
     """Every `linear` of `graph` whose input, weight (2-D) and bias are fp32 CPU tensors of known
-    sizes: (node, its (x, weight, bias) arguments, x's value, weight's value)."""
+    sizes: (node, its (x, weight, bias) arguments, x's value)."""
     found = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not torch._C._nn.linear:
@@ -82,28 +82,23 @@ def _fp32_cpu_linears(graph: fx.Graph) -> list[tuple[fx.Node, tuple, torch.Tenso
         ):
             continue
         if values[0].dim() >= 2 and values[1].dim() == 2:
-            found.append((node, operands, values[0], values[1]))
+            found.append((node, operands, values[0]))
     return found
 
 
 def route_linears_to_onednn(graph: fx.Graph) -> int:
-    """Replace fp32 CPU `linear`s by `fitprune::onednn_linear`; returns how many were replaced.
-
-    In a graph whose linears reach `MIN_ROWS` rows (a prefill) every one moves, so that layers
-    sharing a compile (`fitprune_fx.layer_compile`) stay the same program whatever their kept
-    counts; elsewhere (a decode step) those with at least `MIN_WEIGHT` weight elements do.
-    A linear whose sizes or dtypes are unknown is left alone.
+    """Replace the fp32 CPU `linear`s of a prefill graph (one of them reaches `MIN_ROWS` rows) by
+    `fitprune::onednn_linear`; returns how many were replaced (0 for other graphs). All move, so
+    that layers sharing a compile (`fitprune_fx.layer_compile`) stay the same program whatever
+    their kept counts. A linear whose sizes or dtypes are unknown is left alone.
     """
     linears = _fp32_cpu_linears(graph)
-    prefill = any(_rows_hint(x) >= MIN_ROWS for _, _, x, _ in linears)
-    replaced = 0
-    for node, operands, _, weight in linears:
-        if not prefill and weight.numel() < MIN_WEIGHT:
-            continue
+    if not any(_rows_hint(x) >= MIN_ROWS for _, _, x in linears):
+        return 0
+    for node, operands, _ in linears:
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.fitprune.onednn_linear.default, operands)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        replaced += 1
-    return replaced
+    return len(linears)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fitprune_fx.backend import _may_route_linears, fitprune_backend
-from fitprune_fx.passes.onednn_linear import MIN_ROWS, MIN_WEIGHT, onednn_available, route_linears_to_onednn
+from fitprune_fx.passes.onednn_linear import MIN_ROWS, onednn_available, route_linears_to_onednn
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_prefill
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
@@ -49,11 +49,11 @@ def test_opcheck():
 
 
 class ThreeLinears(torch.nn.Module):
-    """A small, a large (MIN_WEIGHT elements) and a rows-1 linear, as in a decoder + lm_head."""
+    """Two linears over every row and a rows-1 head, as in a decoder + lm_head."""
 
     def __init__(self, dtype=torch.float32):
         super().__init__()
-        side = int(MIN_WEIGHT**0.5)
+        side = 64
         self.small = torch.nn.Linear(side, 8, dtype=dtype)
         self.large = torch.nn.Linear(side, side, bias=False, dtype=dtype)
         self.head = torch.nn.Linear(side, 4, bias=False, dtype=dtype)
@@ -82,11 +82,11 @@ def routed(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]
 
 @pytest.mark.parametrize(
     "rows, dtype, expected",
-    [(MIN_ROWS, torch.float32, 3), (MIN_ROWS - 1, torch.float32, 1), (MIN_ROWS, torch.bfloat16, 0)],
+    [(MIN_ROWS, torch.float32, 3), (MIN_ROWS - 1, torch.float32, 0), (MIN_ROWS, torch.bfloat16, 0)],
 )
 def test_route_rule(rows, dtype, expected):
-    """A prefill moves every fp32 linear (the rows-1 head too); a decode step only the large
-    weight; bf16 stays with Inductor."""
+    """A prefill moves every fp32 linear (the rows-1 head too); a decode step's few rows and bf16
+    stay with Inductor."""
     torch.manual_seed(0)
     module = ThreeLinears(dtype).eval()
     x = torch.randn(1, rows, module.large.in_features, dtype=dtype)
