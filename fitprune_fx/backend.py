@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx
 
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
@@ -33,7 +32,7 @@ from fitprune_fx.passes.locate import (
     locate_decoder,
     locate_hidden_size,
 )
-from fitprune_fx.passes.onednn_linear import onednn_available, route_linears_to_onednn
+from fitprune_fx.passes.onednn_linear import may_route_linears, route_linears_to_onednn
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.run_time_checks import collect_run_time_checks, raise_failed_checks
 from fitprune_fx.passes.scorers import SCORERS, Scorer
@@ -278,7 +277,7 @@ class FitpruneBackend:
                 )
                 sys.stderr.flush()
             start = time.perf_counter()
-            if understood and self.onednn_linears and _may_route_linears(example_inputs):
+            if understood and self.onednn_linears and may_route_linears(example_inputs):
                 decoder.onednn_linears = route_linears_to_onednn(gm.graph)
                 gm.recompile()
             cudagraphs = self._config.get("triton.cudagraphs", False)  # one graph per compile there
@@ -355,16 +354,6 @@ def check_recipe_fits(recipe: Recipe, gm: fx.GraphModule, layout: DecoderLayout)
             f"this graph holds decoder layers {layers[0]}..{layers[-1]} only (a graph break splits "
             "the decoder), so deleted tokens cannot be carried to the layers after it"
         )
-
-
-def _may_route_linears(example_inputs: list) -> bool:
-    """oneDNN is built in and the graph is compiled for inference (the op has no backward)."""
-    if not onednn_available():
-        return False
-    return not (
-        torch.is_grad_enabled()
-        and any(isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs)
-    )
 
 
 def _first_line(e: BaseException) -> str:

@@ -3,10 +3,10 @@
 Inductor lowers an fp32 `linear` on CPU to `aten.mm` / `addmm`, which call MKL's sgemm. On one
 thread MKL's rate drops as the rows shrink: the 4096 x 11008 projection of LLaVA-1.5-7B ran at
 47.5 GMAC/s on 642 rows and 39.7 on 155, the rows a pruned layer keeps. oneDNN's inner product
-(`torch.ops.mkldnn._linear_pointwise`), on the same plain weight, ran at 54.5 and 53.2 (7-10 %
-faster than MKL at hidden 512, from 642 rows down to 64). Inductor's own oneDNN lowering needs
-weights frozen into constants (a packed copy of every weight); the op here reads the model's
-weights as they are, so nothing is copied and weight updates are seen.
+(`torch.ops.mkldnn._linear_pointwise`), on the same plain weight, ran at 54.5 and 53.2 (at
+hidden 512: 5-11 % faster than MKL from 642 rows down to 130, 1-7 % at 64). Inductor's own oneDNN
+lowering needs weights frozen into constants (a packed copy of every weight); the op here reads
+the model's weights as they are, so nothing is copied and weight updates are seen.
 
 Only prefill graphs move (a linear of at least `MIN_ROWS` rows; then all of the graph's linears,
 so that layers sharing a compile stay one program). A decode step's rows are one per example:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 MIN_ROWS = 32  # rows (tokens x batch) from which a graph is a prefill: all its linears go
 
@@ -47,16 +48,24 @@ def _onednn_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def onednn_available() -> bool:
-    """This torch build has oneDNN and its linear op."""
-    return torch.backends.mkldnn.is_available() and _LINEAR_POINTWISE is not None
+def may_route_linears(example_inputs: list) -> bool:
+    """This torch build has oneDNN and its linear op, and the graph is compiled for inference
+    (the op has no backward)."""
+    if not (torch.backends.mkldnn.is_available() and _LINEAR_POINTWISE is not None):
+        return False
+    needs_grad = any(isinstance(v, torch.Tensor) and v.requires_grad for v in example_inputs)
+    return not (torch.is_grad_enabled() and needs_grad)
 
 
 def _value(node) -> torch.Tensor | None:
+    """The plain tensor a node stands for (None: not a tensor, unknown, or a tensor subclass such
+    as a quantized weight, whose own dispatch may not know the op)."""
     if not isinstance(node, fx.Node):
         return None
     value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
+    if not isinstance(value, torch.Tensor) or is_traceable_wrapper_subclass(value):
+        return None
+    return value
 
 
 def _rows_hint(x: torch.Tensor) -> int:
@@ -68,8 +77,8 @@ def _rows_hint(x: torch.Tensor) -> int:
 
 
 def _fp32_cpu_linears(graph: fx.Graph) -> list[tuple[fx.Node, tuple, torch.Tensor]]:
-    """Every `linear` of `graph` whose input, weight (2-D) and bias are fp32 CPU tensors of known
-    sizes: (node, its (x, weight, bias) arguments, x's value)."""
+    """Every `linear` of `graph` whose input, weight (2-D) and bias are plain fp32 CPU tensors of
+    known sizes: (node, its (x, weight, bias) arguments, x's value)."""
     found = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not torch._C._nn.linear:
