@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .entry_compaction import insert_entry_compaction
 from .insert_compaction import insert_token_compaction
 from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
 from .insert_scoring import insert_importance_scoring
@@ -86,6 +87,12 @@ def prune_visual_tokens(
     shared = {t: t.node for t in dec.per_token}
     present = n
     all_visual, positions = visual, None  # visual mask before compaction; original token positions
+    entry = None
+    if token_counts is not None and plan:  # every layer then reads symbolic token counts
+        entry = insert_entry_compaction(graph, dec, layout, visual, shared, token_counts)
+    if entry is not None:
+        visual, positions = entry.visual, entry.positions
+        inserted += entry.inserted
     fused: list[int] = []
     length = dec.seq_len
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs

@@ -66,7 +66,8 @@ class TokenCountInputs:
     def length_after(
         self, layer: int, count: int | torch.SymInt, device: torch.device, at_least: int = 2
     ) -> fx.Node | None:
-        """A new placeholder [count] on `device` whose length is a fresh symbol with range [2, count].
+        """A new placeholder [count] on `device` whose length is a fresh symbol with range [2, count]
+        (`layer` -1: the count entering the first decoder layer, `entry_compaction`).
 
         `count` may be an expression in the prompt length S: then the range is [at_least, upper
         bound of the expression], `at_least` being a lower bound the caller knows (the visual
@@ -90,7 +91,7 @@ class TokenCountInputs:
             hint, lower, upper = int(count.node.hint), max(bounds.lower, at_least), bounds.upper
         if lower < 2 or hint < lower:
             return None
-        name = f"fitprune_tokens_after_layer_{layer}"
+        name = f"fitprune_tokens_after_layer_{layer}" if layer >= 0 else "fitprune_tokens_entering_decoder"
         symbol = shape_env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
         shape_env.constrain_symbol_range(symbol, lower, upper)
         size = shape_env.create_symintnode(symbol, hint=hint)

@@ -100,6 +100,20 @@ def _kept_positions_fake(positions: torch.Tensor, kept: torch.Tensor) -> torch.T
     return kept.new_empty(kept.shape)
 
 
+@torch.library.custom_op("fitprune::entry_positions", mutates_args=())
+def entry_positions(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Positions 0..K-1 [B, K] for every example, K = `count`'s length and B = `like`'s batch: the
+    identity compaction before the first decoder layer (`entry_compaction`), whose length then
+    comes from a token-count input and is no constant of the graph."""
+    k = count.shape[0]
+    return torch.arange(k, device=like.device).expand(like.shape[0], k).contiguous()
+
+
+@entry_positions.register_fake
+def _entry_positions_fake(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((like.shape[0], count.shape[0]), dtype=torch.long)
+
+
 VISUAL_COUNT_ERROR = (
     "fitprune: the examples of this batch carry different numbers of visual tokens (different image "
     "counts, or LLaVA-NeXT images whose sizes give different counts); the pruned graph needs the same "

@@ -174,7 +174,8 @@ def test_bfloat16_keeps_text_and_tracks_reference():
 
 def test_no_compaction_reads_a_compacted_tensor():
     """Each pruning layer gathers the per-token tensors (RoPE, mask, visual mask) from their
-    uncompacted originals at the kept tokens' original positions, and the residual stream through
+    uncompacted originals at the kept tokens' original positions (composed with the decoder
+    entry's identity positions, `entry_compaction`), and the residual stream through
     an op Inductor does not fuse. A gather of a gather would put one more indirection into every
     later layer's kernels, so that no two pruning layers could share them. The numbers are the
     reference's all the same."""
@@ -195,10 +196,14 @@ def test_no_compaction_reads_a_compacted_tensor():
         assert src.target is not gather_tokens or src.args[1] is n.args[1], n.format_node()
         assert src.target is not ops.gather_residual.default, n.format_node()
     positions = [n for n in nodes if n.target is ops.kept_positions.default]
-    assert len(positions) == 2  # layers 1 and 2 compose their kept indices with the earlier ones
+    assert len(positions) == 3  # every layer composes its kept indices with the earlier positions
+    (entry,) = [n for n in nodes if n.target is ops.entry_positions.default]  # 0..S-1, S counted
+    assert positions[0].args[0] is entry
     per_token = [n for n in gathers if n.args[1] in positions]
-    assert len(per_token) == 2 * 5  # RoPE cos and sin, mask rows and columns, visual mask, per layer
-    originals = {n.args[0] for n in per_token if n.args[0].target is not gather_tokens}
+    assert len(per_token) == 3 * 5  # RoPE cos and sin, mask rows and columns, visual mask, per layer
+    entered = [n for n in gathers if n.args[1] is entry]
+    assert len(entered) == 5  # the same five at the decoder's entry
+    originals = {n.args[0] for n in per_token + entered if n.args[0].target is not gather_tokens}
     assert len(originals) == 4  # cos, sin, mask, visual mask: each read where it was made
     residual = [n for n in nodes if n.target is ops.gather_residual.default]
-    assert len(residual) == 3
+    assert len(residual) == 4  # the entry's and one per pruning layer

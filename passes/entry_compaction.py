@@ -1,0 +1,97 @@
+"""Enter the decoder through an identity compaction, so the first pruning layer is one program
+with every later one.
+
+A pruning layer after the first reads tensors whose token count is a symbol (its predecessor's
+kept count) and gathers the next layer's per-token tensors from their uncompacted originals at
+composed positions. The first pruning layer read the decoder's own tensors at the prompt length,
+a constant, and had no positions to compose: a program of its own, which Inductor lowered and
+built C++ kernels for separately (at LLaVA-1.5-7B width, 4 layers: 4 compiles of 6 partitions,
+the first pruning layer about a sixth of the decoder's compile time).
+
+Here, before the first decoder layer, the residual stream, every per-token tensor and the visual
+mask are gathered at positions 0..S-1 whose count is a token-count input of its own (`[S]`,
+`token_count_inputs`). The values are the same; the layers all read symbolic token counts, and
+with `positions` given the first pruning layer composes them like any other. The copies cost a
+pass over the residual stream (1.3 MB at hidden 512 and 642 tokens) and the mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx
+
+from .layout import DecoderLayout
+from .locate import DecoderGraph, PerTokenTensor, example_value
+from .token_count_inputs import TokenCountInputs
+from .token_ops import gather_tokens  # also registers fitprune::entry_positions
+
+ENTRY = -1  # the layer index the entry's token count is named after (before layer 0)
+
+
+@dataclasses.dataclass
+class Entry:
+    """What the decoder's layers read after `insert_entry_compaction`."""
+
+    positions: fx.Node  # [B, S] long: 0..S-1, S the entry token count (a symbol)
+    visual: fx.Node  # [B, S] the visual-token mask at those positions
+    inserted: list[fx.Node]  # every node added (their fake values are left to shape propagation)
+
+
+def insert_entry_compaction(
+    graph: fx.Graph,
+    dec: DecoderGraph,
+    layout: DecoderLayout,
+    visual: fx.Node,
+    shared: dict[PerTokenTensor, fx.Node],
+    token_counts: TokenCountInputs,
+) -> Entry | None:
+    """Gather what the decoder layers read at identity positions of symbolic count; updates
+    `shared` (tensor -> node the layers read) and `dec.sites` (their residual streams).
+
+    None, with the graph untouched, when the prompt length or the batch is a symbol (there the
+    layers are not compiled apart, `fitprune_fx.layer_compile`), a token-count input cannot be
+    made, or a tensor the layers read is made after the first layer's first node.
+    """
+    if not isinstance(dec.seq_len, int) or not isinstance(dec.batch_size, int):
+        return None
+    computing = (n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    first_layer = next((n for n in computing if layout.layer_index(n) is not None), None)
+    if first_layer is None:
+        return None
+    hidden = dec.sites[min(dec.sites)].residual
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    read = [hidden, visual, *shared.values()]
+    if any(order[n] > order[first_layer] for n in read):
+        return None
+    count = token_counts.length_after(ENTRY, dec.seq_len, example_value(hidden).device)
+    if count is None:
+        return None
+
+    inserted: list[fx.Node] = []
+
+    def add(target, *args) -> fx.Node:
+        with graph.inserting_before(first_layer):
+            node = graph.call_function(target, args)
+        inserted.append(node)
+        return node
+
+    positions = add(torch.ops.fitprune.entry_positions.default, count, hidden)  # [B, S]: 0..S-1
+
+    def after_entry(user: fx.Node) -> bool:  # a reader in the layers or after them
+        return user not in inserted and order.get(user, -1) >= order[first_layer]
+
+    entered = add(torch.ops.fitprune.gather_residual.default, hidden, positions)
+    hidden.replace_all_uses_with(entered, delete_user_cb=after_entry)
+    for tensor, current in list(shared.items()):
+        node = current
+        for d in tensor.token_dims:
+            node = add(gather_tokens, node, positions, d)
+        current.replace_all_uses_with(node, delete_user_cb=after_entry)
+        shared[tensor] = node
+    entered_visual = add(gather_tokens, visual, positions, 1)
+    for layer, site in dec.sites.items():
+        if site.residual is hidden:
+            dec.sites[layer] = dataclasses.replace(site, residual=entered)
+    return Entry(positions, entered_visual, inserted)
