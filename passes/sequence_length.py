@@ -96,6 +96,17 @@ def propagate_compaction(gm: fx.GraphModule, inserted: set[fx.Node], fake_mode) 
     Returns the number of size arguments rewritten. Raises UnsupportedGraph when a node cannot
     be made consistent with the shorter sequence.
     """
+    cache = getattr(fake_mode, "cache_enabled", None)
+    if cache is not None:  # symbolic sizes make every op a miss: building entries cost a third
+        fake_mode.cache_enabled = False  # of the propagation (1.3 against 0.9 s, 8 layers)
+    try:
+        return _propagate(gm, inserted, fake_mode)
+    finally:
+        if cache is not None:
+            fake_mode.cache_enabled = cache
+
+
+def _propagate(gm: fx.GraphModule, inserted: set[fx.Node], fake_mode) -> int:
     original = {n: example_value(n) for n in gm.graph.nodes}
     dirty = set(inserted)
     rewrites = 0
