@@ -29,13 +29,14 @@ decoder dominates. Every variant goes through the same backend, ``fitprune_backe
 
 Variants run alternately (round robin, start rotated each round), warm-up excluded; medians are
 reported. Speed-ups are ratios of medians measured side by side in one run. Also measured:
-compile time of every variant (its first call minus a warm call, Inductor caches off, after a
-throw-away compile that absorbs one-time costs) and greedy decode after a pruned prefill
-(in-place ``model.compile(backend=...)`` + ``generate``): decode-step time against the per-layer
-cache length the prefill left. On CPU each variant is also profiled (`speed_breakdown.py`): its
-time split into GEMMs, attention, the pass's ops, compiled code and the rest, each against what
-its work would take at unpruned's rates, which says what holds a recipe below its ideal
-(``--no-breakdown`` skips it). Tables are Markdown (`speed_report.py`).
+compile time of every variant (its first call minus a warm call, Inductor caches off and every
+C++ kernel built afresh, after a throw-away compile of the model that absorbs one-time costs)
+and greedy decode after a pruned prefill (in-place ``model.compile(backend=...)`` +
+``generate``): decode-step time against the per-layer cache length the prefill left. On CPU
+each variant is also profiled (`speed_breakdown.py`): its time split into GEMMs, attention,
+the pass's ops, compiled code and the rest, each against what its work would take at
+unpruned's rates, which says what holds a recipe below its ideal (``--no-breakdown`` skips it).
+Tables are Markdown (`speed_report.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import functools
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -66,7 +68,15 @@ from speed_report import (
     prefill_table,
     side_by_side,
 )
-from timing import StepClock, TimedBackend, inductor_caches_disabled, round_robin, synchronize, timed
+from timing import (
+    StepClock,
+    TimedBackend,
+    inductor_caches_disabled,
+    kernels_built_afresh,
+    round_robin,
+    synchronize,
+    timed,
+)
 from tqdm import tqdm
 from transformers import (
     CLIPVisionConfig,
@@ -251,11 +261,17 @@ def measure_prefill(
         return took
 
     with torch.no_grad():
-        with inductor_caches_disabled():
-            # A throw-away compile absorbs one-time costs (imports, C++ toolchain probe, headers).
-            torch.compile(lambda x: (x * 2).sin(), backend=args.compiler)(torch.randn(8, device=args.device))
+        with inductor_caches_disabled(), tempfile.TemporaryDirectory() as kernels:
+            # A throw-away compile of the model absorbs what only a process's first compile pays
+            # (imports, decomposition tables, the C++ toolchain probe, headers): 5-12 s at small
+            # width, which the first variant timed (unpruned) used to be charged. Then every variant
+            # builds its kernels afresh: none is loaded from an earlier variant's build.
+            with kernels_built_afresh(kernels):
+                throwaway = fitprune_backend(recipes[UNPRUNED], compiler=args.compiler, progress=False)
+                torch.compile(model, backend=throwaway)(**inputs, logits_to_keep=1)
             for name in tqdm(names, desc="compile (first calls)", file=sys.stdout):
-                first[name] = call(name)
+                with kernels_built_afresh(kernels):
+                    first[name] = call(name)
         for name in names:  # what the prefill left in the cache: tokens per layer, read off the output
             out = compiled[name](**inputs, logits_to_keep=1)
             results.cache_lengths[name] = [layer.keys.shape[-2] for layer in out.past_key_values.layers]

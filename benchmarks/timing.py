@@ -1,10 +1,12 @@
 """Timing helpers of `benchmarks/speed.py`: timed calls, alternating rounds, compiles without
-Inductor's caches, time spent inside a backend, and a clock for generation steps."""
+Inductor's caches (nor kernels built before), time spent inside a backend, and a clock for
+generation steps."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -52,6 +54,29 @@ def inductor_caches_disabled() -> Iterator[None]:
             os.environ.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
         else:
             os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = saved[2]
+
+
+@contextlib.contextmanager
+def kernels_built_afresh(root: str) -> Iterator[None]:
+    """Compile in a new Inductor cache directory under `root`, with its in-memory caches emptied.
+
+    `inductor_caches_disabled` stops the FX-graph cache, but a C++ kernel whose built library is
+    already on disk (an earlier variant's or an earlier run's: the vision tower's kernels are the
+    same for every variant) is loaded, not built: whichever variant compiled later would be
+    charged less. The directory is left in place; compiled code may still load from it.
+    """
+    from torch._inductor.utils import clear_inductor_caches
+
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=root)
+    clear_inductor_caches()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
 
 
 class TimedBackend:
