@@ -6,7 +6,8 @@ again, on symbolic sizes: at hidden 512, 8 layers and the 70 recipe it took 11-1
 graph against 5-6 s unpruned. Here the graph is split at layer boundaries
 (`passes/split_layers.py`); partitions that run the same program on inputs of the same kind are
 compiled once, on inputs whose sizes are fresh symbols of a shape environment of their own, and
-the compiled code is called for each of them (7.7-10.2 s there: 4 compiles for 10 partitions).
+the compiled code is called for each of them (7.7-10.2 s there: 4 compiles for 10 partitions;
+3 once the first pruning layer was entered like the later ones, `passes/entry_compaction.py`).
 
 A shared compile must not rest on any fact about its sizes beyond their kind: if Inductor records
 a guard on those symbols, the split is abandoned and the caller compiles the whole graph. Graphs

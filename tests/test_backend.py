@@ -38,8 +38,8 @@ def assert_matches_reference(m, inputs, out, prune, **kw):
 @pytest.mark.parametrize("text_model, symbolic", [("llama", False), ("qwen2", True)])
 def test_inductor_output_matches_reference_and_code_compacts(text_model, symbolic):
     """Both ways of sizing the layers after a deletion compile to the reference's numbers; with a
-    symbol per kept count, layers 1 and 2 (21 -> 15 and 15 -> 12 tokens) are one compile, called
-    per layer (`layer_compile`)."""
+    symbol per kept count, layers 0-2 (25 -> 21, 21 -> 15 and 15 -> 12 tokens; the first entered
+    through an identity compaction) are one compile, called per layer (`layer_compile`)."""
     m = tiny_llava(text_model, seed=1)
     prune = {0: 4, 1: 6, 2: 3}
     backend = fitprune_backend(recipe_for(m, prune), symbolic_token_counts=symbolic)
@@ -48,8 +48,8 @@ def test_inductor_output_matches_reference_and_code_compacts(text_model, symboli
     with torch.no_grad():
         out, code = run_and_get_code(lambda: compiled(**inputs))
     assert [r.result.tokens_per_layer for r in backend.pruned_graphs] == [["25", "21", "15", "12"]]
-    # With symbols, compiled per layer: before the layers, layer 0, layers 1-2 once, the final norm.
-    assert backend.pruned_graphs[0].partitions == ((5, 4) if symbolic else None)
+    # With symbols, compiled per layer: before the layers, layers 0-2 once, the final norm.
+    assert backend.pruned_graphs[0].partitions == ((5, 3) if symbolic else None)
     assert out.logits.shape[:2] == (2, 12)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [25, 21, 15]
     assert_matches_reference(m, inputs, out, prune)

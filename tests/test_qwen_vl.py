@@ -132,9 +132,9 @@ def test_any_prompt_length_graph_prunes_like_masking():
 
 
 def test_inductor_per_layer_compile_prunes_like_masking():
-    """Inductor, compiled per layer (M-RoPE and the visual marks inside the partitions): layers 1
-    and 3 (unpruned, after a deletion) share one compile, and the logits at the kept positions are
-    pruning as masking's."""
+    """Inductor, compiled per layer (M-RoPE and the visual marks inside the partitions): layers 0
+    and 2 (pruning) share one compile, layers 1 and 3 (unpruned, after a deletion) another, and the
+    logits at the kept positions are pruning as masking's."""
     model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=1)
     oracle = copy.deepcopy(model)
     backend = fitprune_backend(fraction_recipe(model, FRACTIONS), progress=False)
@@ -144,7 +144,7 @@ def test_inductor_per_layer_compile_prunes_like_masking():
         out = torch.compile(model, backend=backend)(**inputs).logits
     with torch.no_grad(), MaskingReference(oracle, prune) as masking:
         expected = oracle(**inputs).logits
-    assert backend.pruned_graphs[0].partitions == (6, 5), backend.summary()
+    assert backend.pruned_graphs[0].partitions == (6, 4), backend.summary()
     for b in range(inputs["input_ids"].shape[0]):
         kept = (~(masking.deleted[0][b] | masking.deleted[2][b])).nonzero().squeeze(1)
         valid = inputs["attention_mask"][b, kept].bool()
