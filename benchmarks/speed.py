@@ -97,13 +97,13 @@ VOCAB_SIZE = 32064
 STATIC = "-static"  # variant suffix: constant token counts (the compile before shared kernels)
 WIDTHS = {
     "small": dict(layers=8, hidden=512, heads=8, intermediate=1376, repeats=9, warmup=2, new_tokens=64,
-                  decode_repeats=3, merge_below=0.25),  # ~0.5 s prefill on 1 thread
+                  decode_repeats=3, decode_batch=8, merge_below=0.25),  # ~0.5 s prefill on 1 thread
     "7b": dict(layers=4, hidden=4096, heads=32, intermediate=11008, repeats=5, warmup=1, new_tokens=16,
-               decode_repeats=2, merge_below=0.025),  # LLaVA-1.5-7B's layer, 4 of them
+               decode_repeats=2, decode_batch=0, merge_below=0.025),  # LLaVA-1.5-7B's layer, 4 of them
     "gpu": dict(layers=32, hidden=4096, heads=32, intermediate=11008, repeats=9, warmup=2, new_tokens=64,
-                decode_repeats=3, merge_below=0.1),  # LLaVA-1.5-7B
+                decode_repeats=3, decode_batch=8, merge_below=0.1),  # LLaVA-1.5-7B
     "quick": dict(layers=2, hidden=64, heads=2, intermediate=172, repeats=2, warmup=1, new_tokens=4,
-                  decode_repeats=1, merge_below=0.0),
+                  decode_repeats=1, decode_batch=2, merge_below=0.0),
 }  # fmt: skip
 
 
@@ -414,6 +414,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--decode-warmup", type=int, default=1)
     p.add_argument(
+        "--decode-batch",
+        type=int,
+        default=None,
+        help="also time decode at this batch (default per width: small 8, 7b none; 0 or 1 skips)",
+    )
+    p.add_argument(
         "--vision-repeats", type=int, default=5, help="eager vision-tower timings for its share (0 skips)"
     )
     p.add_argument(
@@ -480,7 +486,16 @@ def width_args(args: argparse.Namespace, width: str) -> argparse.Namespace:
     w = argparse.Namespace(**vars(args))
     defaults = WIDTHS[width]
     w.width = width
-    for key in ("layers", "hidden", "heads", "repeats", "new_tokens", "decode_repeats", "merge_below"):
+    for key in (
+        "layers",
+        "hidden",
+        "heads",
+        "repeats",
+        "new_tokens",
+        "decode_repeats",
+        "decode_batch",
+        "merge_below",
+    ):
         if getattr(w, key) is None:
             setattr(w, key, defaults[key])
     if w.intermediate is None:
@@ -532,6 +547,7 @@ def run_width(args: argparse.Namespace) -> Results:
             new_tokens=args.new_tokens,
             merge_below=args.merge_below,
             batch=args.batch,
+            decode_batch=args.decode_batch,
             unprunable_macs=unprunable_macs(model, inputs),
         ),
     )
@@ -547,6 +563,10 @@ def run_width(args: argparse.Namespace) -> Results:
         unpruned = [n for n in (UNPRUNED, UNPRUNED_INDUCTOR_LINEARS) if n in recipes]
         decode_names = [*unpruned, *(n for n in args.decode_recipes or args.recipes if n in recipes)]
         results.decode = measure_decode(model, inputs, backends, decode_names, args)
+        if args.decode_batch > 1:  # the cache is read once per example, the weights once per step
+            batched = argparse.Namespace(**{**vars(args), "batch": args.decode_batch})
+            prompts = make_prompt(model, batched)
+            results.decode_batched = measure_decode(model, prompts, backends, decode_names, batched)
     print("\n" + machine_line(results) + "\n")
     print(prefill + "\n")
     print(overhead_table(results, recipes) + "\n")
@@ -554,6 +574,8 @@ def run_width(args: argparse.Namespace) -> Results:
         print(breakdown_table(results.breakdown, results.cache_lengths, UNPRUNED) + "\n")
     if results.decode:
         print(decode_table(results) + "\n")
+    if results.decode_batched:
+        print(decode_table(results, batched=True) + "\n")
     print("Backend reports (decoder graphs):")
     for name, lines in results.reports.items():
         for line in lines:

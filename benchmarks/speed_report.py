@@ -50,6 +50,7 @@ class Results:
     compile_s: dict[str, dict] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)  # CUDA: peak allocated during one prefill
     decode: dict[str, dict] = field(default_factory=dict)
+    decode_batched: dict[str, dict] = field(default_factory=dict)  # the same at `sizes["decode_batch"]`
     breakdown: dict[str, dict] = field(default_factory=dict)  # CPU: ms per kind of work (speed_breakdown)
 
 
@@ -166,14 +167,15 @@ def overhead_table(results: Results, recipes: dict[str, Recipe]) -> str:
     return "\n".join(lines)
 
 
-def decode_table(results: Results) -> str:
+def decode_table(results: Results, batched: bool = False) -> str:
     """Markdown: decode-step time against the per-layer cache length the prefill left (throughput
-    against the faster unpruned run)."""
-    d = results.decode
+    against the faster unpruned run), at the run's batch or (`batched`) at its decode batch."""
+    d = results.decode_batched if batched else results.decode
+    batch = results.sizes["decode_batch"] if batched else results.sizes.get("batch", 1)
     base = baseline({n: row["step_ms"] for n, row in d.items()})
     lines = [
-        f"| variant | cache per layer after the prefill (mean; first -> last layer) | decode step ms "
-        f"({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned |",
+        f"| variant, batch {batch} | cache per layer after the prefill (mean; first -> last layer) | decode "
+        f"step ms ({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned |",
         "|---|---|---|---|---|",
     ]
     for name, row in d.items():
@@ -222,10 +224,12 @@ def side_by_side(runs: dict[str, Results]) -> str:
         base = compile_base(name)
         return lambda r: f"{r.compile_s[name]['compile_s'] / r.compile_s[base]['compile_s']:.2f}x"
 
-    def decode_ratio(name: str):
-        return lambda r: (
-            f"{baseline({n: d['step_ms'] for n, d in r.decode.items()}) / r.decode[name]['step_ms']:.2f}x"
-        )
+    def decode_ratio(name: str, batched: bool = False):
+        def ratio(r: Results) -> str:
+            d = r.decode_batched if batched else r.decode
+            return f"{baseline({n: row['step_ms'] for n, row in d.items()}) / d[name]['step_ms']:.2f}x"
+
+        return ratio
 
     def onednn(r: Results) -> str:
         ms = r.prefill_ms
@@ -237,7 +241,13 @@ def side_by_side(runs: dict[str, Results]) -> str:
     for name in compiled:
         row(f"compile time {name} / {compile_base(name)}", compile_ratio(name))
     for name in (n for n in runs[widths[0]].decode if not n.startswith(UNPRUNED)):
-        row(f"decode throughput {name} / unpruned", decode_ratio(name))
+        row(f"decode throughput {name} / unpruned, batch 1", decode_ratio(name))
+    batched = next((r for r in runs.values() if r.decode_batched), None)
+    for name in (n for n in (batched.decode_batched if batched else {}) if not n.startswith(UNPRUNED)):
+        row(
+            f"decode throughput {name} / unpruned, batch {batched.sizes['decode_batch']}",
+            decode_ratio(name, True),
+        )
     return "\n".join(lines)
 
 

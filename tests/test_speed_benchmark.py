@@ -37,7 +37,7 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
     assert {"unpruned", "score-only", "50", "70"} <= rows
     assert any(line.startswith("| scoring (score-only vs unpruned prefill, ") for line in table.splitlines())
     decode = [line for line in table.splitlines() if line.startswith("| 70 | ") and " (642 -> " in line]
-    assert len(decode) == 1 and decode[0].rstrip().endswith("x |")  # decode step vs cache length
+    assert len(decode) == 2 and all(d.rstrip().endswith("x |") for d in decode)  # batch 1, batch 2
     assert "Machine:" in table and "576 visual" in table
 
     results = json.loads(out.read_text())
@@ -111,7 +111,14 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
         assert 1 < fwd < f["ideal_full"]
         implied.append(by_hand * (fwd - 1) / (1 - fwd * kept))
     assert abs(implied[0] - implied[1]) < 1e-6 * implied[0], implied
-    assert "| decode throughput 70 / unpruned |" in summary
+    assert "| decode throughput 70 / unpruned, batch 1 |" in summary
+    # Decode at the width's decode batch too (quick: 2 prompts per call), in a table of its own.
+    assert results["sizes"]["decode_batch"] == 2
+    assert set(results["decode_batched"]) == set(step)
+    assert results["decode_batched"]["70"]["pruned_graphs"] >= 1
+    batched = [line for line in table.splitlines() if line.startswith("| variant, batch 2 |")]
+    assert len(batched) == 1
+    assert "| decode throughput 70 / unpruned, batch 2 |" in summary
 
     # Where the time went: every variant profiled, the kinds adding up to the call's time; the pass's ops
     # only where it pruned; lm_head (one position, same weight) the same work in both; less
