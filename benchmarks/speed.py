@@ -97,7 +97,7 @@ VOCAB_SIZE = 32064
 STATIC = "-static"  # variant suffix: constant token counts (the compile before shared kernels)
 WIDTHS = {
     "small": dict(layers=8, hidden=512, heads=8, intermediate=1376, repeats=9, warmup=2, new_tokens=64,
-                  decode_repeats=3, decode_batch=8, merge_below=0.25),  # ~0.5 s prefill on 1 thread
+                  decode_repeats=5, decode_batch=8, merge_below=0.25),  # ~0.5 s prefill on 1 thread
     "7b": dict(layers=4, hidden=4096, heads=32, intermediate=11008, repeats=5, warmup=1, new_tokens=16,
                decode_repeats=2, decode_batch=0, merge_below=0.025),  # LLaVA-1.5-7B's layer, 4 of them
     "gpu": dict(layers=32, hidden=4096, heads=32, intermediate=11008, repeats=9, warmup=2, new_tokens=64,
