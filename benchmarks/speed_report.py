@@ -227,6 +227,8 @@ def side_by_side(runs: dict[str, Results]) -> str:
     def decode_ratio(name: str, batched: bool = False):
         def ratio(r: Results) -> str:
             d = r.decode_batched if batched else r.decode
+            if name not in d:  # a width without that decode (7b: no batched decode)
+                raise KeyError(name)
             return f"{baseline({n: row['step_ms'] for n, row in d.items()}) / d[name]['step_ms']:.2f}x"
 
         return ratio

@@ -22,7 +22,11 @@ from .token_ops import gather_tokens, gathered_shape  # also registers torch.ops
 
 _VIEW_METHODS = {"view", "reshape", "expand"}
 _VIEW_FUNCTIONS = {torch.reshape: "reshape"}
-_COMPACTIONS = (gather_tokens, torch.ops.fitprune.gather_residual.default)
+_COMPACTIONS = (
+    gather_tokens,
+    torch.ops.fitprune.gather_residual.default,
+    torch.ops.fitprune.enter_tokens.default,
+)
 
 
 def _view_kind(node: fx.Node) -> str | None:

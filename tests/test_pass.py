@@ -201,9 +201,12 @@ def test_no_compaction_reads_a_compacted_tensor():
     assert positions[0].args[0] is entry
     per_token = [n for n in gathers if n.args[1] in positions]
     assert len(per_token) == 3 * 5  # RoPE cos and sin, mask rows and columns, visual mask, per layer
-    entered = [n for n in gathers if n.args[1] is entry]
-    assert len(entered) == 5  # the same five at the decoder's entry
-    originals = {n.args[0] for n in per_token + entered if n.args[0].target is not gather_tokens}
+    originals = {n.args[0] for n in per_token if n.args[0].target is not gather_tokens}
     assert len(originals) == 4  # cos, sin, mask, visual mask: each read where it was made
+    # At the decoder's entry the same four and the residual stream are copied, sized by the
+    # entry count (what a gather at 0..S-1 gives), from the same originals.
+    entered = [n for n in nodes if n.target is ops.enter_tokens.default]
+    assert len(entered) == 5 and {n.args[1] for n in entered} == {entry.args[0]}
+    assert originals < {n.args[0] for n in entered}
     residual = [n for n in nodes if n.target is ops.gather_residual.default]
-    assert len(residual) == 4  # the entry's and one per pruning layer
+    assert len(residual) == 3  # one per pruning layer

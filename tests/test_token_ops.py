@@ -1,8 +1,9 @@
-"""The compaction ops (`fitprune::gather_residual`, `fitprune::gather_token_pairs`) against
-per-example indexing."""
+"""The compaction ops (`fitprune::gather_residual`, `fitprune::gather_token_pairs`, the decoder
+entry's `fitprune::enter_tokens`) against per-example indexing."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,3 +102,24 @@ def test_mask_gathers_of_a_partition_input_become_row_copies():
     assert ops.count(torch.ops.fitprune.gather_token_pairs.default) == 1 and ops.count(gather_tokens) == 4
     for a, b in zip(gm(x, k), expected, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_entering_the_decoder_is_a_gather_at_every_position(broadcast):
+    """`enter_tokens` gives the rows kept at `entry_positions` (0..S-1): the tensor itself, its batch
+    dim broadcast; `opcheck` covers the fake sizes; a count of the wrong length is refused by name."""
+    batch, seq = 3, 7
+    mask = torch.rand(1 if broadcast else batch, 1, seq, seq) > 0.5
+    rows = torch.randn(1 if broadcast else batch, seq, 5)
+    count = torch.empty(seq, dtype=torch.uint8)
+    like = torch.empty(batch, seq, 2)
+    positions = torch.ops.fitprune.entry_positions(count, like)
+    assert torch.equal(positions, torch.arange(seq).expand(batch, seq))
+    entered = torch.ops.fitprune.enter_tokens(mask, count, [2, 3], batch)
+    expected = torch.stack([mask[e if mask.shape[0] > 1 else 0] for e in range(batch)])
+    assert torch.equal(entered, expected) and entered.is_contiguous()
+    assert torch.equal(torch.ops.fitprune.enter_tokens(rows, count, [1], batch), kept_rows(rows, positions))
+    torch.library.opcheck(torch.ops.fitprune.enter_tokens.default, (mask, count, [2, 3], batch))
+    torch.library.opcheck(torch.ops.fitprune.entry_positions.default, (count, like))
+    with pytest.raises(RuntimeError, match="7 tokens enter the decoder, its entry count says 6"):
+        torch.ops.fitprune.enter_tokens(rows, count[:6], [1], batch)
