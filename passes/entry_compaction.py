@@ -49,8 +49,9 @@ def insert_entry_compaction(
     shared: dict[PerTokenTensor, fx.Node],
     token_counts: TokenCountInputs,
 ) -> Entry | None:
-    """Gather what the decoder layers read at identity positions of symbolic count; updates
-    `shared` (tensor -> node the layers read) and `dec.sites` (their residual streams).
+    """Copy what the decoder layers read, its token dims sized by a new entry count (what a gather
+    at positions 0..S-1 gives); updates `shared` (tensor -> node the layers read) and `dec.sites`
+    (their residual streams).
 
     None, with the graph untouched, when the prompt length or the batch is a symbol (there the
     layers are not compiled apart, `fitprune_fx.layer_compile`), a token-count input cannot be
