@@ -260,8 +260,8 @@ def measure_prefill(
         decoder[name].append(sum(timers[name].decoder_s[before:]))
         return took
 
-    with torch.no_grad():
-        with inductor_caches_disabled(), tempfile.TemporaryDirectory() as kernels:
+    with torch.no_grad(), tempfile.TemporaryDirectory() as kernels:  # kept while the variants run
+        with inductor_caches_disabled():
             # A throw-away compile of the model absorbs what only a process's first compile pays
             # (imports, decomposition tables, the C++ toolchain probe, headers): 5-12 s at small
             # width, which the first variant timed (unpruned) used to be charged. Then every variant
@@ -563,7 +563,8 @@ def run_width(args: argparse.Namespace) -> Results:
         unpruned = [n for n in (UNPRUNED, UNPRUNED_INDUCTOR_LINEARS) if n in recipes]
         decode_names = [*unpruned, *(n for n in args.decode_recipes or args.recipes if n in recipes)]
         results.decode = measure_decode(model, inputs, backends, decode_names, args)
-        if args.decode_batch > 1:  # the cache is read once per example, the weights once per step
+        if args.decode_batch > 1 and args.decode_batch != args.batch:  # the cache is read per example,
+            # the weights once per step
             batched = argparse.Namespace(**{**vars(args), "batch": args.decode_batch})
             prompts = make_prompt(model, batched)
             results.decode_batched = measure_decode(model, prompts, backends, decode_names, batched)

@@ -242,8 +242,9 @@ def side_by_side(runs: dict[str, Results]) -> str:
     compiled = [n for n in runs[widths[0]].compile_s if n != compile_base(n) and n != SCORE_ONLY]
     for name in compiled:
         row(f"compile time {name} / {compile_base(name)}", compile_ratio(name))
+    batch = runs[widths[0]].sizes.get("batch", 1)
     for name in (n for n in runs[widths[0]].decode if not n.startswith(UNPRUNED)):
-        row(f"decode throughput {name} / unpruned, batch 1", decode_ratio(name))
+        row(f"decode throughput {name} / unpruned, batch {batch}", decode_ratio(name))
     batched = next((r for r in runs.values() if r.decode_batched), None)
     for name in (n for n in (batched.decode_batched if batched else {}) if not n.startswith(UNPRUNED)):
         row(

@@ -63,7 +63,8 @@ def kernels_built_afresh(root: str) -> Iterator[None]:
     `inductor_caches_disabled` stops the FX-graph cache, but a C++ kernel whose built library is
     already on disk (an earlier variant's or an earlier run's: the vision tower's kernels are the
     same for every variant) is loaded, not built: whichever variant compiled later would be
-    charged less. The directory is left in place; compiled code may still load from it.
+    charged less. The directory outlives the context (the caller removes `root` once the compiled
+    code is no longer called).
     """
     from torch._inductor.utils import clear_inductor_caches
 

@@ -5,16 +5,17 @@ A pruning layer after the first reads tensors whose token count is a symbol (its
 kept count) and gathers the next layer's per-token tensors from their uncompacted originals at
 composed positions. The first pruning layer read the decoder's own tensors at the prompt length,
 a constant, and had no positions to compose: a program of its own, which Inductor lowered and
-built C++ kernels for separately (70 recipe, 8 layers at hidden 512: 4 compiles of 10
-partitions, the decoder graph compiled in 8.6-9.4 s against 6.7-8.2 s unpruned; 3 compiles and
-4.7-5.4 s with this entry).
+built C++ kernels for separately (70 and 50 recipes, 8 layers at hidden 512, compiles after a
+first one in the process with kernels built afresh: 4 compiles of 10 partitions, the decoder
+graph in 8.6-9.4 s against 7.0-8.2 s unpruned; with this entry 3 compiles and 4.7-5.4 s against
+6.7-6.8 s).
 
 Here, before the first decoder layer, the residual stream, every per-token tensor and the visual
 mask are copied with their token dims sized by a token-count input of their own (`[S]`,
 `token_count_inputs`; `fitprune::enter_tokens`, what a gather at positions 0..S-1 would give),
 and the first pruning layer composes its kept indices with those positions like any later one.
-The values are the same; the layers all read symbolic token counts. The copies cost a pass over
-the residual stream (1.3 MB at hidden 512 and 642 tokens) and the mask.
+The values are the same; the layers all read symbolic token counts. The five copies (1.8 MB at
+hidden 512 and 642 tokens) took 0.3 ms together, timed alone on 1 thread.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def insert_entry_compaction(
     """
     if not isinstance(dec.seq_len, int) or not isinstance(dec.batch_size, int):
         return None
-    computing = (n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    # where layer 0's partition starts (`split_layers.layer_partitions`): the entry goes before it
+    computing = (n for n in graph.nodes if n.op not in ("placeholder", "output"))
     first_layer = next((n for n in computing if layout.layer_index(n) is not None), None)
     if first_layer is None:
         return None
@@ -93,7 +95,7 @@ def insert_entry_compaction(
     entered = enter(hidden, (1,))
     for tensor, current in list(shared.items()):
         shared[tensor] = enter(current, tensor.token_dims)
-    entered_visual = add(torch.ops.fitprune.enter_tokens.default, visual, count, [1], dec.batch_size)
+    entered_visual = enter(visual, (1,))  # read by the pass's nodes, which come later
     for layer, site in dec.sites.items():
         if site.residual is hidden:
             dec.sites[layer] = dataclasses.replace(site, residual=entered)
