@@ -32,7 +32,9 @@ reported. Speed-ups are ratios of medians measured side by side in one run. Also
 compile time of every variant (its first call minus a warm call, Inductor caches off and every
 C++ kernel built afresh, after a throw-away compile of the model that absorbs one-time costs)
 and greedy decode after a pruned prefill (in-place ``model.compile(backend=...)`` +
-``generate``): decode-step time against the per-layer cache length the prefill left. On CPU
+``generate``): decode-step time against the per-layer cache length the prefill left, and its
+throughput against a bound by bytes read per step (the weights once, each example's cache once:
+`speed_report.decode_ideal`), at batch 1 and at the width's decode batch. On CPU
 each variant is also profiled (`speed_breakdown.py`): its time split into GEMMs, attention,
 the pass's ops, compiled code and the rest, each against what its work would take at
 unpruned's rates, which says what holds a recipe below its ideal (``--no-breakdown`` skips it).
@@ -96,8 +98,8 @@ VOCAB_SIZE = 32064
 # 0.047 then; about 0.001 and 0.014 now), kept so that the merged rows stay comparable across runs.
 STATIC = "-static"  # variant suffix: constant token counts (the compile before shared kernels)
 WIDTHS = {
-    "small": dict(layers=8, hidden=512, heads=8, intermediate=1376, repeats=9, warmup=2, new_tokens=64,
-                  decode_repeats=5, decode_batch=8, merge_below=0.25),  # ~0.5 s prefill on 1 thread
+    "small": dict(layers=8, hidden=512, heads=8, intermediate=1376, repeats=21, warmup=2, new_tokens=64,
+                  decode_repeats=9, decode_batch=8, merge_below=0.25),  # ~0.5 s prefill on 1 thread
     "7b": dict(layers=4, hidden=4096, heads=32, intermediate=11008, repeats=5, warmup=1, new_tokens=16,
                decode_repeats=2, decode_batch=0, merge_below=0.025),  # LLaVA-1.5-7B's layer, 4 of them
     "gpu": dict(layers=32, hidden=4096, heads=32, intermediate=11008, repeats=9, warmup=2, new_tokens=64,
@@ -197,6 +199,20 @@ def make_recipes(
     }
     recipes.update(shipped)
     return recipes
+
+
+def decode_step_bytes(model: LlavaForConditionalGeneration) -> dict[str, int]:
+    """What a decode step reads, in bytes: the weights (`lm_head`, the decoder's layers and final
+    norm; the embedding reads one row) and, per cached token and layer, its keys and values."""
+    text = model.config.text_config
+    decoder = model.model.language_model
+    weights = [*decoder.layers.parameters(), *decoder.norm.parameters(), *model.lm_head.parameters()]
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    itemsize = model.lm_head.weight.element_size()
+    return {
+        "decode_weight_bytes": sum(p.numel() * p.element_size() for p in weights),
+        "kv_bytes_per_token": 2 * text.num_key_value_heads * head_dim * itemsize,
+    }
 
 
 def unprunable_macs(model: LlavaForConditionalGeneration, inputs: dict[str, torch.Tensor]) -> float:
@@ -549,6 +565,7 @@ def run_width(args: argparse.Namespace) -> Results:
             batch=args.batch,
             decode_batch=args.decode_batch,
             unprunable_macs=unprunable_macs(model, inputs),
+            **decode_step_bytes(model),
         ),
     )
     print(machine_line(results))

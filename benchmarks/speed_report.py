@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 
@@ -84,10 +85,10 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
     fixed = results.sizes.get("unprunable_macs", 0.0)  # vision tower, projector, lm_head: not pruned
     lines = [
         "| variant | pruned graphs | tokens per layer (first -> last) | r (reference) | r (full, text incl.) "
-        "| ideal 1/(1-r) | ideal (full) | ideal (forward) | prefill ms (median) | measured speed-up "
-        "| measured / ideal | measured / ideal (full) | measured / ideal (forward) "
+        "| ideal 1/(1-r) | ideal (full) | ideal (forward) | prefill ms (median) | quartiles ms "
+        "| measured speed-up | measured / ideal | measured / ideal (full) | measured / ideal (forward) "
         "| decoder graph ms | decoder graph speed-up / ideal (full) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in [UNPRUNED, SCORE_ONLY, *(n for n in recipes if n not in (UNPRUNED, SCORE_ONLY))]:
         recipe = recipes[name]
@@ -110,10 +111,12 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
         }
         kept = results.kept_tokens[name]
         tokens = f"{kept[0]} -> {kept[-1]}" if kept else "-"
+        samples = results.prefill_samples_ms[name]
+        q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
         lines.append(
             f"| {name} | {results.pruned_graphs[name]} | {tokens} | {r_ref:.3f} | {r_full:.3f} "
             f"| {ideal:.2f}x | {ideal_full:.2f}x | {ideal_forward:.2f}x | {results.prefill_ms[name]:.1f} "
-            f"| {speedup:.2f}x | {speedup / ideal:.2f} | {speedup / ideal_full:.2f} "
+            f"| {q1:.1f} - {q3:.1f} | {speedup:.2f}x | {speedup / ideal:.2f} | {speedup / ideal_full:.2f} "
             f"| {speedup / ideal_forward:.2f} | {decoder or float('nan'):.1f} "
             f"| {decoder_speedup / ideal_full:.2f} |"
         )
@@ -167,22 +170,45 @@ def overhead_table(results: Results, recipes: dict[str, Recipe]) -> str:
     return "\n".join(lines)
 
 
+def decode_bytes(results: Results, name: str, batch: int) -> float:
+    """Bytes a decode step of `name` must read at least: the weights once (`lm_head`, the decoder
+    layers and norm) and every example's cache once, keys and values of every layer at its mean
+    length over the generated tokens (the cache the prefill left, per layer, plus half the new
+    tokens). Without a byte-per-step rate this is only a ratio's ingredient (`decode_ideal`)."""
+    s = results.sizes
+    growth = (s["new_tokens"] - 1) / 2  # the step at token t reads t - 1 tokens past the prefill's
+    cache = sum(length + growth for length in results.cache_lengths[name])
+    return s["decode_weight_bytes"] + batch * s["kv_bytes_per_token"] * cache
+
+
+def decode_ideal(results: Results, name: str, batch: int) -> float:
+    """Decode throughput `name` could reach against unpruned if a step cost its bytes read
+    (`decode_bytes`): the bound of a step that streams its weights and cache from memory. At batch 1
+    the weights dominate, so a shorter cache cannot give much; each example adds its cache."""
+    return decode_bytes(results, UNPRUNED, batch) / decode_bytes(results, name, batch)
+
+
 def decode_table(results: Results, batched: bool = False) -> str:
     """Markdown: decode-step time against the per-layer cache length the prefill left (throughput
-    against the faster unpruned run), at the run's batch or (`batched`) at its decode batch."""
+    against the faster unpruned run, and against its bytes-read bound `decode_ideal`), at the run's
+    batch or (`batched`) at its decode batch."""
     d = results.decode_batched if batched else results.decode
     batch = results.sizes["decode_batch"] if batched else results.sizes.get("batch", 1)
     base = baseline({n: row["step_ms"] for n, row in d.items()})
+    bounded = "decode_weight_bytes" in results.sizes  # absent from runs before the bound was printed
     lines = [
         f"| variant, batch {batch} | cache per layer after the prefill (mean; first -> last layer) | decode "
-        f"step ms ({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned |",
-        "|---|---|---|---|---|",
+        f"step ms ({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned "
+        "| ideal by bytes read per step (weights + cache) | throughput / ideal |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in d.items():
         cache = results.cache_lengths[name]  # measured: the prefill output's cache, per layer
+        speedup = base / row["step_ms"]
+        ideal = decode_ideal(results, name, batch) if bounded else float("nan")
         lines.append(
             f"| {name} | {sum(cache) / len(cache):.0f} ({cache[0]} -> {cache[-1]}) | {row['step_ms']:.2f} "
-            f"| {row['tokens_per_s']:.1f} | {base / row['step_ms']:.2f}x |"
+            f"| {row['tokens_per_s']:.1f} | {speedup:.2f}x | {ideal:.3f}x | {speedup / ideal:.2f} |"
         )
     return "\n".join(lines)
 
@@ -229,7 +255,9 @@ def side_by_side(runs: dict[str, Results]) -> str:
             d = r.decode_batched if batched else r.decode
             if name not in d:  # a width without that decode (7b: no batched decode)
                 raise KeyError(name)
-            return f"{baseline({n: row['step_ms'] for n, row in d.items()}) / d[name]['step_ms']:.2f}x"
+            batch = r.sizes["decode_batch"] if batched else r.sizes.get("batch", 1)
+            speedup = baseline({n: row["step_ms"] for n, row in d.items()}) / d[name]["step_ms"]
+            return f"{speedup:.2f}x (ideal {decode_ideal(r, name, batch):.2f}x)"
 
         return ratio
 
@@ -244,11 +272,11 @@ def side_by_side(runs: dict[str, Results]) -> str:
         row(f"compile time {name} / {compile_base(name)}", compile_ratio(name))
     batch = runs[widths[0]].sizes.get("batch", 1)
     for name in (n for n in runs[widths[0]].decode if not n.startswith(UNPRUNED)):
-        row(f"decode throughput {name} / unpruned, batch {batch}", decode_ratio(name))
+        row(f"decode throughput {name} / unpruned, batch {batch} (ideal: bytes read)", decode_ratio(name))
     batched = next((r for r in runs.values() if r.decode_batched), None)
     for name in (n for n in (batched.decode_batched if batched else {}) if not n.startswith(UNPRUNED)):
         row(
-            f"decode throughput {name} / unpruned, batch {batched.sizes['decode_batch']}",
+            f"decode throughput {name} / unpruned, batch {batched.sizes['decode_batch']} (ideal: bytes read)",
             decode_ratio(name, True),
         )
     return "\n".join(lines)
