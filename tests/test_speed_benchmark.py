@@ -112,6 +112,14 @@ def test_speed_benchmark_quick(tmp_path: Path) -> None:
         implied.append(by_hand * (fwd - 1) / (1 - fwd * kept))
     assert abs(implied[0] - implied[1]) < 1e-6 * implied[0], implied
     assert "| decode throughput 70 / unpruned, batch 1 (ideal: bytes read) |" in summary
+    # The ceiling the unprunable rest sets: the decoder graph at its ideal, the rest of the call as
+    # in the faster unpruned run.
+    fast = min(("unpruned", "unpruned-inductor-linears"), key=ms.__getitem__)
+    ideal = results["flops"]["70"]["ideal_full"]
+    ceiling = ms[fast] / (dec[fast] / ideal + ms[fast] - dec[fast]) / ideal
+    assert 0 < ceiling <= 1
+    label = "measured / decoder ideal, 70: ceiling (decoder graph at its ideal, rest as unpruned)"
+    assert f"| {label} | {ceiling:.2f} | {ceiling:.2f} |" in summary
     # Decode at the width's decode batch too (quick: 2 prompts per call), in a table of its own.
     assert results["sizes"]["decode_batch"] == 2
     assert set(results["decode_batched"]) == set(step)
