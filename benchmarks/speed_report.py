@@ -194,9 +194,11 @@ def decode_bytes(results: Results, name: str, batch: int) -> float:
 
 
 def decode_ideal(results: Results, name: str, batch: int) -> float:
-    """Decode throughput `name` could reach against unpruned if a step cost its bytes read
-    (`decode_bytes`): the bound of a step that streams its weights and cache from memory. At batch 1
-    the weights dominate, so a shorter cache cannot give much; each example adds its cache."""
+    """Decode throughput `name` could reach against unpruned if a step cost the bytes it must read
+    (`decode_bytes`), as a step that streams its weights and cache from memory does. At batch 1 the
+    weights dominate, so a shorter cache cannot give much; each example adds its cache. A cache
+    that concatenates copies itself every step too, which pruning also shortens, so a measured
+    ratio can pass this ideal by that copy's share."""
     return decode_bytes(results, UNPRUNED, batch) / decode_bytes(results, name, batch)
 
 
