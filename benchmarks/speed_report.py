@@ -123,7 +123,7 @@ def prefill_table(results: Results, recipes: dict[str, Recipe], num_text: int) -
     return "\n".join(lines)
 
 
-def decoder_at_ideal(results: Results, name: str) -> float:
+def decoder_ideal_ceiling(results: Results, name: str) -> float:
     """Measured / decoder ideal that `name` would reach if its decoder graph ran exactly at the
     decoder ideal and the rest of the call (vision tower, projector, `lm_head`, the model's Python:
     the call minus the decoder graph) took what it took unpruned. That rest does not shrink with the
@@ -185,10 +185,12 @@ def overhead_table(results: Results, recipes: dict[str, Recipe]) -> str:
 def decode_bytes(results: Results, name: str, batch: int) -> float:
     """Bytes a decode step of `name` must read at least: the weights once (`lm_head`, the decoder
     layers and norm) and every example's cache once, keys and values of every layer at its mean
-    length over the generated tokens (the cache the prefill left, per layer, plus half the new
-    tokens). Without a byte-per-step rate this is only a ratio's ingredient (`decode_ideal`)."""
+    length over the timed steps (the cache the prefill left, per layer, plus half the new tokens).
+    A ratio's ingredient (`decode_ideal`): no byte rate is assumed."""
     s = results.sizes
-    growth = (s["new_tokens"] - 1) / 2  # the step at token t reads t - 1 tokens past the prefill's
+    # The timed steps are the forwards after the prefill's: forward i (1 .. new_tokens - 1) reads
+    # the prefill's cache plus i tokens, new_tokens / 2 on average.
+    growth = s["new_tokens"] / 2
     cache = sum(length + growth for length in results.cache_lengths[name])
     return s["decode_weight_bytes"] + batch * s["kv_bytes_per_token"] * cache
 
@@ -209,7 +211,6 @@ def decode_table(results: Results, batched: bool = False) -> str:
     d = results.decode_batched if batched else results.decode
     batch = results.sizes["decode_batch"] if batched else results.sizes.get("batch", 1)
     base = baseline({n: row["step_ms"] for n, row in d.items()})
-    bounded = "decode_weight_bytes" in results.sizes  # absent from runs before the bound was printed
     lines = [
         f"| variant, batch {batch} | cache per layer after the prefill (mean; first -> last layer) | decode "
         f"step ms ({results.sizes['new_tokens']} new tokens, median) | tokens/s | throughput vs unpruned "
@@ -219,7 +220,7 @@ def decode_table(results: Results, batched: bool = False) -> str:
     for name, row in d.items():
         cache = results.cache_lengths[name]  # measured: the prefill output's cache, per layer
         speedup = base / row["step_ms"]
-        ideal = decode_ideal(results, name, batch) if bounded else float("nan")
+        ideal = decode_ideal(results, name, batch)
         lines.append(
             f"| {name} | {sum(cache) / len(cache):.0f} ({cache[0]} -> {cache[-1]}) | {row['step_ms']:.2f} "
             f"| {row['tokens_per_s']:.1f} | {speedup:.2f}x | {ideal:.3f}x | {speedup / ideal:.2f} |"
@@ -282,7 +283,7 @@ def side_by_side(runs: dict[str, Results]) -> str:
     for name in (n for n in names if n.isdigit()):  # the shipped recipes as they are
         row(
             f"measured / decoder ideal, {name}: ceiling (decoder graph at its ideal, rest as unpruned)",
-            lambda r, name=name: f"{decoder_at_ideal(r, name):.2f}",
+            lambda r, name=name: f"{decoder_ideal_ceiling(r, name):.2f}",
         )
     row("scoring overhead (score-only vs unpruned)", scoring)
     row("unpruned prefill, oneDNN linears vs Inductor's (speed-up)", onednn)
