@@ -2,7 +2,8 @@
 
 A family module (`fitprune_fx.families.*`) states its layout; everything in `passes/` reads module
 paths and the image merge through it, so the pass itself names no model. Module paths come from
-`node.meta["nn_module_stack"]`: the innermost entry, e.g. "L['self'].model.<decoder>.layers.3.self_attn".
+`node.meta["nn_module_stack"]`: the innermost entry of the model's own module tree (`module_path`),
+e.g. "L['self'].model.<decoder>.layers.3.self_attn".
 """
 
 from __future__ import annotations
@@ -22,12 +23,30 @@ def _module_classes(node: fx.Node) -> str:
     return " ".join(getattr(kind, "__name__", str(kind)) for _, kind in stack.values())
 
 
+def _extends(path: str, parent: str) -> bool:
+    return path.startswith(parent) and path[len(parent) : len(parent) + 1] in (".", "[")
+
+
 def module_path(node: fx.Node) -> str:
-    """Innermost module path of a node, e.g. "L['self'].model.<decoder>.layers.3.self_attn"."""
+    """Innermost path of the model's own module tree around a node, e.g.
+    "L['self'].model.<decoder>.layers.3.self_attn".
+
+    `nn_module_stack` lists every module whose forward is running, outermost first. A submodule's
+    path extends its parent's; an entry that does not extend the one before it is a module called
+    from outside the tree: a function that a hub-kernel decorator turned into a global module
+    (`G['...modeling_llama'].apply_rotary_pos_emb` since transformers 5.25), or any other wrapper.
+    Such entries are skipped, so a wrapper never moves a node out of its layer (contract item
+    `module-tree`, `passes/graph_contract.py`).
+    """
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    return str(list(stack.values())[-1][0])
+    path = ""
+    for entry, _ in stack.values():
+        entry = str(entry)
+        if not path or _extends(entry, path):
+            path = entry
+    return path
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,6 @@ class DecoderLayout:
     """
 
     decoder: str
-    rope: str = "rotary_emb"
     merge_methods: tuple[str, ...] = ()
     merge_ops: tuple = ()  # ops that stand for the merge (visual-token marks: visual_token_marks.py)
     causal: bool = True
@@ -83,10 +101,6 @@ class DecoderLayout:
     def is_final_norm(self, node: fx.Node) -> bool:
         path = module_path(node)
         return bool(self._norm_re.search(path)) and self._in_decoder(node, path, layer=False)
-
-    def is_rope(self, node: fx.Node) -> bool:
-        """True for the shared rotary embedding (cos/sin computed once for all layers)."""
-        return module_path(node).endswith(self.rope)
 
     def is_image_merge(self, node: fx.Node) -> bool:
         if node.op == "call_method":

@@ -225,10 +225,21 @@ def _find_image_merges(gm: fx.GraphModule, layout: DecoderLayout) -> list[fx.Nod
 
 
 def _per_token_tensors(
-    gm: fx.GraphModule, sites: dict[int, AttentionSite], seq_len, layout: DecoderLayout
+    gm: fx.GraphModule,
+    graph: nx.DiGraph,
+    merge: fx.Node,
+    sites: dict[int, AttentionSite],
+    seq_len,
+    layout: DecoderLayout,
 ) -> list[PerTokenTensor]:
-    """Tensors created outside the layers and read by them that carry the sequence dimension."""
+    """Tensors created outside the layers and read by them that carry the sequence dimension.
+
+    Each is told by its role in the data flow, not by the module that made it: the attention mask is
+    an SDPA's mask operand, the rotary tables feed only queries and keys (`_is_rotary_table`), the
+    residual stream comes from the image merge. Anything else is refused."""
     masks = {s.attn_mask for s in sites.values() if s.attn_mask is not None}
+    from_embeddings = nx.descendants(graph, merge) | {merge}  # rotary tables come from positions alone
+    paths = _attention_operand_paths(sites, layout)
     found: list[PerTokenTensor] = []
     for node in gm.graph.nodes:
         if layout.layer_index(node) is not None or node.op in ("output", "get_attr"):
@@ -246,7 +257,15 @@ def _per_token_tensors(
             if value.dim() != 4:
                 raise UnsupportedGraph(f"attention mask {node.name} has shape {shape}, expected 4-D")
             found.append(PerTokenTensor(node, (2, 3), "attention_mask"))
-        elif layout.is_rope(node) and value.dim() == 3 and same_size(shape[1], seq_len):
+        elif (
+            node not in from_embeddings
+            and _is_rotary_table(node, users_in_layers, paths, layout)
+            and (
+                value.dim() == 3
+                and same_size(shape[1], seq_len)
+                and not any(same_size(d, seq_len) for d in shape[2:])
+            )
+        ):
             found.append(PerTokenTensor(node, (1,), "rope"))
         elif layout.is_image_merge(node) or is_visual_residual_add(node):
             continue  # the residual stream: the embeddings (layer 0's input), or between layers
@@ -270,6 +289,45 @@ def _per_token_tensors(
             )
         found.append(PerTokenTensor(addend, (1,), "visual_addend"))
     return found
+
+
+def _is_rotary_table(
+    node: fx.Node, users_in_layers: list[fx.Node], paths: dict[int, tuple[set, set]], layout: DecoderLayout
+) -> bool:
+    """True for a rotary table (cos or sin): read inside each layer only on the way to that layer's
+    query or key, never its value (`paths`: `_attention_operand_paths`). Whichever module, function
+    or hub-kernel wrapper made it or applies it, this is what RoPE does to the data flow (contract
+    item `rotary-tables`)."""
+    for user in users_in_layers:
+        into_qk, into_v = paths.get(layout.layer_index(user), (set(), set()))
+        if user not in into_qk or user in into_v:
+            return False
+    return True
+
+
+def _attention_operand_paths(
+    sites: dict[int, AttentionSite], layout: DecoderLayout
+) -> dict[int, tuple[set, set]]:
+    """Per layer: the layer's nodes its attention's query or key is computed from, and those its
+    value is computed from."""
+    return {
+        layer: (
+            _layer_ancestors(site.query, layer, layout) | _layer_ancestors(site.key, layer, layout),
+            _layer_ancestors(site.value, layer, layout),
+        )
+        for layer, site in sites.items()
+    }
+
+
+def _layer_ancestors(node: fx.Node, layer: int, layout: DecoderLayout) -> set[fx.Node]:
+    """`node` and the nodes of layer `layer` it is computed from (the walk stops at the layer's edge)."""
+    seen, todo = {node}, [node]
+    while todo:
+        for inp in todo.pop().all_input_nodes:
+            if inp not in seen and layout.layer_index(inp) == layer:
+                seen.add(inp)
+                todo.append(inp)
+    return seen
 
 
 def same_size(a, b) -> bool:
@@ -354,5 +412,5 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
         batch_size=int(batch),
         seq_len=seq_len,
         visual_per_example=int(num_visual) // int(batch),
-        per_token=_per_token_tensors(gm, sites, seq_len, layout),
+        per_token=_per_token_tensors(gm, graph, merge, sites, seq_len, layout),
     )
