@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "FitpruneBackend": "fitprune_fx.backend",
     "GraphReport": "fitprune_fx.backend",
+    "NotPruned": "fitprune_fx.errors",
     "fitprune_backend": "fitprune_fx.backend",
     "named_backend": "fitprune_fx.backend_by_name",
     "fit": "fitprune_fx.fitting",
+    "UnsupportedAttention": "fitprune_fx.generation",
     "UnsupportedCacheError": "fitprune_fx.generation",
     "check_generate_path": "fitprune_fx.generation",
     "compile": "fitprune_fx.generation",
@@ -34,10 +36,12 @@ __all__ = [  # = sorted(_EXPORTS), spelled out for linters
     "FitpruneBackend",
     "GraphReport",
     "ModelInfo",
+    "NotPruned",
     "Recipe",
     "RecipeError",
     "RunTimeCheckFailed",
     "ScoringInputs",
+    "UnsupportedAttention",
     "UnsupportedCacheError",
     "check_generate_path",
     "compile",
@@ -67,7 +71,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
 
     from .backend import FitpruneBackend, GraphReport, fitprune_backend
     from .backend_by_name import named_backend
+    from .errors import NotPruned
     from .fitting import fit
-    from .generation import UnsupportedCacheError, check_generate_path, compile
+    from .generation import UnsupportedAttention, UnsupportedCacheError, check_generate_path, compile
     from .recipe import ModelInfo, Recipe, RecipeError
     from .recipe_merge import merge_small_deletions

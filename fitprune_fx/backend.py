@@ -40,8 +40,10 @@ from fitprune_fx.passes.token_count_inputs import TokenCountInputs
 from fitprune_fx.passes.visual_token_marks import strip_visual_token_marks
 
 from . import layer_compile, pruned_cache
+from .errors import NotPruned
 from .families import graph_layouts, install_families
 from .recipe import Recipe, RecipeError
+from .stack import warn_if_untested
 
 log = logging.getLogger("fitprune_fx")
 
@@ -305,6 +307,22 @@ class FitpruneBackend:
     def pruned_graphs(self) -> list[GraphReport]:
         return [r for r in self.reports if r.action == "pruned"]
 
+    def why_unpruned(self) -> str:
+        """Why nothing was pruned: the reason of the first decoder graph compiled unchanged ("" once a
+        graph was pruned)."""
+        if self.pruned_graphs:
+            return ""
+        decoder = [r for r in self.reports if r.layers]
+        understood = [r for r in decoder if r.reason.startswith("not understood")]
+        if understood or decoder:
+            return (understood or decoder)[0].reason
+        return self.summary()
+
+    def require_pruned(self) -> None:
+        """Raise `NotPruned` with `why_unpruned` unless a graph was pruned and ran."""
+        if not self.pruned_graphs or not self.pruned_runs:
+            raise NotPruned(self.why_unpruned() or "the pruned graph never ran (a fallback to eager?)")
+
     def summary(self) -> str:
         """One line per graph compiled so far (what was pruned, or why not), then a pruned-graph count."""
         if not self.reports:
@@ -405,6 +423,7 @@ def fitprune_backend(
                 f"{sorted(SCORERS)}); register it with fitprune_fx.register_scorer or pass scorer=..."
             )
         scorer_fn = SCORERS[loaded.scorer]  # resolved now: re-registering the name later changes nothing
+    warn_if_untested()  # a transformers release CI has not proven (installed around the bound)
     pruned_cache.install()  # before any graph is traced: decode steps read pruned caches exactly
     install_families()  # e.g. Qwen2-VL's visual-token marks
     _configure_dynamo()

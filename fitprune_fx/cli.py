@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fitprune_fx.errors import NotPruned
+
 PLOT_HINT = "pip install fitprune-fx[plot]"
 
 
@@ -171,7 +173,10 @@ def run_fit(args: argparse.Namespace) -> int:
         bar.update(n)
 
     try:
-        session = FitSession(model, calibration, batch_size=args.batch_size, progress=progress)
+        try:
+            session = FitSession(model, calibration, batch_size=args.batch_size, progress=progress)
+        except NotImplementedError as e:  # a family whose decoder the fit does not model
+            raise NotPruned(f"cannot fit {args.model}: {e}") from e
         bar.set_description("fit: alpha search")
         name = args.name or Path(args.model).name
         recipe = session.recipe(args.budget, args.tolerance, name=name, strategy=args.search)
@@ -188,7 +193,29 @@ def run_fit(args: argparse.Namespace) -> int:
         f"alpha {fit.get('alpha')}, {fit.get('samples')} samples, {fit.get('walks')} exact walks, "
         f"{fit.get('seconds')} s; wrote {args.output}"
     )
+    check_pass_prunes(model, calibration[0], recipe)
     return 0
+
+
+def check_pass_prunes(model, example: dict, recipe) -> None:
+    """Run `example` once through the pass (no Inductor): `NotPruned` with the reason when the pass does
+    not prune this model on the installed transformers, so a fitted recipe is not silently useless."""
+    import warnings
+
+    import torch
+
+    from fitprune_fx.backend import fitprune_backend
+
+    device = next(model.parameters()).device
+    example = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example.items()}
+    backend = fitprune_backend(recipe, compiler="eager", progress=False)
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotPruned repeats the backend's warning
+        torch.compile(model, backend=backend)(**example)
+    backend.require_pruned()
+    visual = backend.pruned_graphs[0].result.visual_tokens
+    print(f"checked: the pass prunes this model on this stack ({visual} visual tokens in the check)")
 
 
 # -------------------------------------------------------------------------------- inspect
@@ -438,6 +465,7 @@ def run_eval(args: argparse.Namespace) -> int:
             fitprune_fx.compile(model, run_recipe, compiler=args.compiler)
             print(f"fitprune-fx eval: {label} run on {', '.join(tasks)}", file=sys.stderr)
             runs.append(evaluate(model, processor, tasks, include, args.limit, args.batch_size))
+    model.fitprune_backend.require_pruned()  # the last run: the pruned one
     print(table(runs[0], runs[1], recipe.reference_reduction()))
     return 0
 
@@ -508,6 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as e:
         print(f"fitprune-fx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NotPruned as e:
+        print(f"fitprune-fx {args.command}: not pruned: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `fitprune-fx inspect ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141  # as a process ended by SIGPIPE

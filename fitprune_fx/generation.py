@@ -91,6 +91,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
         )
     from .backend import fitprune_backend
 
+    check_attention_implementation(model)
     backend = fitprune_backend(recipe, **backend_options)
     model.compile(backend=backend)
     model._compiled_call_impl = _watch_pruned_calls(model._compiled_call_impl, backend)
@@ -98,6 +99,32 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
     model.__dict__.pop("generate", None)  # compiled again: drop our previous wrapper
     model.generate = _checked_generate(model, model.generate, backend)
     return model
+
+
+class UnsupportedAttention(ValueError):
+    """The decoder runs an attention implementation the pass cannot prune (it reads SDPA calls)."""
+
+
+def check_attention_implementation(model: nn.Module) -> None:
+    """Refuse, before anything is compiled, a decoder whose attention is not transformers' "sdpa".
+
+    The pass finds each layer's attention as a `scaled_dot_product_attention` call: "eager" spells
+    the softmax out, "flash_attention_2" and hub attention kernels ("kernels-community/flash-attn")
+    call opaque kernels, so none of them can be scored or cut. Models no family claims pass (the
+    backend compiles them unchanged, with its warning)."""
+    from .families import UnknownModel, family_for
+
+    try:
+        text_model = family_for(model).text_model(model)
+    except (UnknownModel, TypeError):
+        return
+    implementation = getattr(text_model.config, "_attn_implementation", None)
+    if implementation not in (None, "sdpa"):
+        raise UnsupportedAttention(
+            f'fitprune: the decoder runs attn_implementation="{implementation}"; the pass prunes '
+            'transformers\' "sdpa" attention only. Load the model with attn_implementation="sdpa" (or '
+            'call model.set_attn_implementation("sdpa")) before fitprune_fx.compile'
+        )
 
 
 REFUSED_MODES = {

@@ -79,6 +79,67 @@ def _rewrite_view(node: fx.Node, old_in: tuple, new_in: tuple, old_out: tuple) -
     node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
 
 
+_OWN_NAMESPACES = ("aten", "prims", "fitprune")
+
+KERNEL_FIX = (
+    "a kernel that takes sizes as arguments cannot follow a shorter sequence: a hub kernel? Load the "
+    "model with use_kernels=False (or call model.reset_kernels()), or leave this layer unkernelized"
+)
+
+
+def check_resizable(node: fx.Node, original: dict) -> None:
+    """Refuse an opaque kernel downstream of a compaction that bakes a token-dependent size.
+
+    Views carry sizes the pass rewrites (above); a user Triton kernel carries a launch grid, and a
+    custom op from another library (a hub kernel from `use_kernels=True` / `kernelize()`) may take a
+    row count as an integer. Fake tensors would re-run either with the old size and never notice, so
+    the compiled kernel would read or write the wrong rows: refused instead (contract item
+    `resizable-ops`, `passes/graph_contract.py`)."""
+    if node.op != "call_function":
+        return
+    target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        raise UnsupportedGraph(f"{node.name} launches {target.name()} on compacted tokens: {KERNEL_FIX}")
+    namespace = getattr(target, "namespace", None)
+    if (
+        not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+        or namespace in _OWN_NAMESPACES
+    ):
+        return
+    stale = set()  # sizes the compaction changed, as a kernel could receive them: a dim, rows, numel
+    for inp in node.all_input_nodes:
+        old, new = _original_value(inp, original), example_value(inp)
+        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.dim() == new.dim():
+            for d in range(old.dim()):
+                if not same_size(old.shape[d], new.shape[d]):
+                    stale |= {old.shape[d], math.prod(old.shape[: d + 1]), old.numel()}
+    sizes = [
+        a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)) if not isinstance(a, fx.Node)
+    ]
+    sizes += [
+        example_value(a) for a in node.all_input_nodes if not isinstance(example_value(a), torch.Tensor)
+    ]
+    baked = [
+        a
+        for a in sizes
+        if isinstance(a, (int, torch.SymInt))
+        and not isinstance(a, bool)
+        and any(same_size(a, s) for s in stale)
+    ]
+    if baked:
+        raise UnsupportedGraph(
+            f"{node.name} calls {target} with size {baked[0]}, a token count that deleting tokens "
+            f"changes: {KERNEL_FIX}"
+        )
+
+
+def _original_value(node: fx.Node, original: dict):
+    """The value `node` had before the pass; a compaction stands in for the tensor it compacts."""
+    while original.get(node) is None and node.target in _COMPACTIONS:
+        node = node.args[0]
+    return original.get(node)
+
+
 def _run_fake(gm: fx.GraphModule, node: fx.Node, fake_mode):
     args = map_arg(node.args, example_value)
     kwargs = map_arg(node.kwargs, example_value)
@@ -121,13 +182,12 @@ def _propagate(gm: fx.GraphModule, inserted: set[fx.Node], fake_mode) -> int:
             continue
         kind = _view_kind(node)
         if kind is not None and node.args[0] in dirty:
-            src = node.args[0]
-            while original.get(src) is None and src.target in _COMPACTIONS:
-                src = src.args[0]  # a compaction stands in for the tensor it compacts
-            old_in, new_in = tuple(original[src].shape), tuple(example_value(node.args[0]).shape)
+            old_in = tuple(_original_value(node.args[0], original).shape)
+            new_in = tuple(example_value(node.args[0]).shape)
             before = node.args
             _rewrite_view(node, old_in, new_in, tuple(original[node].shape))
             rewrites += before != node.args
+        check_resizable(node, original)
         try:
             node.meta["example_value"] = _run_fake(gm, node, fake_mode)
         except UnsupportedGraph:

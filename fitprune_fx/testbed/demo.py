@@ -45,11 +45,13 @@ def evaluate(compiled, processor, examples, batch_size: int, desc: str) -> tuple
 
 @torch.no_grad()
 def check_against_reference(model, processor, recipe: Recipe, examples, compiler: str) -> tuple[list, float]:
-    """Tokens per layer and max |logits - reference| at kept positions for one batch."""
+    """Tokens per layer and max |logits - reference| at kept positions for one batch; `NotPruned`
+    when the compiled model ran unpruned."""
     batch = encode(processor, examples)
     backend = fitprune_backend(recipe, compiler=compiler)
     torch._dynamo.reset()
     out = torch.compile(model, backend=backend)(**batch)
+    backend.require_pruned()  # else the comparison below has nothing to compare
     n = int((batch["input_ids"][0] == model.config.image_token_id).sum())
     prune = recipe.pruning_plan(n)
     ref = reference_prefill(
@@ -60,8 +62,7 @@ def check_against_reference(model, processor, recipe: Recipe, examples, compiler
         real = batch["attention_mask"][b, ref.kept_final[b]].bool()  # padding rows are not compared
         diff = out.logits[b][real] - ref.logits[b, ref.kept_final[b]][real]
         err = max(err, float(diff.abs().max()))
-    reports = backend.pruned_graphs
-    return (reports[0].result.tokens_per_layer if reports else []), err
+    return backend.pruned_graphs[0].result.tokens_per_layer, err
 
 
 def run_demo(args: argparse.Namespace) -> int:
