@@ -158,6 +158,7 @@ def test_fit_then_inspect_with_plot(workspace, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "FLOPs reduction" in text and "wrote" in text
+    assert "checked: the pass prunes this model on this stack (16 visual tokens" in text
     recipe = Recipe.from_json(out)
     assert recipe.budget == 0.4 and recipe.flops_reduction >= 0.39
     assert recipe.fit["samples"] == 6 and recipe.model.name == "tiny-llava"
@@ -168,6 +169,24 @@ def test_fit_then_inspect_with_plot(workspace, capsys):
     shown = capsys.readouterr().out
     assert "deleted" in shown and "scaled to 32 visual tokens" in shown
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_exits_1_when_the_pass_would_not_prune_its_recipe(workspace, monkeypatch, capsys):
+    """A decoder the pass refuses (a hub-style RMSNorm kernel that bakes the row count): the recipe is
+    written, then fit says the pass does not prune the model and why, exits 1, no traceback."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from kernel_wrappers import use_row_count_kernel
+
+    use_row_count_kernel(monkeypatch, LlamaRMSNorm)
+    root, model_dir, images, data = workspace
+    out = root / "unprunable.json"
+    argv = ["fit", "--model", str(model_dir), "--data", str(data), "--images", str(images)]
+    assert main([*argv, "--budget", "0.4", "-o", str(out), "--batch-size", "4", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "fitprune-fx fit: not pruned: not understood:" in captured.err
+    assert "use_kernels=False" in captured.err and "Traceback" not in captured.err
+    assert out.is_file() and "checked" not in captured.out
 
 
 def test_inspect_shipped_recipe_and_errors(tmp_path, capsys):

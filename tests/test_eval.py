@@ -120,3 +120,24 @@ def test_prefill_times_count_prompts_not_decode_steps_and_extra_images_are_refus
     with pytest.raises(ValueError, match=r"documents with \[2\] images"):
         other.generate_until(twice)
     other.detach()
+
+
+def test_eval_exits_1_without_a_traceback_when_the_pass_does_not_prune(tmp_path, monkeypatch, capsys):
+    """A decoder the pass refuses (a hub-style RMSNorm kernel that bakes the row count): no score table
+    that looks pruned; the reason, exit status 1."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from kernel_wrappers import use_row_count_kernel
+
+    use_row_count_kernel(monkeypatch, LlamaRMSNorm)
+    model, _ = load_shapes_llava()
+    recipe = tmp_path / "r.json"
+    Recipe(model=ModelInfo.from_config(model.config, name="shapes-llava"), prune=PRUNE).to_json(recipe)
+    args = ["eval", "--recipe", str(recipe), "--tasks", "fitprune_shapes", "--limit", "4"]
+    assert cli_main([*args, "--compiler", "eager", "--device", "cpu", "--dtype", "float32"]) == 1
+    captured = capsys.readouterr()
+    assert (
+        "fitprune-fx eval: not pruned: not understood:" in captured.err
+        and "use_kernels=False" in captured.err
+    )
+    assert "| fitprune_shapes |" not in captured.out and "Traceback" not in captured.err
