@@ -100,19 +100,19 @@ def check_resizable(node: fx.Node, original: dict) -> None:
     target = node.target
     if isinstance(target, torch._ops.HigherOrderOperator):
         raise UnsupportedGraph(f"{node.name} launches {target.name()} on compacted tokens: {KERNEL_FIX}")
-    namespace = getattr(target, "namespace", None)
-    if (
-        not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
-        or namespace in _OWN_NAMESPACES
-    ):
+    if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return
-    stale = set()  # sizes the compaction changed, as a kernel could receive them: a dim, rows, numel
+    if str(target).split(".")[0] in _OWN_NAMESPACES:  # "fitprune.op" (packet), "fitprune.op.default"
+        return
+    # sizes the compaction changed, as a kernel could receive them: a dim, rows, numel (SymInts do not
+    # hash: a list)
+    stale = []
     for inp in node.all_input_nodes:
         old, new = _original_value(inp, original), example_value(inp)
         if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.dim() == new.dim():
             for d in range(old.dim()):
                 if not same_size(old.shape[d], new.shape[d]):
-                    stale |= {old.shape[d], math.prod(old.shape[: d + 1]), old.numel()}
+                    stale += [old.shape[d], math.prod(old.shape[: d + 1]), old.numel()]
     sizes = [
         a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)) if not isinstance(a, fx.Node)
     ]

@@ -255,9 +255,11 @@ def test_attention_interface():
     assert seen == [12, 12]
 
 
-def test_a_kernel_that_bakes_the_row_count_is_refused(monkeypatch):
-    """A hub-style RMSNorm kernel taking the row count: the graph is refused with the fix named, runs
-    unpruned, and equals the model (had it been pruned, the kernel would have raised)."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_kernel_that_bakes_the_row_count_is_refused(monkeypatch, dynamic):
+    """A hub-style RMSNorm kernel taking the row count (a literal, or a symbolic size with a dynamic
+    prompt length): the graph is refused with the fix named, runs unpruned, and equals the model
+    (had it been pruned, the kernel would have raised)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
@@ -272,7 +274,7 @@ def test_a_kernel_that_bakes_the_row_count_is_refused(monkeypatch):
     backend = fitprune_backend(recipe, compiler="eager", progress=False)
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="WITHOUT pruning") as caught, torch.no_grad():
-        got = torch.compile(model, backend=backend)(**inputs).logits
+        got = torch.compile(model, backend=backend, dynamic=dynamic)(**inputs).logits
     message = " ".join(str(w.message) for w in caught)
     assert "fitprune_test.rows_rms_norm" in message and "use_kernels=False" in message
     assert not backend.pruned_graphs
