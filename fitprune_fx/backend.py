@@ -287,7 +287,7 @@ class FitpruneBackend:
             if layout is not None and self.compile_by_layer and count_symbols and not cudagraphs:
                 by_layer = layer_compile.compile_by_layer(gm, layout, self._config, count_symbols)
             if by_layer is not None:
-                compiled = by_layer
+                compiled = self._whole_graph_on_failure(by_layer, gm, example_inputs, decoder)
                 decoder.partitions = (len(by_layer.inputs), len(by_layer.groups))
             else:
                 compiled = compile_fx(gm, example_inputs, config_patches=self._config)
@@ -302,6 +302,32 @@ class FitpruneBackend:
             return outputs
 
         return run_checked
+
+    def _whole_graph_on_failure(
+        self, by_layer: Callable, gm: fx.GraphModule, example_inputs: list, report: GraphReport
+    ) -> Callable:
+        """`by_layer`, or, from its first failure on, `gm` compiled whole (the same program): a call
+        whose partitions fail at run time is answered by the whole graph, with one warning, never a
+        traceback from a partition (the whole graph raises what the model itself would)."""
+        from torch._inductor.compile_fx import compile_fx
+
+        current = {"fn": by_layer}
+
+        def run(*args):
+            if current["fn"] is by_layer:
+                try:
+                    return by_layer(*args)
+                except Exception as e:
+                    self.warn_once(
+                        "partition failed",
+                        f"fitprune: a per-layer partition of decoder graph {report.index} failed at run time "
+                        f"({type(e).__name__}: {_first_line(e)}); compiling the graph whole instead",
+                    )
+                    report.partitions = None
+                    current["fn"] = compile_fx(gm, example_inputs, config_patches=self._config)
+            return current["fn"](*args)
+
+        return run
 
     @property
     def pruned_graphs(self) -> list[GraphReport]:

@@ -128,6 +128,7 @@ def _compile_alone(sub: fx.GraphModule, values: list, config_patches: dict, comp
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
@@ -154,6 +155,8 @@ def _compile_alone(sub: fx.GraphModule, values: list, config_patches: dict, comp
 
     fakes = []
     for value in values:
+        if is_traceable_wrapper_subclass(value):  # a quantized weight: a plain fake would lose its kind
+            raise SharedCompileRefused(f"an input is a {type(value).__name__} (a tensor subclass)")
         if isinstance(value, torch.Tensor):
             offset = value.storage_offset()
             if not isinstance(offset, int) or offset != 0:
