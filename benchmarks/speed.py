@@ -394,6 +394,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["float32", "bfloat16", "float16"],
         help="default float32 on CPU, bfloat16 on CUDA",
     )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=sorted(QUANTIZERS),
+        help="quantize the decoder's linears with torchao first: every variant, unpruned included, "
+        "runs on the same quantized model (what pruning adds on top of quantization)",
+    )
     p.add_argument("--layers", type=int, default=None, help="decoder layers (CPU 8, CUDA 32)")
     p.add_argument("--hidden", type=int, default=None, help="decoder hidden size (CPU 512, CUDA 4096)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (CPU 8, CUDA 32)")
@@ -525,9 +532,24 @@ def width_args(args: argparse.Namespace, width: str) -> argparse.Namespace:
     return w
 
 
+QUANTIZERS = {
+    "int8-weight-only": "Int8WeightOnlyConfig",
+    "int8-dynamic": "Int8DynamicActivationInt8WeightConfig",
+}
+
+
+def quantize_decoder(model: LlavaForConditionalGeneration, name: str) -> None:
+    """torchao's `quantize_` with config `QUANTIZERS[name]` on the decoder (vision tower untouched)."""
+    import torchao.quantization as tq
+
+    tq.quantize_(model.model.language_model, getattr(tq, QUANTIZERS[name])())
+
+
 def run_width(args: argparse.Namespace) -> Results:
     """Every measurement at one width (`width_args`); prints that width's tables."""
     model = build_model(args)
+    if args.quantize:
+        quantize_decoder(model, args.quantize)
     inputs = make_prompt(model, args)
     info = ModelInfo.from_config(model.config, name=f"speed-bench-{args.layers}x{args.hidden}")
     recipes = make_recipes(info, args.recipes, args.compaction_only, args.merge_below)
@@ -550,6 +572,7 @@ def run_width(args: argparse.Namespace) -> Results:
             heads=args.heads,
             intermediate=args.intermediate,
             dtype=args.dtype,
+            quantize=args.quantize,
             visual_tokens=info.num_visual_tokens,
             text_tokens=num_text,
             prompt_tokens=inputs["input_ids"].shape[1],

@@ -302,6 +302,10 @@ def side_by_side(runs: dict[str, Results]) -> str:
     return "\n".join(lines)
 
 
+def _quantized(sizes: dict) -> str:
+    return f", decoder linears {sizes['quantize']} (torchao)" if sizes.get("quantize") else ""
+
+
 def machine_line(results: Results) -> str:
     m, s = results.machine, results.sizes
     where = f"{m['gpu']} (GPU), " if "gpu" in m else ""
@@ -309,7 +313,8 @@ def machine_line(results: Results) -> str:
         f"Machine: {where}{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), torch {m['torch']}, "
         f"transformers {m['transformers']}; load average at start {m['load_avg']}.\n"
         f"Model: random LLaVA, decoder {s['layers']} layers, hidden {s['hidden']}, {s['heads']} heads, MLP "
-        f"{s['intermediate']}, {s['dtype']}; prompt {s['prompt_tokens']} tokens = {s['text_tokens']} text "
+        f"{s['intermediate']}, {s['dtype']}{_quantized(s)}; "
+        f"prompt {s['prompt_tokens']} tokens = {s['text_tokens']} text "
         f"(system {s['system_tokens']} + BOS, question {s['question_tokens']}) + {s['visual_tokens']} visual "
         f"(1-layer CLIP, image {s['image_size']} / patch {s['patch_size']}); batch {s.get('batch', 1)}; "
         f"compiler {s['compiler']}; "
