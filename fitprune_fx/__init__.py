@@ -21,6 +21,7 @@ _EXPORTS = {
     "fit": "fitprune_fx.fitting",
     "UnsupportedAttention": "fitprune_fx.generation",
     "UnsupportedCacheError": "fitprune_fx.generation",
+    "UnsupportedQuantizer": "fitprune_fx.generation",
     "check_generate_path": "fitprune_fx.generation",
     "compile": "fitprune_fx.generation",
     "ModelInfo": "fitprune_fx.recipe",
@@ -43,6 +44,7 @@ __all__ = [  # = sorted(_EXPORTS), spelled out for linters
     "ScoringInputs",
     "UnsupportedAttention",
     "UnsupportedCacheError",
+    "UnsupportedQuantizer",
     "check_generate_path",
     "compile",
     "fit",
@@ -73,6 +75,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .backend_by_name import named_backend
     from .errors import NotPruned
     from .fitting import fit
-    from .generation import UnsupportedAttention, UnsupportedCacheError, check_generate_path, compile
+    from .generation import (
+        UnsupportedAttention,
+        UnsupportedCacheError,
+        UnsupportedQuantizer,
+        check_generate_path,
+        compile,
+    )
     from .recipe import ModelInfo, Recipe, RecipeError
     from .recipe_merge import merge_small_deletions

@@ -92,6 +92,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
     from .backend import fitprune_backend
 
     check_attention_implementation(model)
+    check_quantizer(model)
     backend = fitprune_backend(recipe, **backend_options)
     model.compile(backend=backend)
     model._compiled_call_impl = _watch_pruned_calls(model._compiled_call_impl, backend)
@@ -125,6 +126,34 @@ def check_attention_implementation(model: nn.Module) -> None:
             'transformers\' "sdpa" attention only. Load the model with attn_implementation="sdpa" (or '
             'call model.set_attn_implementation("sdpa")) before fitprune_fx.compile'
         )
+
+
+TESTED_QUANTIZERS = ("torchao",)
+"""transformers quantization methods whose models the pass was checked on (`tests/test_quantized.py`)."""
+
+
+def check_quantizer(model: nn.Module) -> None:
+    """Refuse, before compiling, a model quantized through transformers by a method the pass was not
+    checked on (bitsandbytes, GPTQ, AWQ, fp8, ...): their linears run kernels of their own, which
+    may bake a row count (refused in the graph, then unpruned) or be fine; unverified either way.
+    torchao (`TorchAoConfig`, or `quantize_` on the model) is checked against pruning as masking."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if method is not None and str(method) not in TESTED_QUANTIZERS:
+        raise UnsupportedQuantizer(
+            f"fitprune: the model is quantized with {method}, which fitprune-fx has not been checked "
+            f"with (checked: {', '.join(TESTED_QUANTIZERS)}). Quantize with torchao instead "
+            "(quantization_config=TorchAoConfig(...)), or, to try it yourself, compile with "
+            "model.compile(backend=fitprune_backend(recipe)) and compare against "
+            "fitprune_fx.masking_reference.MaskingReference"
+        )
+
+
+class UnsupportedQuantizer(ValueError):
+    """The model is quantized by a method the pass was not checked on."""
 
 
 REFUSED_MODES = {

@@ -142,3 +142,29 @@ def test_a_partition_that_fails_at_run_time_falls_back_to_the_whole_graph(monkey
     with torch.no_grad():
         again = model(**inputs).logits
     assert calls["n"] == 1 and torch.equal(again, out)
+
+
+@pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "awq", "fp8"])
+def test_other_quantizers_are_refused_before_compiling_with_their_name(method):
+    model = tiny_llava(num_layers=2)
+    model.config.quantization_config = {"quant_method": method}
+    with pytest.raises(fitprune_fx.UnsupportedQuantizer) as caught:
+        fitprune_fx.compile(model, Recipe(model=ModelInfo.from_config(model.config), prune={0: 2}))
+    message = str(caught.value)
+    assert f"quantized with {method}" in message and "TorchAoConfig" in message
+    assert not hasattr(model, "fitprune_backend")
+
+
+def test_torchao_config_passes_fitprune_compile(tmp_path):
+    from transformers import LlavaForConditionalGeneration, TorchAoConfig
+
+    tiny_llava(num_layers=3, seed=1).save_pretrained(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), attn_implementation="sdpa"
+    ).eval()
+    fitprune_fx.compile(
+        model, Recipe(model=ModelInfo.from_config(model.config), prune=PRUNE), compiler="eager"
+    )
+    with torch.no_grad():
+        out = model(**make_inputs(model, [PromptSpec(3, 5)], seed=2)).logits
+    assert model.fitprune_backend.pruned_runs == 1 and out.shape[1] == 3 + 5 + 16 + 1 - sum(PRUNE.values())
