@@ -98,6 +98,22 @@ def compose_kept(kept_per_layer: list[torch.Tensor], seq_len: int, batch: int) -
     return out
 
 
+def assert_pass_matches_masking(
+    inputs: dict, logits: torch.Tensor, kept: list[torch.Tensor], masking, expected: torch.Tensor, prune: dict
+) -> None:
+    """Kept sets after every pruning layer equal pruning as masking's (`masking.deleted`), and the
+    pruned `logits` equal masking's `expected` at the kept real positions (fp32, atol 1e-4)."""
+    batch, seq_len = inputs["input_ids"].shape
+    ours = compose_kept(kept, seq_len, batch)
+    for step, layer in enumerate(sorted(prune)):
+        for b in range(batch):
+            assert torch.equal(ours[step][b], (~masking.deleted[layer][b]).nonzero().squeeze(1)), (step, b)
+    for b in range(batch):
+        final = ours[-1][b]
+        valid = inputs["attention_mask"][b, final].bool()
+        torch.testing.assert_close(logits[b][valid], expected[b, final][valid], atol=1e-4, rtol=1e-4)
+
+
 def assert_pass_matches_reference(
     inputs: dict, out, recorder: KeptRecorder, ref, prune: dict[int, int]
 ) -> None:

@@ -30,7 +30,7 @@ from fitprune_fx.passes.locate import (
     has_final_norm,
     locate_decoder,
 )
-from graph_harness import KeptRecorder, compose_kept
+from graph_harness import KeptRecorder, assert_pass_matches_masking
 
 FRACTIONS = {0: 0.25, 2: 0.25}
 LAYERS = 4
@@ -93,7 +93,7 @@ class Traced:
         self.deletions = self.recorder.backend.pruned_graphs[0].result.deletions
         with torch.no_grad(), MaskingReference(oracle, self.deletions) as masking:
             out = oracle(**self.inputs, use_cache=True)
-        self.expected, self.deleted = out.logits, masking.deleted
+        self.expected, self.masking = out.logits, masking
         torch._dynamo.reset()
 
     @property
@@ -195,17 +195,9 @@ def test_rotary_tables(traced):
 
 def test_literal_sizes(traced):
     """Sizes rewritten from shapes: the pruned run's kept sets and logits equal pruning as masking."""
-    batch, seq_len = traced.inputs["input_ids"].shape
-    ours = compose_kept(traced.recorder.kept, seq_len, batch)
-    for step, layer in enumerate(sorted(traced.deletions)):
-        for b in range(batch):
-            assert torch.equal(ours[step][b], (~traced.deleted[layer][b]).nonzero().squeeze(1))
-    for b in range(batch):
-        kept = ours[-1][b]
-        valid = traced.inputs["attention_mask"][b, kept].bool()
-        torch.testing.assert_close(
-            traced.logits[b][valid], traced.expected[b, kept][valid], atol=1e-4, rtol=1e-4
-        )
+    assert_pass_matches_masking(
+        traced.inputs, traced.logits, traced.recorder.kept, traced.masking, traced.expected, traced.deletions
+    )
 
 
 def test_final_norm(traced):
@@ -316,15 +308,7 @@ def test_functions_wrapped_as_hub_kernels_are_pruned_exactly(monkeypatch, wrappe
         got = torch.compile(model, backend=recorder)(**inputs).logits
     torch._dynamo.reset()
     assert len(recorder.backend.pruned_graphs) == 1 and len(recorder.kept) == 2, recorder.backend.summary()
-    batch, seq_len = inputs["input_ids"].shape
-    ours = compose_kept(recorder.kept, seq_len, batch)
-    for step, layer in enumerate(sorted(prune)):
-        for b in range(batch):
-            assert torch.equal(ours[step][b], (~masking.deleted[layer][b]).nonzero().squeeze(1))
-    for b in range(batch):
-        kept = ours[-1][b]
-        valid = inputs["attention_mask"][b, kept].bool()
-        torch.testing.assert_close(got[b][valid], expected[b, kept][valid], atol=1e-4, rtol=1e-4)
+    assert_pass_matches_masking(inputs, got, recorder.kept, masking, expected, prune)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
