@@ -330,3 +330,20 @@ def test_every_contract_item_names_a_test_that_exists():
         assert name in names, f"{item.key}: {item.test} does not exist"
         assert (root / re.split(r"[: ]", item.read_by)[0]).exists(), item.read_by
     assert len({item.key for item in GRAPH_CONTRACT}) == len(GRAPH_CONTRACT)
+
+
+def test_a_triton_kernel_after_a_compaction_is_refused_and_own_ops_are_not():
+    """A user Triton kernel (Dynamo's wrapper op) carries a launch grid sized for the old token count:
+    refused whatever its arguments; aten and fitprune ops take their sizes from their inputs."""
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+
+    from fitprune_fx.passes.locate import UnsupportedGraph
+    from fitprune_fx.passes.sequence_length import check_resizable
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    launch = graph.call_function(triton_kernel_wrapper_mutation, (), {"kernel_idx": 0, "grid": [(50, 1, 1)]})
+    with pytest.raises(UnsupportedGraph, match="use_kernels=False"):
+        check_resizable(launch, {})
+    for target in (torch.ops.aten.mul.Tensor, torch.ops.fitprune.visual_residual_add.default):
+        check_resizable(graph.call_function(target, (x, x)), {})  # no error
