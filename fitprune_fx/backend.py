@@ -339,9 +339,9 @@ class FitpruneBackend:
         if self.pruned_graphs:
             return ""
         decoder = [r for r in self.reports if r.layers]
-        understood = [r for r in decoder if r.reason.startswith("not understood")]
-        if understood or decoder:
-            return (understood or decoder)[0].reason
+        refused = [r for r in decoder if r.reason.startswith("not understood")]
+        if refused or decoder:
+            return (refused or decoder)[0].reason
         return self.summary()
 
     def require_pruned(self) -> None:

@@ -128,6 +128,10 @@ def check_attention_implementation(model: nn.Module) -> None:
         )
 
 
+class UnsupportedQuantizer(ValueError):
+    """The model is quantized by a method the pass was not checked on."""
+
+
 TESTED_QUANTIZERS = ("torchao",)
 """transformers quantization methods whose models the pass was checked on (`tests/test_quantized.py`)."""
 
@@ -150,10 +154,6 @@ def check_quantizer(model: nn.Module) -> None:
             "model.compile(backend=fitprune_backend(recipe)) and compare against "
             "fitprune_fx.masking_reference.MaskingReference"
         )
-
-
-class UnsupportedQuantizer(ValueError):
-    """The model is quantized by a method the pass was not checked on."""
 
 
 REFUSED_MODES = {

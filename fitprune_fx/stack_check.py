@@ -7,7 +7,8 @@ Run it from a clone (it needs `tests/`) when transformers publishes a release, b
 bound in `pyproject.toml` (`fitprune_fx/stack.py` says why the bound exists). It makes a virtual
 environment in a temporary folder, installs this clone with its test extra, then the release asked
 for over it (ignoring the bound), and runs the graph-contract and family tests there. It needs the
-package index and takes 10-20 minutes on 2 cores; its exit status is pytest's.
+package index; its exit status is pytest's (`--tests tests/test_graph_contract.py tests/test_stack.py`
+alone took 77 s on 2 cores, install included).
 """
 
 from __future__ import annotations
