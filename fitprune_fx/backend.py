@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
@@ -73,9 +74,15 @@ class GraphReport:
         r = self.result
         layers = ", ".join(f"{layer}:-{d}" for layer, d in r.deletions.items())
         symbolic = " (S = prompt length: one graph serves every length)" if r.seq_len == "S" else ""
+        if r.any_visual_count:
+            symbolic = (
+                " (S = prompt length; one graph serves every prompt length, visual count and batch size: "
+                "deletions sized per call)"
+            )
+        visual = "visual tokens/example" + (" in the call that compiled it" if r.any_visual_count else "")
         return (
             f"graph {self.index} ({self.nodes} nodes): pruned with {r.scorer} after layers [{layers}]; "
-            f"{r.visual_tokens} visual tokens/example; tokens per layer "
+            f"{r.visual_tokens} {visual}; tokens per layer "
             f"{' -> '.join(r.tokens_per_layer)}{symbolic}{took}"
         )
 
@@ -195,7 +202,7 @@ class FitpruneBackend:
             [*example_inputs, *fakes],
             report,
             layout,
-            {f.shape[0].node.expr for f in fakes},
+            {f.shape[0].node.expr for f in fakes if f.dtype == torch.uint8},  # the size-only inputs
             understood=True,
         )
 
@@ -358,15 +365,22 @@ class FitpruneBackend:
                 "model.compile(backend=...) (in place)"
             )
         lines = [str(r) for r in self.reports]
-        counts = [r.result.visual_tokens for r in self.pruned_graphs]
-        if counts:
+        static = [r.result.visual_tokens for r in self.pruned_graphs if not r.result.any_visual_count]
+        dynamic = [r for r in self.pruned_graphs if r.result.any_visual_count]
+        if static or dynamic:
             import torch._dynamo
 
-            lines.append(
-                f"{len(counts)} pruned decoder graph(s) for {len(set(counts))} visual count(s) "
-                f"{sorted(set(counts))}; each new count (image count, LLaVA-NeXT image size) compiles one "
-                f"more, up to torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}"
-            )
+            line = f"{len(static) + len(dynamic)} pruned decoder graph(s)"
+            if dynamic:
+                line += f": {len(dynamic)} for any visual count and batch size"
+            if static:
+                line += (
+                    f"{',' if dynamic else ':'} {len(static)} for one visual count each "
+                    f"{sorted(set(static))} (a first call, or a scorer that reads the count: one graph per "
+                    "count, up to torch._dynamo.config.recompile_limit = "
+                    f"{torch._dynamo.config.recompile_limit})"
+                )
+            lines.append(line)
         return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from fitprune_fx.passes.attention_marks import mark_sliding_window
+from fitprune_fx.passes.padded_compaction import leading_void_slots
 from fitprune_fx.passes.run_time_checks import RunTimeCheckFailed
 
 PADDING_ERROR = (
@@ -57,11 +58,20 @@ PADDING_ERROR = (
 _stock_sdpa = None  # transformers' own SDPA attention function, saved by `install`
 
 
-def cut_mask_to_pruned_keys(mask: torch.Tensor, key_length: int, query_length: int) -> torch.Tensor:
+def cut_mask_to_pruned_keys(
+    mask: torch.Tensor,
+    key_length: int,
+    query_length: int,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Layer mask for a pruned layer: the old part's first columns plus the new block (see module doc).
 
     mask: [B|1, 1|H, q, M] bool (True = attend) or additive float; returns [..., q, key_length].
     Checks that the old part forbids only a prefix of columns in every row (see run_time_checks).
+    With the layer's `key` and `value` [B, Hkv, key_length, D], a row whose cache starts with void
+    slots (a batch of different visual counts, `passes/padded_compaction.py`) gets those columns
+    forbidden and its old part shifted right by as many.
     """
     old = mask.shape[-1] - query_length  # columns before this call, in original positions
     kept_old = key_length - query_length  # of them, the ones this layer still holds
@@ -74,7 +84,19 @@ def cut_mask_to_pruned_keys(mask: torch.Tensor, key_length: int, query_length: i
         torch._assert_async(left_padded, PADDING_ERROR)
     elif not bool(left_padded):  # eager (a Dynamo fallback): on the host, never a device assert
         raise RunTimeCheckFailed(PADDING_ERROR)
-    return torch.cat([mask[..., :kept_old], mask[..., old:]], dim=-1)
+    new = mask[..., old:]
+    if key is None:
+        return torch.cat([mask[..., :kept_old], new], dim=-1)
+    void = leading_void_slots(key, value, kept_old)  # [B]
+    batch = key.shape[0]
+    column = torch.arange(kept_old, device=mask.device)[None, :] - void[:, None]  # [B, kept_old]
+    index = column.clamp(min=0)[:, None, None, :].expand(batch, *mask.shape[1:-1], kept_old)
+    shifted = torch.gather(mask[..., :old].expand(batch, *mask.shape[1:-1], old), -1, index)
+    forbidden = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    if mask.dtype != torch.bool:
+        forbidden = torch.full((), torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+    shifted = torch.where((column >= 0)[:, None, None, :], shifted, forbidden)
+    return torch.cat([shifted, new.expand(batch, *new.shape[1:])], dim=-1)
 
 
 def pruned_cache_sdpa(
@@ -94,7 +116,7 @@ def pruned_cache_sdpa(
     if kwargs.get("sliding_window") is not None:
         query = mark_sliding_window(query, int(kwargs["sliding_window"]))
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
-        attention_mask = cut_mask_to_pruned_keys(attention_mask, key.shape[-2], query.shape[-2])
+        attention_mask = cut_mask_to_pruned_keys(attention_mask, key.shape[-2], query.shape[-2], key, value)
     return _stock_sdpa(module, query, key, value, attention_mask, **kwargs)
 
 

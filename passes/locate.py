@@ -78,10 +78,18 @@ class DecoderGraph:
     sites: dict[int, AttentionSite]
     merge: fx.Node  # the family's (last) merge op: (inputs_embeds, image_mask, image_features)
     image_masks: list[fx.Node]  # one per merge (images, videos): [B, S, 1 or D] or [B, S] bool
-    batch_size: int
+    batch_size: int | torch.SymInt
     seq_len: int | torch.SymInt
-    visual_per_example: int
+    visual_per_example: int  # its value in this trace (a hint when `visual_total` is a symbol)
     per_token: list[PerTokenTensor] = field(default_factory=list)
+    # Visual tokens of the whole batch: an int, or a SymInt when Dynamo made it dynamic and the
+    # caller asked to keep it so (`locate_decoder(specialize=False)`); then so is a dynamic batch.
+    visual_total: int | torch.SymInt = 0
+    # The graph nodes it is computed from: the mark's count (a node or an int), or the merges' sources.
+    visual_total_from: tuple = ()
+    # A graph input [B] (CPU) holding each example's visual count, from the family's mark; None if not
+    # one: then every example must hold the same count.
+    example_counts: fx.Node | None = None
 
 
 def example_value(node: fx.Node):
@@ -337,8 +345,13 @@ def same_size(a, b) -> bool:
     return a == b
 
 
-def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
-    """Analyse a Dynamo graph holding a decoder laid out as `layout`; raise UnsupportedGraph if not one."""
+def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout, specialize: bool = True) -> DecoderGraph:
+    """Analyse a Dynamo graph holding a decoder laid out as `layout`; raise UnsupportedGraph if not one.
+
+    `specialize` (default): a batch size or visual count that Dynamo made dynamic is made static
+    again with a guard (a graph per value). False keeps them symbols (the pass then sizes its
+    compactions per call, `token_count_inputs`).
+    """
     merges = _find_image_merges(gm, layout)
     merge = merges[-1]
     image_masks = [m.args[1] if len(m.args) > 1 else m.kwargs.get("mask") for m in merges]
@@ -346,24 +359,30 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
     if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
         raise UnsupportedGraph("image merge output is not [batch, seq, hidden]")
     batch, seq_len, hidden = embeds.shape
-    if isinstance(batch, torch.SymInt):
-        # A new batch size made Dynamo's batch dim dynamic. Per-example counts need it static:
-        # specialize with a guard, so each batch size gets its own graph (bounded like counts).
+    example_counts = None
+    if isinstance(batch, torch.SymInt) and specialize:
+        # A new batch size made Dynamo's batch dim dynamic. Static per-example counts need it
+        # static: specialize with a guard, so each batch size gets its own graph.
         batch = guard_int(batch)
     if is_visual_token_mark(merge):  # (embeds, visual [B, S], count): the count is an argument
         count = merge.args[2]
         num_visual = example_value(count) if isinstance(count, fx.Node) else count
+        total_from = (count,)
+        counts = merge.args[3] if len(merge.args) > 3 else merge.kwargs.get("counts")
+        if isinstance(counts, fx.Node) and counts.op == "placeholder":
+            example_counts = counts
         if not isinstance(num_visual, (int, torch.SymInt)):
             raise UnsupportedGraph(f"visual-token mark without a visual count ({count!r})")
     else:
-        sources = [example_value(m.args[2] if len(m.args) > 2 else m.kwargs["source"]) for m in merges]
-        num_visual = sum(features.numel() // hidden for features in sources)
-    if isinstance(num_visual, torch.SymInt):
+        source_nodes = [m.args[2] if len(m.args) > 2 else m.kwargs["source"] for m in merges]
+        num_visual = sum(example_value(features).numel() // hidden for features in source_nodes)
+        total_from = (int(hidden), *source_nodes)
+    if isinstance(num_visual, torch.SymInt) and specialize:
         # Dynamo made the count dynamic (image count or LLaVA-NeXT image size changed). The recipe
         # needs a static count: specialize on this one with a guard, so each distinct count gets
         # its own graph (up to torch._dynamo.config.recompile_limit); the length stays symbolic.
         num_visual = guard_int(num_visual)
-    if num_visual % batch:
+    if isinstance(num_visual, int) and isinstance(batch, int) and num_visual % batch:
         raise UnevenVisualTokens(
             f"fitprune: {num_visual} visual tokens do not split evenly over a batch of {batch}: the "
             "pruned graph needs the same visual count in every example (same image count and, for "
@@ -409,8 +428,16 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout) -> DecoderGraph:
         sites=sites,
         merge=merge,
         image_masks=image_masks,
-        batch_size=int(batch),
+        batch_size=batch,
         seq_len=seq_len,
-        visual_per_example=int(num_visual) // int(batch),
+        visual_per_example=_hint(num_visual) // _hint(batch),
         per_token=_per_token_tensors(gm, graph, merge, sites, seq_len, layout),
+        visual_total=num_visual,
+        visual_total_from=total_from,
+        example_counts=example_counts,
     )
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    """A size's value in this trace (a symbol's hint)."""
+    return size if isinstance(size, int) else int(size.node.hint)

@@ -19,9 +19,17 @@ from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scorin
 from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
 from .locate import UnsupportedGraph, example_value, locate_decoder
+from .padded_compaction import PaddedCompaction, has_example_counts
+from .scorers import COUNT_FREE_SCORERS, SCORERS
 from .sequence_length import propagate_compaction
 from .token_count_inputs import TokenCountInputs
-from .token_ops import VISUAL_COUNT_ERROR, has_visual_count, visual_token_mask
+from .token_ops import (
+    VISUAL_COUNT_ERROR,
+    has_even_merged_count,
+    has_even_visual_count,
+    has_visual_count,
+    visual_token_mask,
+)
 
 
 @dataclass
@@ -35,6 +43,7 @@ class PruneResult:
     size_rewrites: int = 0
     scorer: str = "fitprune"
     fused_scoring: list[int] = field(default_factory=list)  # layers scored from their own attention
+    any_visual_count: bool = False  # one graph for every visual count and batch size (sized per call)
 
 
 def prune_visual_tokens(
@@ -64,8 +73,11 @@ def prune_visual_tokens(
     Raises UnsupportedGraph (graph untouched) when the graph is not understood or the plan does
     not fit it.
     """
-    dec = locate_decoder(gm, layout)
-    n = dec.visual_per_example
+    # Built-in scorers that read no count: the graph may serve any visual count (sized per call).
+    count_free = scorer in COUNT_FREE_SCORERS and scorer_fn in (None, SCORERS.get(scorer))
+    dec = locate_decoder(gm, layout, specialize=not (token_counts is not None and count_free))
+    per_call = _per_call_sizes(dec, token_counts)
+    n = dec.visual_per_example  # this trace's (a hint when per_call)
     plan = dict(sorted(deletions_for(n).items()))
     missing = [layer for layer in plan if layer not in dec.sites]
     if missing:
@@ -77,10 +89,26 @@ def prune_visual_tokens(
         raise UnsupportedGraph(f"recipe deletes {sum(plan.values())} visual tokens of {n}")
 
     graph = gm.graph
+    device = example_value(dec.image_masks[0]).device  # of the token-count inputs
     with graph.inserting_after(dec.merge):
         visual = graph.call_function(visual_token_mask, tuple(dec.image_masks))
+    padded = None  # examples may hold different visual counts (void slots pad the shorter ones)
+    if per_call is not None and _can_pad(dec, plan, layout):
+        token_counts.read_example_counts(dec.example_counts)
+        rows = per_call.keep_rows(list(plan), deletions_for)
+        keep = token_counts.per_example_input(
+            "fitprune_kept_per_example", rows, dec.batch_size, len(plan), device
+        )
+        padded = PaddedCompaction(graph, keep, visual)
     with graph.inserting_after(visual):
-        count_ok = graph.call_function(has_visual_count, (visual, n))
+        if padded is not None:
+            count_ok = graph.call_function(has_example_counts, (visual, dec.example_counts))
+        elif per_call is None:
+            count_ok = graph.call_function(has_visual_count, (visual, n))
+        elif len(dec.visual_total_from) == 1:  # the mark's count
+            count_ok = graph.call_function(has_even_visual_count, (visual, *dec.visual_total_from))
+        else:  # hidden size, merged features
+            count_ok = graph.call_function(has_even_merged_count, (visual, *dec.visual_total_from))
     with graph.inserting_after(count_ok):  # the backend turns it into a checked graph output
         check = graph.call_function(torch._assert_async, (count_ok, VISUAL_COUNT_ERROR))
     inserted = [visual, count_ok, check]
@@ -95,8 +123,7 @@ def prune_visual_tokens(
         inserted += entry.inserted
     fused: list[int] = []
     length = dec.seq_len
-    device = example_value(dec.image_masks[0]).device  # of the token-count inputs
-    for layer, d in plan.items():
+    for step, (layer, d) in enumerate(plan.items()):
         site = dec.sites[layer]
         mask_tensor = next((t for t in shared if t.node is site.attn_mask), None)  # a shared mask?
         padding_mask, mask_positions = site.attn_mask, None  # where the fused scorer reads padding
@@ -104,7 +131,13 @@ def prune_visual_tokens(
             site = dataclasses.replace(site, attn_mask=shared[mask_tensor])
             mask_positions = positions
         kept_length = None
-        if d and token_counts is not None:
+        if per_call is not None:
+            kept_length = token_counts.length_per_call(
+                layer, per_call.kept_after(layer, deletions_for), per_call.sizes, dec.seq_len, device
+            )
+            if kept_length is None:
+                raise UnsupportedGraph(f"fewer than 2 tokens would remain after layer {layer}")
+        elif d and token_counts is not None:
             # S holds `present` visual tokens, so at least present - d tokens remain.
             kept_length = token_counts.length_after(layer, length - d, device, at_least=present - d)
         length = length - d
@@ -133,11 +166,18 @@ def prune_visual_tokens(
                 causal_decoder=layout.causal,
                 kept_length=kept_length,
             )
+        if padded is not None:
+            kept = padded.select(kept, step)
         visual, positions, more = insert_token_compaction(
             graph, site, kept, shared, all_visual, layout, positions
         )
+        if padded is not None:
+            visual = padded.void(layer, visual, shared)
         inserted += nodes + more
         present -= d
+    if padded is not None:
+        padded.zero_cached_void_rows(dec.sites, layout)
+        inserted += padded.inserted
 
     rewrites = propagate_compaction(gm, set(inserted), fake_mode)
     graph.lint()
@@ -150,7 +190,85 @@ def prune_visual_tokens(
         tokens.append(_length(dec.seq_len, deleted, symbolic))
         deleted += plan.get(layer, 0)
     tokens.append(_length(dec.seq_len, deleted, symbolic))
-    return PruneResult(plan, n, _length(dec.seq_len, 0, symbolic), tokens, rewrites, scorer, fused)
+    result = PruneResult(plan, n, _length(dec.seq_len, 0, symbolic), tokens, rewrites, scorer, fused)
+    result.any_visual_count = per_call is not None
+    return result
+
+
+@dataclass
+class _PerCallSizes:
+    """Sizes that change from call to call in one graph: the kept counts are computed per call."""
+
+    seq_len: int | torch.SymInt
+    batch: int | torch.SymInt
+    visual_total: int | torch.SymInt
+
+    @property
+    def sizes(self) -> list:
+        return [self.seq_len, self.batch, self.visual_total]
+
+    def counts(self, values: dict, counts: list[int] | None) -> list[int]:
+        """Each example's visual count: read on the host, or total / B (every example alike)."""
+        if counts is not None:
+            return counts
+        batch = _value(self.batch, values)
+        return [_value(self.visual_total, values) // batch] * batch
+
+    def kept_after(self, layer: int, deletions_for) -> Callable[[dict, list | None], int]:
+        """(values of the size symbols, per-example counts) -> tokens kept after `layer`: S minus the
+        deletions up to it, the recipe applied to each example's own count; the longest example's."""
+
+        def kept(values: dict, counts: list[int] | None) -> int:
+            deleted = [_deleted(deletions_for(n), layer) for n in self.counts(values, counts)]
+            return _value(self.seq_len, values) - min(deleted)
+
+        return kept
+
+    def keep_rows(self, layers: list[int], deletions_for) -> Callable[[dict, list | None], list]:
+        """(values, counts) -> [B, P]: the real tokens example e keeps after each pruning layer."""
+
+        def rows(values: dict, counts: list[int] | None) -> list[list[int]]:
+            s = _value(self.seq_len, values)
+            plans = [deletions_for(n) for n in self.counts(values, counts)]
+            return [[s - _deleted(plan, layer) for layer in layers] for plan in plans]
+
+        return rows
+
+
+def _deleted(plan: dict[int, int], layer: int) -> int:
+    return sum(d for at, d in plan.items() if at <= layer)
+
+
+def _can_pad(dec, plan: dict, layout) -> bool:
+    """Whether a batch of different visual counts can be compacted with void slots here: the host
+    reads the counts (`example_counts`), a 4-D mask carries the void columns, and the caches
+    after the first pruning layer are written where void rows can be zeroed."""
+    return (
+        bool(plan)
+        and dec.example_counts is not None
+        and any(t.role == "attention_mask" for t in dec.per_token)
+        and PaddedCompaction.understands_caches(dec.sites, min(plan), layout)
+    )
+
+
+def _value(size: int | torch.SymInt, values: dict) -> int:
+    return size if isinstance(size, int) else int(size.node.expr.xreplace(values))
+
+
+def _per_call_sizes(dec, token_counts: TokenCountInputs | None) -> _PerCallSizes | None:
+    """The sizes a graph compiled for any visual count reads per call; None when the visual count
+    and the batch are static (the plan is then constant), or a size cannot be read off the call's
+    arguments (they are then made static with a guard: a graph per value)."""
+    from torch.fx.experimental.symbolic_shapes import guard_int
+
+    total, batch = dec.visual_total, dec.batch_size
+    if isinstance(total, int) and isinstance(batch, int):
+        return None
+    sizes = _PerCallSizes(dec.seq_len, batch, total)
+    if token_counts is not None and token_counts.can_read(sizes.sizes):
+        return sizes
+    dec.visual_total, dec.batch_size = guard_int(total), guard_int(batch)
+    return None
 
 
 def _length(seq_len, deleted: int, symbolic: bool) -> str:

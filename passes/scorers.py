@@ -36,6 +36,9 @@ class ScoringInputs:
 
 Scorer = Callable[[ScoringInputs], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
+# Scorers that read neither `num_delete` nor the visual count: a graph scored by one of them may serve
+# every visual count (its deletions are sized per call). Others get a graph per count.
+COUNT_FREE_SCORERS = frozenset({"fitprune", "fastv"})
 
 
 def register_scorer(name: str, fn: Scorer | None = None):

@@ -23,6 +23,8 @@ are excluded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy
 import torch
 from torch import fx
@@ -55,13 +57,17 @@ class TokenCountInputs:
         self.graph = graph
         self.fake_mode = fake_mode
         # Length of each extra input (an int, or an expression in the graph's own size symbols) and device.
-        self.counts: list[tuple[int | sympy.Expr, torch.device]] = []
+        # The extra inputs: (length or data as a function of the call's sizes and per-example visual
+        # counts, device, whether it is data [B, n] rather than a size-only [length]).
+        self.counts: list[tuple[Callable[[dict, list | None], int | list], torch.device, bool]] = []
+        self._example_counts: int | None = None  # index of the input holding per-example visual counts
         self.fakes: list[torch.Tensor] = []  # their fake values (example inputs for Inductor)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self._last = placeholders[-1]
         self._where = _symbol_inputs(placeholders)  # size symbol -> index of the argument carrying it
         self._symbols: list[sympy.Symbol] = []  # the size symbols the counts depend on
         self._last_call: tuple[tuple, list[torch.Tensor]] | None = None  # (their sizes, the tensors)
+        self._hint_counts: list[int] | None = None  # hints assume every example holds total / B
 
     def length_after(
         self, layer: int, count: int | torch.SymInt, device: torch.device, at_least: int = 2
@@ -75,22 +81,71 @@ class TokenCountInputs:
         below 2 (sizes 0 and 1 are always specialised), or S is not a graph input the backend
         could read it from: the caller then keeps the length it had.
         """
-        from torch._dynamo.source import ConstantSource
-        from torch.fx.experimental.symbolic_shapes import DimDynamic
-
         shape_env = getattr(self.fake_mode, "shape_env", None)
         if shape_env is None:
             return None
         if isinstance(count, int):
-            length, hint, lower, upper = count, count, 2, count
-        else:
-            length = count.node.expr
-            if not length.free_symbols <= set(self._where) or count.node.hint is None:
-                return None
-            bounds = shape_env.bound_sympy(length)
-            hint, lower, upper = int(count.node.hint), max(bounds.lower, at_least), bounds.upper
+            return self._new_input(layer, count, 2, count, device, lambda sizes, counts: count, set())
+        expr = count.node.expr
+        if not expr.free_symbols <= set(self._where) or count.node.hint is None:
+            return None
+        bounds = shape_env.bound_sympy(expr)
+        lower, upper = max(bounds.lower, at_least), bounds.upper
+        return self._new_input(
+            layer,
+            int(count.node.hint),
+            lower,
+            upper,
+            device,
+            lambda sizes, counts: int(expr.xreplace(sizes)),
+            expr.free_symbols,
+        )
+
+    def length_per_call(
+        self,
+        layer: int,
+        kept: Callable[[dict[sympy.Symbol, int], list[int] | None], int],
+        sizes: list[int | torch.SymInt],
+        upper: int | torch.SymInt,
+        device: torch.device,
+    ) -> fx.Node | None:
+        """A new placeholder whose length, a fresh symbol with range [2, upper bound of `upper`], is
+        `kept(values)` on each call: `values` maps the size symbols of `sizes` (graph sizes: the
+        prompt length, the batch, the visual tokens) to their values at that call.
+
+        What a count that is no sympy expression of the sizes needs (a recipe's rounding rule of
+        the visual count). None when a symbol of `sizes` is not a graph input, or the count at this
+        trace's hints is below 2.
+        """
+        shape_env = getattr(self.fake_mode, "shape_env", None)
+        if shape_env is None:
+            return None
+        symbols: set[sympy.Symbol] = set()
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                symbols |= size.node.expr.free_symbols
+        if not symbols <= set(self._where) or not symbols <= set(shape_env.backed_var_to_val):
+            return None
+        hint = kept({s: int(shape_env.backed_var_to_val[s]) for s in symbols}, self._hint_counts)
+        bound = upper if isinstance(upper, int) else shape_env.bound_sympy(upper.node.expr).upper
+        return self._new_input(layer, hint, 2, bound, device, kept, symbols)
+
+    def _new_input(
+        self,
+        layer: int,
+        hint: int,
+        lower: int,
+        upper: int | sympy.Expr,
+        device: torch.device,
+        length: Callable[[dict[sympy.Symbol, int], list[int] | None], int],
+        symbols: set[sympy.Symbol],
+    ) -> fx.Node | None:
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic
+
         if lower < 2 or hint < lower:
             return None
+        shape_env = self.fake_mode.shape_env
         name = f"fitprune_tokens_after_layer_{layer}" if layer >= 0 else "fitprune_tokens_entering_decoder"
         symbol = shape_env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
         shape_env.constrain_symbol_range(symbol, lower, upper)
@@ -101,28 +156,62 @@ class TokenCountInputs:
             node = self.graph.placeholder(name)
         node.meta["example_value"] = node.meta["val"] = fake
         self._last = node
-        self.counts.append((length, device))
+        self.counts.append((length, device, False))
         self.fakes.append(fake)
-        if not isinstance(length, int):
-            self._symbols += sorted(length.free_symbols - set(self._symbols), key=str)
+        self._symbols += sorted(symbols - set(self._symbols), key=str)
         return node
+
+    def can_read(self, sizes: list) -> bool:
+        """Whether every size symbol of `sizes` arrives with each call (a SymInt graph input with a hint)."""
+        shape_env = getattr(self.fake_mode, "shape_env", None)
+        symbols = set().union(*(s.node.expr.free_symbols for s in sizes if isinstance(s, torch.SymInt)))
+        return shape_env is not None and symbols <= set(self._where) & set(shape_env.backed_var_to_val)
+
+    @property
+    def per_call(self) -> bool:
+        """Whether the lengths change from call to call (they depend on a size symbol)."""
+        return bool(self._symbols)
 
     def values(self, args: tuple | list) -> list[torch.Tensor]:
         """The tensors to pass for the extra placeholders on a call with the graph's own `args`.
 
-        Counts in S are evaluated at this call's S. Allocated again only when S changes (static
-        counts: once).
+        Counts in S are evaluated at this call's sizes: every size symbol the graph takes as an input
+        (a guard may have made two of them one after a count was set up, so all are read). Allocated
+        again only when a size changes (static counts: once).
         """
-        key = tuple(int(args[self._where[symbol]]) for symbol in self._symbols)
+        sizes = tuple(int(args[index]) for index in self._where.values()) if self._symbols else ()
+        counts = None if self._example_counts is None else args[self._example_counts].tolist()
+        key = (sizes, counts and tuple(counts))
         if self._last_call is None or self._last_call[0] != key:
-            sizes = dict(zip(self._symbols, key, strict=True))
-            lengths = [n if isinstance(n, int) else int(n.xreplace(sizes)) for n, _ in self.counts]
+            values = dict(zip(self._where, sizes, strict=True))
             tensors = [
-                torch.empty((n,), dtype=torch.uint8, device=d)
-                for n, (_, d) in zip(lengths, self.counts, strict=True)
+                torch.tensor(fn(values, counts), dtype=torch.long, device=d)
+                if data
+                else torch.empty((fn(values, counts),), dtype=torch.uint8, device=d)
+                for fn, d, data in self.counts
             ]
             self._last_call = (key, tensors)
         return self._last_call[1]
+
+    def read_example_counts(self, node: fx.Node) -> None:
+        """Read each call's per-example visual counts from graph input `node` ([B] long on the CPU:
+        no device sync) and hand them to every count function."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self._example_counts = placeholders.index(node)
+
+    def per_example_input(
+        self, name: str, rows: Callable[[dict, list | None], list], batch, width: int, device: torch.device
+    ) -> fx.Node:
+        """A new data placeholder [batch, width] long on `device`: `rows(sizes, counts)` at each call."""
+        with self.fake_mode:
+            fake = torch.empty((batch, width), dtype=torch.long, device=device)
+        with self.graph.inserting_after(self._last):
+            node = self.graph.placeholder(name)
+        node.meta["example_value"] = node.meta["val"] = fake
+        self._last = node
+        self.counts.append((rows, device, True))
+        self.fakes.append(fake)
+        return node
 
 
 def _symbol_inputs(placeholders: list[fx.Node]) -> dict[sympy.Symbol, int]:

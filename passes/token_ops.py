@@ -161,3 +161,14 @@ def visual_token_mask(*image_masks: torch.Tensor) -> torch.Tensor:
 def has_visual_count(visual: torch.Tensor, per_example: int) -> torch.Tensor:
     """0-d bool: every example has exactly `per_example` visual tokens (the recipe's static counts)."""
     return (visual.sum(dim=1) == per_example).all()
+
+
+def has_even_visual_count(visual: torch.Tensor, total: int) -> torch.Tensor:
+    """0-d bool: every example of `visual` [B, S] holds total / B visual tokens (`total` a size of
+    the graph, possibly a symbol: the counts of a graph compiled for any visual count)."""
+    return (visual.sum(dim=1) * visual.shape[0] == total).all()
+
+
+def has_even_merged_count(visual: torch.Tensor, hidden: int, *features: torch.Tensor) -> torch.Tensor:
+    """`has_even_visual_count` with the total read off the merged features ([N, hidden] each)."""
+    return has_even_visual_count(visual, sum(f.numel() // hidden for f in features))

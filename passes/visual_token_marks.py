@@ -20,14 +20,17 @@ from torch import fx
 
 
 @torch.library.custom_op("fitprune::visual_token_mark", mutates_args=())
-def visual_token_mark(embeds: torch.Tensor, visual: torch.Tensor, count: int) -> torch.Tensor:
+def visual_token_mark(
+    embeds: torch.Tensor, visual: torch.Tensor, count: int, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """`embeds` [B, S, C] unchanged (a copy: a custom op may not alias); `visual` [B, S] bool marks
-    the visual tokens, `count` is their number over the whole batch."""
+    the visual tokens, `count` is their number over the whole batch and `counts` [B] (a CPU tensor,
+    read on the host before each call) their number per example."""
     return embeds.clone()
 
 
 @visual_token_mark.register_fake
-def _visual_token_mark_fake(embeds, visual, count):
+def _visual_token_mark_fake(embeds, visual, count, counts=None):
     return torch.empty_like(embeds)
 
 

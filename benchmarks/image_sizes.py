@@ -1,0 +1,136 @@
+"""Compiles over a run of prompts whose images all differ in size: plain Inductor against FitPrune.
+
+    python benchmarks/image_sizes.py                 # 12 image sizes at batch 1, then a mixed batch
+    python benchmarks/image_sizes.py --sizes 4 --arm fitprune
+
+A tiny Qwen2.5-VL (4 layers, hidden 64, native-resolution images) answers one prompt per image
+size at batch 1, then batches of 3 and 2 prompts (the last holding two image sizes). Each arm runs
+in a process of its own with an empty Inductor cache, so neither reuses the other's kernels:
+
+* ``inductor`` -- ``model.compile()`` (Dynamo's automatic dynamic shapes after the first change);
+* ``fitprune`` -- ``fitprune_fx.compile(model, {1: 0.25, 2: 0.25})`` (a fraction recipe).
+
+Printed per arm: wall time of all calls (compiles included), the number of decoder graphs Inductor
+compiled, how many calls ran a pruned graph, and what the mixed batch gave. The ratio line
+compares the two arms' wall times measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+GRIDS = [(4, 4), (4, 6), (6, 6), (4, 8), (6, 8), (8, 8), (8, 10), (6, 12), (10, 10), (8, 12), (10, 12), (12, 12)]
+FRACTIONS = {1: 0.25, 2: 0.25}
+
+
+def run_arm(arm: str, sizes: int) -> dict:
+    """One arm in this process: every call of the run, timed as a whole."""
+    import torch
+
+    import fitprune_fx
+    from fitprune_fx import ModelInfo, Recipe
+    from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
+
+    torch.set_num_threads(1)
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=0)
+    graphs = {"decoder": 0}
+    if arm == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        def counting(gm, example_inputs):
+            if any("self_attn" in str(n.meta.get("nn_module_stack", "")) for n in gm.graph.nodes):
+                graphs["decoder"] += 1
+            return compile_fx(gm, example_inputs)
+
+        model.compile(backend=counting)
+    else:
+        recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS)
+        fitprune_fx.compile(model, recipe, progress=False)
+    calls = [make_qwen_inputs(model, [3], [4], grid=g, seed=i) for i, g in enumerate(GRIDS[:sizes])]
+    mixed = make_qwen_inputs(model, [3, 5], [4, 2], grid=GRIDS[0], seed=99)
+    wide = make_qwen_inputs(model, [3, 5], [4, 2], grid=GRIDS[1], seed=98)
+    calls.append(_batch_of([make_qwen_inputs(model, [2], [3], grid=GRIDS[2], seed=50 + i) for i in range(3)]))
+    outcome = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for inputs in calls:
+            model(**inputs)
+        try:
+            model(**_mixed_batch(mixed, wide))
+            outcome["mixed"] = "answered"
+        except Exception as e:  # noqa: BLE001 (reported, not hidden)
+            outcome["mixed"] = type(e).__name__
+    outcome["wall_s"] = time.perf_counter() - start
+    if arm == "fitprune":
+        backend = model.fitprune_backend
+        graphs["decoder"] = sum(1 for r in backend.reports if r.layers and "no image merge" not in r.reason)
+        outcome["pruned_graphs"] = len(backend.pruned_graphs)
+        outcome["pruned_calls"] = backend.pruned_runs
+    outcome["decoder_graphs"] = graphs["decoder"]
+    outcome["calls"] = len(calls) + 1
+    return outcome
+
+
+def _batch_of(rows: list[dict]) -> dict:
+    """Rows of one image size (same lengths) stacked into one batch."""
+    import torch
+
+    out = {k: torch.cat([r[k] for r in rows]) for k in rows[0] if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        out[k] = torch.cat([r[k] for r in rows])
+    return out
+
+
+def _mixed_batch(a: dict, b: dict) -> dict:
+    """Row 0 of `a` and row 0 of `b` (two image sizes) in one left-padded batch."""
+    import torch
+
+    rows = [{k: v[:1] for k, v in a.items()}, {k: v[:1] for k, v in b.items()}]
+    rows[0]["pixel_values"] = a["pixel_values"][: a["pixel_values"].shape[0] // 2]
+    rows[1]["pixel_values"] = b["pixel_values"][: b["pixel_values"].shape[0] // 2]
+    length = max(r["input_ids"].shape[1] for r in rows)
+
+    def pad(x, n):
+        return torch.cat([x.new_zeros(1, n - x.shape[1]), x], dim=1)
+
+    out = {k: torch.cat([pad(r[k], length) for r in rows]) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+    out["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, default=12, help="distinct image sizes at batch 1 (at most 12)")
+    parser.add_argument("--arm", choices=["inductor", "fitprune"], help="run one arm here (internal)")
+    args = parser.parse_args()
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, args.sizes)))
+        return
+    results = {}
+    for arm in ("inductor", "fitprune"):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            print(f"running {arm} ({args.sizes} image sizes, then batches of 3 and 2) ...", file=sys.stderr)
+            done = subprocess.run(
+                [sys.executable, __file__, "--arm", arm, "--sizes", str(args.sizes)],
+                env=env, check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
+    print("| arm | wall time, compiles included | decoder graphs compiled | pruned calls | mixed-size batch of 2 |")
+    print("|---|---|---|---|---|")
+    for arm, r in results.items():
+        pruned = f"{r['pruned_calls']} of {r['calls']}" if "pruned_calls" in r else "-"
+        print(f"| {arm} | {r['wall_s']:.1f} s | {r['decoder_graphs']} | {pruned} | {r['mixed']} |")
+    ratio = results["fitprune"]["wall_s"] / results["inductor"]["wall_s"]
+    print(f"\nfitprune / inductor wall time: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
