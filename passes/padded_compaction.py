@@ -14,12 +14,12 @@ A void slot copies some deleted token's row (its index points there) and is made
   4-D mask), so no query attends to it, in this prefill and in later decode steps;
 * it is no visual token (the visual mask is cleared there), so no scorer counts it, and the next
   pruning layer deletes it before any real token (it keys lowest: `select_kept_padded`);
-* the keys and values the layers after the compaction cache for it are zeros (`zero_void_rows`).
-  A decode step finds a row's void slots as the run of all-zero keys and values at the start
-  of its cache (`pruned_cache.cut_mask_to_pruned_keys`) and masks them. A real token's key and
-  value are never exactly zero at kv head 0 in practice (they are projections of a layer's
-  non-zero input); were one so, it would be the first token of its row and masked, which the
-  left-padding rule already does for padding.
+* the keys and values the layers after the compaction cache for it hold `VOID_FILL` in every
+  element (`fill_void_rows`). A decode step finds a row's void slots as the run of such entries
+  at the start of its cache (`pruned_cache.cut_mask_to_pruned_keys`) and masks them. Not zero:
+  padding tokens whose hidden states stay zero cache zero keys and values (measured on Gemma 3),
+  and those are no void slots. A computed key or value whose head-dim elements all equal one
+  arbitrary constant, at kv head 0, does not happen.
 
 Void slots lie left of every real token, tokenizer padding included, so each cache row reads
 [void][padding][tokens]: the left-padded shape the decode rules of a pruned cache assume.
@@ -74,16 +74,20 @@ def void_mask_columns(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~columns, torch.finfo(mask.dtype).min)
 
 
-def zero_void_rows(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Keys or values [B, Hkv, K, D] with the rows of void slots zero (what a decode step finds)."""
-    return torch.where(valid[:, None, :, None], states, torch.zeros((), dtype=states.dtype))
+VOID_FILL = -0.0078125  # -2**-7: exact in fp32, bf16 and fp16; finite in any attention logit
+
+
+def fill_void_rows(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Keys or values [B, Hkv, K, D] with the rows of void slots set to VOID_FILL (what a decode
+    step finds)."""
+    return torch.where(valid[:, None, :, None], states, torch.full((), VOID_FILL, dtype=states.dtype))
 
 
 def leading_void_slots(key: torch.Tensor, value: torch.Tensor, old: int) -> torch.Tensor:
     """[B] long: the void slots at the start of each cache row (of its first `old` entries): the run
-    of entries whose key and value at kv head 0 are all zero (`zero_void_rows`)."""
-    zero = (key[:, 0, :old] == 0).all(dim=-1) & (value[:, 0, :old] == 0).all(dim=-1)  # [B, old]
-    return zero.long().cumprod(dim=1).sum(dim=1)
+    of entries whose key and value at kv head 0 are VOID_FILL throughout (`fill_void_rows`)."""
+    void = (key[:, 0, :old] == VOID_FILL).all(dim=-1) & (value[:, 0, :old] == VOID_FILL).all(dim=-1)
+    return void.long().cumprod(dim=1).sum(dim=1)  # [B]
 
 
 def has_example_counts(visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -167,8 +171,8 @@ class PaddedCompaction:
             for states in (site.key, site.value)
         )
 
-    def zero_cached_void_rows(self, sites: dict, layout) -> bool:
-        """Zero the cached keys and values of void slots in every layer after a pruning layer; False
+    def fill_cached_void_rows(self, sites: dict, layout) -> bool:
+        """Fill the cached keys and values of void slots in every layer after a pruning layer; False
         (graph untouched) when a layer's cache write is not understood."""
         concats = {}
         for layer, site in sites.items():
@@ -183,7 +187,7 @@ class PaddedCompaction:
                     concats[cat] = self.valid_after[max(earlier)]
         for cat, valid in concats.items():
             with self.graph.inserting_after(cat):
-                zeroed = self.graph.call_function(zero_void_rows, (cat, valid))
-            cat.replace_all_uses_with(zeroed, delete_user_cb=lambda user, z=zeroed: user is not z)
-            self.inserted.append(zeroed)
+                filled = self.graph.call_function(fill_void_rows, (cat, valid))
+            cat.replace_all_uses_with(filled, delete_user_cb=lambda user, z=filled: user is not z)
+            self.inserted.append(filled)
         return True

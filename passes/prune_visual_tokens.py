@@ -176,7 +176,7 @@ def prune_visual_tokens(
         inserted += nodes + more
         present -= d
     if padded is not None:
-        padded.zero_cached_void_rows(dec.sites, layout)
+        padded.fill_cached_void_rows(dec.sites, layout)
         inserted += padded.inserted
 
     rewrites = propagate_compaction(gm, set(inserted), fake_mode)
@@ -242,7 +242,7 @@ def _deleted(plan: dict[int, int], layer: int) -> int:
 def _can_pad(dec, plan: dict, layout) -> bool:
     """Whether a batch of different visual counts can be compacted with void slots here: the host
     reads the counts (`example_counts`), a 4-D mask carries the void columns, and the caches
-    after the first pruning layer are written where void rows can be zeroed."""
+    after the first pruning layer are written where void rows can be filled."""
     return (
         bool(plan)
         and dec.example_counts is not None

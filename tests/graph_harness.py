@@ -75,9 +75,16 @@ class KeptRecorder:
         for node in graph_module.graph.nodes:
             if node.target in (select_kept_tokens, torch.ops.fitprune.select_kept_tokens_like.default):
                 node.target = self._record
+            elif node.target is torch.ops.fitprune.select_kept_padded.default:  # any visual count
+                node.target = self._record_padded
         graph_module.recompile()
         self.graph_module = graph_module
         return lambda *args: graph_module.forward(*args, *extra(args))
+
+    def _record_padded(self, scores, visual, valid, length, keep):
+        kept, real = torch.ops.fitprune.select_kept_padded(scores, visual, valid, length, keep)
+        self.kept.append(kept)  # void slots (real False) appear only in a batch of different counts
+        return kept, real
 
     def _record(self, scores, visual, num_delete_or_length):
         num_delete = num_delete_or_length
