@@ -6,18 +6,32 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
-from fitprune_fx.testbed.tiny_qwen import IMAGE, make_qwen_inputs, tiny_qwen_vl
+from fitprune_fx.testbed.tiny_qwen import IMAGE, VIDEO, make_qwen_inputs, tiny_qwen_vl
 from graph_harness import KeptRecorder, assert_pass_matches_masking
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 FRACTIONS = {1: 0.25, 2: 0.25}
-GRIDS = [(4, 4), (4, 6), (6, 6), (4, 8), (6, 8), (8, 8), (8, 10), (6, 12), (10, 10), (8, 12), (10, 12), (12, 12)]
+GRIDS = [
+    (4, 4),
+    (4, 6),
+    (6, 6),
+    (4, 8),
+    (6, 8),
+    (8, 8),
+    (8, 10),
+    (6, 12),
+    (10, 10),
+    (8, 12),
+    (10, 12),
+    (12, 12),
+]
 
 
 def masking_plan(model, inputs, fractions) -> dict[int, int]:
@@ -55,7 +69,11 @@ def test_twelve_image_sizes_and_three_batch_sizes_on_one_graph():
     recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
     compiled = torch.compile(model, backend=recorder)
     calls = [batch_of(model, grid, 1, seed) for seed, grid in enumerate(GRIDS)]
-    calls += [batch_of(model, GRIDS[3], 3, 20), batch_of(model, GRIDS[7], 2, 21), batch_of(model, GRIDS[0], 3, 22)]
+    calls += [
+        batch_of(model, GRIDS[3], 3, 20),
+        batch_of(model, GRIDS[7], 2, 21),
+        batch_of(model, GRIDS[0], 3, 22),
+    ]
     for step, inputs in enumerate(calls):
         check_call(compiled, oracle, recorder, inputs)
         if step == len(GRIDS) - 1:  # every size at batch 1 served by 2 graphs
@@ -67,37 +85,42 @@ def test_twelve_image_sizes_and_three_batch_sizes_on_one_graph():
     assert "for any visual count and batch size" in recorder.backend.summary()
 
 
-def mixed_batch(model, grids: list[tuple[int, int]], seed: int) -> tuple[dict, list[dict]]:
-    """One prompt per grid (different visual counts) left-padded into one batch, and each alone."""
-    alone = [make_qwen_inputs(model, [2 + i], [3 + 2 * i], grid=g, seed=seed + i) for i, g in enumerate(grids)]
+def mixed_batch(
+    model, grids: list[tuple[int, int]], seed: int, videos: list | None = None
+) -> tuple[dict, list]:
+    """One prompt per grid (different visual counts; with `videos`, a video each too) left-padded
+    into one batch, and each prompt alone."""
+    alone = [
+        make_qwen_inputs(model, [2 + i], [3 + 2 * i], grid=g, seed=seed + i, video=videos and videos[i])
+        for i, g in enumerate(grids)
+    ]
     length = max(a["input_ids"].shape[1] for a in alone)
 
     def pad(x):
         return torch.cat([x.new_zeros(1, length - x.shape[1]), x], dim=1)
 
-    batch = {k: torch.cat([pad(a[k]) for a in alone]) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    batch["pixel_values"] = torch.cat([a["pixel_values"] for a in alone])
-    batch["image_grid_thw"] = torch.cat([a["image_grid_thw"] for a in alone])
+    batch = {
+        k: torch.cat([pad(a[k]) for a in alone]) for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+    }
+    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if k in alone[0]:
+            batch[k] = torch.cat([a[k] for a in alone])
     return batch, alone
 
 
-def test_a_batch_of_different_image_sizes_is_pruned_like_each_example_alone():
-    """A batch of 3 prompts whose images give 4, 16 and 9 visual tokens (after a first call of another
-    composition, so the graph serves any count): each example keeps its own fraction of its own
-    visual tokens; its logits at its kept tokens equal pruning as masking on the example alone."""
-    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=1)
-    oracle = copy.deepcopy(model)
-    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS)
-    backend = fitprune_backend(recipe, compiler="eager")
+def assert_each_example_pruned_like_alone(model, oracle, backend, calls, visual_ids, fractions) -> None:
+    """Each (batch, examples alone) of `calls` on one compiled `model`: every example's logits at its
+    kept tokens (right-aligned in the pruned output) equal pruning as masking on the example alone."""
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
-        for grids, seed in (([(6, 6), (6, 6), (6, 6)], 40), ([(4, 4), (8, 8), (6, 6)], 50), ([(8, 6), (4, 6), (4, 4)], 60)):
-            batch, alone = mixed_batch(model, grids, seed)
+        for batch, alone in calls:
             runs = backend.pruned_runs
             logits = compiled(**batch).logits
             assert backend.pruned_runs == runs + 1
             for e, inputs in enumerate(alone):
-                prune = masking_plan(oracle, inputs, FRACTIONS)
+                n = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids)).sum())
+                info = dataclasses.replace(ModelInfo.from_config(oracle.config), num_visual_tokens=n)
+                prune = dict(Recipe.from_fractions(info, fractions).prune)
                 with MaskingReference(oracle, prune) as masking:
                     expected = oracle(**inputs).logits[0]
                 deleted = torch.zeros_like(masking.deleted[min(prune)][0])
@@ -107,6 +130,62 @@ def test_a_batch_of_different_image_sizes_is_pruned_like_each_example_alone():
                 ours = logits[e, logits.shape[1] - len(kept) :]  # real tokens are right-aligned
                 torch.testing.assert_close(ours, expected[kept], atol=1e-4, rtol=1e-4)
     assert backend.pruned_graphs[-1].result.any_visual_count, backend.summary()
+
+
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_batch_of_different_image_sizes_is_pruned_like_each_example_alone(variant):
+    """Batches of 3 prompts whose images give different visual counts (after a first call of one
+    size, so the graph serves any count): each example keeps its own fraction of its own visual
+    tokens; its logits at its kept tokens equal pruning as masking on the example alone. Qwen3-VL
+    adds DeepStack features into the residual stream of the first layers."""
+    model = tiny_qwen_vl(variant, num_layers=4, seed=1)
+    oracle = copy.deepcopy(model)
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS)
+    grids = ([(6, 6), (6, 6), (6, 6)], [(4, 4), (8, 8), (6, 6)], [(8, 6), (4, 6), (4, 4)])
+    calls = [mixed_batch(model, g, seed) for g, seed in zip(grids, (40, 50, 60), strict=True)]
+    backend = fitprune_backend(recipe, compiler="eager")
+    assert_each_example_pruned_like_alone(model, oracle, backend, calls, [IMAGE], FRACTIONS)
+
+
+def test_a_batch_of_an_image_and_a_video_with_different_counts():
+    """Qwen2.5-VL, one prompt with an image and a video, the other with another image and a longer
+    video: one visual mask over both, each example pruned like itself alone."""
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=3)
+    oracle = copy.deepcopy(model)
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS)
+    calls = [mixed_batch(model, [(6, 6), (6, 6)], 90, [(2, 4, 4), (2, 4, 4)])]
+    calls.append(mixed_batch(model, [(4, 4), (6, 8)], 91, [(2, 4, 4), (4, 4, 6)]))
+    backend = fitprune_backend(recipe, compiler="eager")
+    assert_each_example_pruned_like_alone(model, oracle, backend, calls, [IMAGE, VIDEO], FRACTIONS)
+
+
+def test_onevision_processor_batch_of_two_image_sizes():
+    """LLaVA-OneVision through its real processor: one batch holding images of two sizes (different
+    any-resolution tilings, so different visual counts) and each prompt processed alone."""
+    from fitprune_fx.testbed.tiny_onevision import IMAGE as OV_IMAGE
+    from fitprune_fx.testbed.tiny_onevision import VIDEO as OV_VIDEO
+    from fitprune_fx.testbed.tiny_onevision import tiny_llava_onevision
+    from fitprune_fx.testbed.tiny_processors import onevision_processor
+
+    model = tiny_llava_onevision(num_layers=4, seed=1)
+    oracle = copy.deepcopy(model)
+    processor = onevision_processor(model)
+
+    def processed(prompts, images):
+        return dict(processor(text=prompts, images=images, return_tensors="pt", padding=True))
+
+    prompts = ["w1 w2 <image> what is in the image ?", "<image> what ?"]
+    calls = []
+    for sizes, seed in (([(40, 60), (40, 60)], 0), ([(40, 60), (200, 150)], 1)):
+        rng = np.random.default_rng(seed)
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+        alone = [processed([p], [i]) for p, i in zip(prompts, images, strict=True)]
+        calls.append((processed(prompts, images), alone))
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.3, 2: 0.25})
+    backend = fitprune_backend(recipe, compiler="eager")
+    assert_each_example_pruned_like_alone(
+        model, oracle, backend, calls, [OV_IMAGE, OV_VIDEO], {0: 0.3, 2: 0.25}
+    )
 
 
 @pytest.mark.parametrize("mode", ["greedy", "beams"])
