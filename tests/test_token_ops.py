@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fitprune_fx.passes.token_ops  # noqa: F401  (registers torch.ops.fitprune.*)
@@ -123,3 +123,36 @@ def test_entering_the_decoder_is_a_gather_at_every_position(broadcast):
     torch.library.opcheck(torch.ops.fitprune.entry_positions.default, (count, like))
     with pytest.raises(RuntimeError, match="7 tokens enter the decoder, its entry count says 6"):
         torch.ops.fitprune.enter_tokens(rows, count[:6], [1], batch)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4), length=st.integers(3, 24), voids=st.booleans())
+@example(seed=7, batch=3, length=12, voids=True)  # rows with earlier void slots, different deletions
+@example(seed=1, batch=1, length=5, voids=False)  # one example: no void slot at all
+def test_padded_selection_keeps_each_examples_own_tokens(seed, batch, length, voids):
+    """`select_kept_padded` on a batch whose rows delete different counts (some rows already holding
+    void slots at the left): each row's real kept tokens are `select_kept_tokens` on that row alone
+    with its own deletions, in original order and right-aligned; every slot before them is void."""
+    import torch
+
+    from fitprune_fx.passes.padded_compaction import select_kept_padded
+    from fitprune_fx.passes.token_ops import select_kept_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, length, generator=g).round(decimals=1)  # ties happen
+    visual = torch.rand(batch, length, generator=g) < 0.6
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    if voids:  # earlier void slots: a prefix of each row
+        for e in range(batch):
+            valid[e, : int(torch.randint(0, length // 3 + 1, (), generator=g))] = False
+    visual &= valid
+    deletions = [int(torch.randint(0, int(visual[e].sum()) + 1, (), generator=g)) for e in range(batch)]
+    keep = torch.tensor([int(valid[e].sum()) - deletions[e] for e in range(batch)])
+    k = int(keep.max())
+    kept, real = select_kept_padded(scores, visual, valid, torch.empty(k, dtype=torch.uint8), keep)
+    assert kept.shape == real.shape == (batch, k)
+    for e in range(batch):
+        row = valid[e].nonzero().squeeze(1)  # the row's real tokens, alone
+        alone = select_kept_tokens(scores[e : e + 1, row], visual[e : e + 1, row], deletions[e])[0]
+        assert torch.equal(kept[e, k - int(keep[e]) :], row[alone])
+        assert torch.equal(real[e], torch.arange(k) >= k - int(keep[e]))
