@@ -183,7 +183,7 @@ class TokenCountInputs:
         counts = None if self._example_counts is None else args[self._example_counts].tolist()
         key = (sizes, counts and tuple(counts))
         if self._last_call is None or self._last_call[0] != key:
-            values = dict(zip(self._where, sizes, strict=True))
+            values = dict(zip(self._where, sizes, strict=True)) if sizes else {}
             tensors = [
                 torch.tensor(fn(values, counts), dtype=torch.long, device=d)
                 if data
