@@ -489,15 +489,17 @@ of 8 is reached within a few calls, after which it silently runs the model eager
 
 
 class PlaceholderCheckGraphBreak(logging.Filter):
-    """Drops Dynamo's 31-line warning about one known graph break: transformers' image-placeholder
-    check (`get_placeholder_mask`) calls `.item()` under Dynamo. It is expected and harmless here
-    (the image merge and the decoder stay in one graph, as the pass needs); `TORCH_LOGS=graph_breaks`
-    still lists it. Other graph-break warnings pass through."""
+    """Drops Dynamo's 31-line warning about two known graph breaks: transformers' image-placeholder
+    check (`get_placeholder_mask`) calls `.item()` under Dynamo, and so does the visual-token mark
+    (`families/visual_marks.py`), which reads the visual counts on the host there. Both are expected
+    and harmless (the image merge and the decoder stay in one graph, as the pass needs);
+    `TORCH_LOGS=graph_breaks` still lists them. Other graph-break warnings pass through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (
-            message.startswith("Graph break from `Tensor.item()`") and "get_placeholder_mask" in message
+            message.startswith("Graph break from `Tensor.item()`")
+            and ("get_placeholder_mask" in message or "visual_marks.py" in message)
         )
 
 

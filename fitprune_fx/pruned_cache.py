@@ -10,7 +10,9 @@ per layer and positional from the end, so it stays exact without a cache class o
   exactly the appended ones (a positive, absolute `crop(n)` is legacy: deprecated in 5.17 and
   refused since; it would be wrong for pruned layers, so do not call it on a pruned cache);
 - reorder (beam search), repeat / select of batch rows, `copy.deepcopy`: batch dim only, and every
-  row of a layer has the same length (the recipe deletes the same count in every example);
+  row of a layer has the same length (a batch whose examples delete different counts pads the
+  shorter rows at the left with void slots, `passes/padded_compaction.py`, which travel with their
+  row);
 - `get_seq_length()` reads layer 0, which is never pruned, so it counts original positions:
   `cache_position`, position ids and mask widths continue from the original prompt.
 
@@ -24,7 +26,8 @@ only at its left), removing D_l allowed columns from it equals keeping its first
 
     layer mask = cat(mask[..., : K - q], mask[..., M - q :])
 
-which is what `pruned_cache_sdpa` does. Keeping the first K columns instead (right only for
+which is what `pruned_cache_sdpa` does, after shifting each row right past its void slots (found
+in the cache by their fill value) and forbidding those. Keeping the first K columns instead (right only for
 q = 1) would give a k-token chunk the future of its own block. Padding inside the old part
 (right padding, or a batched later turn padded in the middle) would make the cut wrong, so it is
 checked at run time and refused with an error (`PADDING_ERROR`).

@@ -91,8 +91,10 @@ GRAPH_CONTRACT: tuple[ContractItem, ...] = (
     ContractItem(
         "cache-writeback",
         "Each layer's KV-cache update is a `cat` in the graph whose result Dynamo writes back into "
-        "the cache, so a layer that attends over fewer tokens caches fewer.",
-        "fitprune_fx/pruned_cache.py (module docstring)",
+        "the cache, so a layer that attends over fewer tokens caches fewer; it is reached from the "
+        "attention's key and value through single-input ops of the layer (a batch of different "
+        "visual counts fills its void rows there; a write-back not found so keeps the even-count check).",
+        "fitprune_fx/pruned_cache.py (module docstring); passes/padded_compaction.py: _cache_concat",
         "tests/test_graph_contract.py::test_cache_writeback",
     ),
     ContractItem(

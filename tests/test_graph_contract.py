@@ -219,6 +219,16 @@ def test_cache_writeback(traced):
         seq_len - sum(d for at, d in traced.deletions.items() if at < layer) for layer in range(LAYERS)
     ]
     assert traced.cache_lengths == expected
+    # the write-back is a `cat` reached from the attention's key and value (where void rows are filled)
+    from fitprune_fx.passes.padded_compaction import _cache_concat
+
+    decoder = locate_decoder(traced.graph, traced.layout)
+    output = traced.graph.graph.output_node()
+    for layer, site in decoder.sites.items():
+        for states in (site.key, site.value):
+            cat = _cache_concat(states, layer, traced.layout)
+            assert cat not in (None, False), (layer, states)
+            assert output in cat.users or any(output in u.users for u in cat.users), layer  # written back
 
 
 def test_attention_interface():
