@@ -9,6 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
@@ -219,3 +221,68 @@ def test_generate_on_a_batch_of_different_image_sizes_matches_each_example_alone
                 for step, (ours, theirs) in enumerate(zip(got.scores, expected.scores, strict=True)):
                     torch.testing.assert_close(ours[e], theirs[0], atol=1e-4, rtol=1e-4, msg=f"step {step}")
     assert model.fitprune_backend.pruned_graphs[-1].result.any_visual_count
+
+
+_SHARED: dict = {}  # one compiled model for every hypothesis example (graphs are reused across them)
+
+
+def _shared_model():
+    if not _SHARED:
+        torch._dynamo.reset()
+        model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=11)
+        oracle = copy.deepcopy(model)
+        recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.3, 2: 0.4})
+        backend = fitprune_backend(recipe, compiler="eager")
+        _SHARED.update(
+            model=torch.compile(model, backend=backend), oracle=oracle, backend=backend, batches=set()
+        )
+    return _SHARED
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    grids=st.lists(st.sampled_from(GRIDS[:9]), min_size=1, max_size=3),
+    texts=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=3, max_size=3),
+)
+@example(grids=[(4, 4)], texts=[(2, 3)] * 3)  # batch 1 first: the static graph
+@example(grids=[(6, 6), (4, 8), (8, 8)], texts=[(1, 6), (5, 2), (3, 3)])  # three counts, padding
+@example(grids=[(8, 10), (8, 10)], texts=[(2, 2), (6, 5)])  # one count, padding
+@example(grids=[(4, 6), (10, 10)], texts=[(3, 4), (1, 1)])  # a small and a large image
+def test_random_batches_are_pruned_like_each_example_alone(grids, texts):
+    """Random batch compositions, image sizes and text around them on one compiled model: every
+    example's logits at its kept tokens equal pruning as masking on it alone, and every graph after
+    the first serves any visual count. (How many graphs Dynamo compiles over such a run depends on
+    its own guards on the inputs, which add graphs for new batch sizes as they do unpruned;
+    `test_twelve_image_sizes_and_three_batch_sizes_on_one_graph` counts them at batch 1.)"""
+    shared = _shared_model()
+    alone = [
+        make_qwen_inputs(shared["oracle"], [b], [a], grid=g, seed=i)
+        for i, (g, (b, a)) in enumerate(zip(grids, texts[: len(grids)], strict=True))
+    ]
+    length = max(x["input_ids"].shape[1] for x in alone)
+
+    def pad(x):
+        return torch.cat([x.new_zeros(1, length - x.shape[1]), x], dim=1)
+
+    batch = {
+        k: torch.cat([pad(x[k]) for x in alone]) for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+    }
+    batch["pixel_values"] = torch.cat([x["pixel_values"] for x in alone])
+    batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in alone])
+    backend = shared["backend"]
+    runs = backend.pruned_runs
+    with torch.no_grad():
+        logits = shared["model"](**batch).logits
+    assert backend.pruned_runs == runs + 1
+    fractions = {0: 0.3, 2: 0.4}
+    with torch.no_grad():
+        for e, inputs in enumerate(alone):
+            prune = masking_plan(shared["oracle"], inputs, fractions)
+            with MaskingReference(shared["oracle"], prune) as masking:
+                expected = shared["oracle"](**inputs).logits[0]
+            deleted = masking.deleted[0][0] | masking.deleted[2][0]
+            kept = (~deleted).nonzero().squeeze(1)
+            torch.testing.assert_close(
+                logits[e, logits.shape[1] - len(kept) :], expected[kept], atol=1e-4, rtol=1e-4
+            )
+    assert all(r.result.any_visual_count for r in backend.pruned_graphs[1:]), backend.summary()
