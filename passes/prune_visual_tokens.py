@@ -44,6 +44,7 @@ class PruneResult:
     scorer: str = "fitprune"
     fused_scoring: list[int] = field(default_factory=list)  # layers scored from their own attention
     any_visual_count: bool = False  # one graph for every visual count and batch size (sized per call)
+    padded: bool = False  # examples may hold different visual counts (`padded_compaction`)
 
 
 def prune_visual_tokens(
@@ -76,7 +77,7 @@ def prune_visual_tokens(
     # Built-in scorers that read no count: the graph may serve any visual count (sized per call).
     count_free = scorer in COUNT_FREE_SCORERS and scorer_fn in (None, SCORERS.get(scorer))
     dec = locate_decoder(gm, layout, specialize=not (token_counts is not None and count_free))
-    per_call = _per_call_sizes(dec, token_counts)
+    per_call = _per_call_sizes(dec, token_counts, count_free)
     n = dec.visual_per_example  # this trace's (a hint when per_call)
     plan = dict(sorted(deletions_for(n).items()))
     missing = [layer for layer in plan if layer not in dec.sites]
@@ -92,16 +93,15 @@ def prune_visual_tokens(
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs
     with graph.inserting_after(dec.merge):
         visual = graph.call_function(visual_token_mask, tuple(dec.image_masks))
-    padded = None  # examples may hold different visual counts (void slots pad the shorter ones)
+    keep = None  # examples may hold different visual counts (void slots pad the shorter ones)
     if per_call is not None and _can_pad(dec, plan, layout):
         token_counts.read_example_counts(dec.example_counts)
         rows = per_call.keep_rows(list(plan), deletions_for)
         keep = token_counts.per_example_input(
             "fitprune_kept_per_example", rows, dec.batch_size, len(plan), device
         )
-        padded = PaddedCompaction(graph, keep, visual)
     with graph.inserting_after(visual):
-        if padded is not None:
+        if keep is not None:
             count_ok = graph.call_function(has_example_counts, (visual, dec.example_counts))
         elif per_call is None:
             count_ok = graph.call_function(has_visual_count, (visual, n))
@@ -121,6 +121,7 @@ def prune_visual_tokens(
     if entry is not None:
         visual, positions = entry.visual, entry.positions
         inserted += entry.inserted
+    padded = None if keep is None else PaddedCompaction(graph, keep, visual)
     fused: list[int] = []
     length = dec.seq_len
     for step, (layer, d) in enumerate(plan.items()):
@@ -191,7 +192,10 @@ def prune_visual_tokens(
         deleted += plan.get(layer, 0)
     tokens.append(_length(dec.seq_len, deleted, symbolic))
     result = PruneResult(plan, n, _length(dec.seq_len, 0, symbolic), tokens, rewrites, scorer, fused)
-    result.any_visual_count = per_call is not None
+    result.any_visual_count = per_call is not None and not (
+        isinstance(dec.visual_total, int) and isinstance(dec.batch_size, int)
+    )
+    result.padded = padded is not None
     return result
 
 
@@ -255,15 +259,19 @@ def _value(size: int | torch.SymInt, values: dict) -> int:
     return size if isinstance(size, int) else int(size.node.expr.xreplace(values))
 
 
-def _per_call_sizes(dec, token_counts: TokenCountInputs | None) -> _PerCallSizes | None:
+def _per_call_sizes(dec, token_counts: TokenCountInputs | None, count_free: bool) -> _PerCallSizes | None:
     """The sizes a graph compiled for any visual count reads per call; None when the visual count
-    and the batch are static (the plan is then constant), or a size cannot be read off the call's
-    arguments (they are then made static with a guard: a graph per value)."""
+    and the batch are static and one count per example is all the batch can hold (batch 1, or no
+    per-example counts to read: the plan is then constant), or a size cannot be read off the call's
+    arguments (they are then made static with a guard: a graph per value). A static batch of
+    several examples whose counts the host reads is sized per call: its examples may split the
+    total differently on every call (a first call that mixes image sizes)."""
     from torch.fx.experimental.symbolic_shapes import guard_int
 
     total, batch = dec.visual_total, dec.batch_size
     if isinstance(total, int) and isinstance(batch, int):
-        return None
+        several = batch > 1 and dec.example_counts is not None and count_free and token_counts is not None
+        return _PerCallSizes(dec.seq_len, batch, total) if several else None
     sizes = _PerCallSizes(dec.seq_len, batch, total)
     if token_counts is not None and token_counts.can_read(sizes.sizes):
         return sizes

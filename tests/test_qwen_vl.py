@@ -86,9 +86,10 @@ def test_greedy_generate_matches_masking_on_a_left_padded_batch(variant):
     assert_greedy_generate_matches_masking(model, fraction_recipe(model, FRACTIONS), inputs, prune, variant)
 
 
-def test_a_user_sees_tokens_per_layer_and_mixed_counts_are_refused():
+def test_a_user_sees_tokens_per_layer_and_a_mixed_batch_is_pruned():
     """Compile with a fraction recipe as the README says; summary() shows the per-layer lengths. A
-    batch whose images give different visual counts is refused at run time, naming the fix."""
+    first call whose images give different visual counts is pruned, not refused (each example
+    against masking: `tests/test_any_visual_count.py`)."""
     model = tiny_qwen_vl("qwen2_5_vl", num_layers=3, seed=7)
     backend = fitprune_backend(fraction_recipe(model, {1: 0.5}))
     compiled = torch.compile(model, backend=backend)
@@ -102,8 +103,10 @@ def test_a_user_sees_tokens_per_layer_and_mixed_counts_are_refused():
     mixed.update(pixel_values=torch.cat([small["pixel_values"], big["pixel_values"]]),
                  image_grid_thw=torch.cat([small["image_grid_thw"], big["image_grid_thw"]]))  # fmt: skip
     eager = fitprune_backend(fraction_recipe(model, {1: 0.5}), compiler="eager")
-    with pytest.raises(RuntimeError, match="different numbers of visual tokens"), torch.no_grad():
-        torch.compile(model, backend=eager)(**mixed)
+    with torch.no_grad():
+        logits = torch.compile(model, backend=eager)(**mixed).logits
+    assert eager.pruned_runs == 1 and eager.pruned_graphs[0].result.padded
+    assert logits.shape[1] == 25 - 2  # the longer example keeps 25 - 4 / 2 tokens; the other is padded
 
 
 def test_any_prompt_length_graph_prunes_like_masking():
@@ -134,11 +137,12 @@ def test_any_prompt_length_graph_prunes_like_masking():
 def test_inductor_per_layer_compile_prunes_like_masking():
     """Inductor, compiled per layer (M-RoPE and the visual marks inside the partitions): layers 0
     and 2 (pruning) share one compile, layers 1 and 3 (unpruned, after a deletion) another, and the
-    logits at the kept positions are pruning as masking's."""
+    logits at the kept positions are pruning as masking's. Batch 1: a graph for several examples
+    reads their counts per call and pads (`padded_compaction`), and is compiled whole."""
     model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=1)
     oracle = copy.deepcopy(model)
     backend = fitprune_backend(fraction_recipe(model, FRACTIONS), progress=False)
-    inputs = make_qwen_inputs(model, [2, 6], [5, 2], seed=3)
+    inputs = make_qwen_inputs(model, [2], [5], seed=3)
     prune = plan(model, inputs, FRACTIONS)
     with torch.no_grad():
         out = torch.compile(model, backend=backend)(**inputs).logits
