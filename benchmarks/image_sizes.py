@@ -25,20 +25,6 @@ import sys
 import tempfile
 import time
 
-GRIDS = [
-    (4, 4),
-    (4, 6),
-    (6, 6),
-    (4, 8),
-    (6, 8),
-    (8, 8),
-    (8, 10),
-    (6, 12),
-    (10, 10),
-    (8, 12),
-    (10, 12),
-    (12, 12),
-]
 FRACTIONS = {1: 0.25, 2: 0.25}
 
 
@@ -48,7 +34,8 @@ def run_arm(arm: str, sizes: int) -> dict:
 
     import fitprune_fx
     from fitprune_fx import ModelInfo, Recipe
-    from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
+    from fitprune_fx.testbed.tiny_qwen import IMAGE_GRIDS as GRIDS
+    from fitprune_fx.testbed.tiny_qwen import batch_prompts, make_qwen_inputs, tiny_qwen_vl
 
     torch.set_num_threads(1)
     model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=0)
@@ -66,9 +53,13 @@ def run_arm(arm: str, sizes: int) -> dict:
         recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS)
         fitprune_fx.compile(model, recipe, progress=False)
     calls = [make_qwen_inputs(model, [3], [4], grid=g, seed=i) for i, g in enumerate(GRIDS[:sizes])]
-    mixed = make_qwen_inputs(model, [3, 5], [4, 2], grid=GRIDS[0], seed=99)
-    wide = make_qwen_inputs(model, [3, 5], [4, 2], grid=GRIDS[1], seed=98)
-    calls.append(_batch_of([make_qwen_inputs(model, [2], [3], grid=GRIDS[2], seed=50 + i) for i in range(3)]))
+    # then a batch of 3 of one size, and a batch of 2 mixing two sizes
+    mixed = batch_prompts(
+        [make_qwen_inputs(model, [3], [4], grid=g, seed=98 + i) for i, g in enumerate(GRIDS[:2])]
+    )
+    calls.append(
+        batch_prompts([make_qwen_inputs(model, [2], [3], grid=GRIDS[2], seed=50 + i) for i in range(3)])
+    )
     outcome = {"call_s": []}
     start = time.perf_counter()
     with torch.no_grad():
@@ -78,7 +69,7 @@ def run_arm(arm: str, sizes: int) -> dict:
             outcome["call_s"].append(time.perf_counter() - began)
         began = time.perf_counter()
         try:
-            model(**_mixed_batch(mixed, wide))
+            model(**mixed)
             outcome["mixed"] = "answered"
         except Exception as e:  # noqa: BLE001 (reported, not hidden)
             outcome["mixed"] = type(e).__name__
@@ -92,41 +83,6 @@ def run_arm(arm: str, sizes: int) -> dict:
     outcome["decoder_graphs"] = graphs["decoder"]
     outcome["calls"] = len(calls) + 1
     return outcome
-
-
-def _batch_of(rows: list[dict]) -> dict:
-    """Rows of one image size (same lengths) stacked into one batch."""
-    import torch
-
-    out = {
-        k: torch.cat([r[k] for r in rows])
-        for k in rows[0]
-        if k not in ("input_ids", "attention_mask", "mm_token_type_ids")
-    }
-    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        out[k] = torch.cat([r[k] for r in rows])
-    return out
-
-
-def _mixed_batch(a: dict, b: dict) -> dict:
-    """Row 0 of `a` and row 0 of `b` (two image sizes) in one left-padded batch."""
-    import torch
-
-    rows = [{k: v[:1] for k, v in a.items()}, {k: v[:1] for k, v in b.items()}]
-    rows[0]["pixel_values"] = a["pixel_values"][: a["pixel_values"].shape[0] // 2]
-    rows[1]["pixel_values"] = b["pixel_values"][: b["pixel_values"].shape[0] // 2]
-    length = max(r["input_ids"].shape[1] for r in rows)
-
-    def pad(x, n):
-        return torch.cat([x.new_zeros(1, n - x.shape[1]), x], dim=1)
-
-    out = {
-        k: torch.cat([pad(r[k], length) for r in rows])
-        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
-    }
-    out["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
-    out["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows])
-    return out
 
 
 def main() -> None:

@@ -56,7 +56,6 @@ class TokenCountInputs:
     def __init__(self, graph: fx.Graph, fake_mode) -> None:
         self.graph = graph
         self.fake_mode = fake_mode
-        # Length of each extra input (an int, or an expression in the graph's own size symbols) and device.
         # The extra inputs: (length or data as a function of the call's sizes and per-example visual
         # counts, device, whether it is data [B, n] rather than a size-only [length]).
         self.counts: list[tuple[Callable[[dict, list | None], int | list], torch.device, bool]] = []
@@ -67,7 +66,6 @@ class TokenCountInputs:
         self._where = _symbol_inputs(placeholders)  # size symbol -> index of the argument carrying it
         self._symbols: list[sympy.Symbol] = []  # the size symbols the counts depend on
         self._last_call: tuple[tuple, list[torch.Tensor]] | None = None  # (their sizes, the tensors)
-        self._hint_counts: list[int] | None = None  # hints assume every example holds total / B
 
     def length_after(
         self, layer: int, count: int | torch.SymInt, device: torch.device, at_least: int = 2
@@ -120,13 +118,11 @@ class TokenCountInputs:
         shape_env = getattr(self.fake_mode, "shape_env", None)
         if shape_env is None:
             return None
-        symbols: set[sympy.Symbol] = set()
-        for size in sizes:
-            if isinstance(size, torch.SymInt):
-                symbols |= size.node.expr.free_symbols
-        if not symbols <= set(self._where) or not symbols <= set(shape_env.backed_var_to_val):
+        if not self.can_read(sizes):
             return None
-        hint = kept({s: int(shape_env.backed_var_to_val[s]) for s in symbols}, self._hint_counts)
+        symbols = _free_symbols(sizes)
+        # the hint assumes every example holds total / B (no per-example counts at trace time)
+        hint = kept({s: int(shape_env.backed_var_to_val[s]) for s in symbols}, None)
         bound = upper if isinstance(upper, int) else shape_env.bound_sympy(upper.node.expr).upper
         return self._new_input(layer, hint, 2, bound, device, kept, symbols)
 
@@ -152,25 +148,15 @@ class TokenCountInputs:
         size = shape_env.create_symintnode(symbol, hint=hint)
         with self.fake_mode:
             fake = torch.empty((size,), dtype=torch.uint8, device=device)
-        with self.graph.inserting_after(self._last):
-            node = self.graph.placeholder(name)
-        node.meta["example_value"] = node.meta["val"] = fake
-        self._last = node
-        self.counts.append((length, device, False))
-        self.fakes.append(fake)
         self._symbols += sorted(symbols - set(self._symbols), key=str)
-        return node
+        return self._placeholder(name, fake, length, device, data=False)
 
     def can_read(self, sizes: list) -> bool:
         """Whether every size symbol of `sizes` arrives with each call (a SymInt graph input with a hint)."""
         shape_env = getattr(self.fake_mode, "shape_env", None)
-        symbols = set().union(*(s.node.expr.free_symbols for s in sizes if isinstance(s, torch.SymInt)))
-        return shape_env is not None and symbols <= set(self._where) & set(shape_env.backed_var_to_val)
-
-    @property
-    def per_call(self) -> bool:
-        """Whether the lengths change from call to call (they depend on a size symbol)."""
-        return bool(self._symbols)
+        return shape_env is not None and _free_symbols(sizes) <= set(self._where) & set(
+            shape_env.backed_var_to_val
+        )
 
     def values(self, args: tuple | list) -> list[torch.Tensor]:
         """The tensors to pass for the extra placeholders on a call with the graph's own `args`.
@@ -205,13 +191,22 @@ class TokenCountInputs:
         """A new data placeholder [batch, width] long on `device`: `rows(sizes, counts)` at each call."""
         with self.fake_mode:
             fake = torch.empty((batch, width), dtype=torch.long, device=device)
+        return self._placeholder(name, fake, rows, device, data=True)
+
+    def _placeholder(self, name: str, fake: torch.Tensor, fn: Callable, device: torch.device, data: bool):
+        """Append an extra input `name` (example value `fake`) made by `fn(sizes, counts)` at each call."""
         with self.graph.inserting_after(self._last):
             node = self.graph.placeholder(name)
         node.meta["example_value"] = node.meta["val"] = fake
         self._last = node
-        self.counts.append((rows, device, True))
+        self.counts.append((fn, device, data))
         self.fakes.append(fake)
         return node
+
+
+def _free_symbols(sizes: list) -> set[sympy.Symbol]:
+    """The size symbols the SymInts among `sizes` are expressions in."""
+    return set().union(*(s.node.expr.free_symbols for s in sizes if isinstance(s, torch.SymInt)))
 
 
 def _symbol_inputs(placeholders: list[fx.Node]) -> dict[sympy.Symbol, int]:

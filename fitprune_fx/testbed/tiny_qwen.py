@@ -107,3 +107,38 @@ def make_qwen_inputs(
         out["pixel_values_videos"] = torch.randn(len(rows) * t * vh * vw, channels, generator=g)
         out["video_grid_thw"] = torch.tensor([[t, vh, vw]] * len(rows))
     return out
+
+
+# Image grids (patches, height x width) of 12 distinct visual counts: (h/2)*(w/2) tokens each.
+IMAGE_GRIDS = [
+    (4, 4),
+    (4, 6),
+    (6, 6),
+    (4, 8),
+    (6, 8),
+    (8, 8),
+    (8, 10),
+    (6, 12),
+    (10, 10),
+    (8, 12),
+    (10, 12),
+    (12, 12),
+]
+
+
+def batch_prompts(prompts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Prompts made one by one (`make_qwen_inputs`, any image and video sizes) as one left-padded
+    batch, what a processor gives for a batch whose images differ in size."""
+    length = max(p["input_ids"].shape[1] for p in prompts)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [n, L] -> [n, length], zeros at the left
+        return torch.cat([x.new_zeros(x.shape[0], length - x.shape[1]), x], dim=1)
+
+    batch = {
+        k: torch.cat([pad(p[k]) for p in prompts])
+        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+    }
+    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if k in prompts[0]:
+            batch[k] = torch.cat([p[k] for p in prompts])
+    return batch
