@@ -98,6 +98,15 @@ GRAPH_CONTRACT: tuple[ContractItem, ...] = (
         "tests/test_graph_contract.py::test_cache_writeback",
     ),
     ContractItem(
+        "example-counts",
+        "The host can read each example's visual count before the decoder graph runs: the family's "
+        "`visual_token_mark` carries them as a [B] CPU tensor, or the one merge's bool mask ([B, S] "
+        "or [B, S, 1]) is a graph input (LLaVA's image-placeholder check breaks the graph just "
+        "before the merge). Without it a batch that mixes visual counts fails the run-time check.",
+        "passes/locate.py: locate_decoder, _mask_input; passes/token_count_inputs.py: read_example_counts",
+        "tests/test_graph_contract.py::test_example_counts",
+    ),
+    ContractItem(
         "final-norm",
         "The decoder's final norm runs under `<decoder>.norm` after the last layer.",
         "passes/layout.py: is_final_norm; passes/split_layers.py; backend.check_recipe_fits",

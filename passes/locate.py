@@ -87,9 +87,11 @@ class DecoderGraph:
     visual_total: int | torch.SymInt = 0
     # The graph nodes it is computed from: the mark's count (a node or an int), or the merges' sources.
     visual_total_from: tuple = ()
-    # A graph input [B] (CPU) holding each example's visual count, from the family's mark; None if not
-    # one: then every example must hold the same count.
+    # A graph input the host reads each example's visual count from before a call: a [B] CPU tensor
+    # from the family's mark, or the merge's own mask when it is a graph input (`mask_counts`); None
+    # if neither: then every example must hold the same count.
     example_counts: fx.Node | None = None
+    counts_from_mask: bool = False  # `example_counts` is a [B, S] or [B, S, 1] bool mask to sum
 
 
 def example_value(node: fx.Node):
@@ -377,12 +379,14 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout, specialize: bool =
         source_nodes = [m.args[2] if len(m.args) > 2 else m.kwargs["source"] for m in merges]
         num_visual = sum(example_value(features).numel() // hidden for features in source_nodes)
         total_from = (int(hidden), *source_nodes)
+        example_counts = _mask_input(image_masks)
     if isinstance(num_visual, torch.SymInt) and specialize:
         # Dynamo made the count dynamic (image count or LLaVA-NeXT image size changed). The recipe
         # needs a static count: specialize on this one with a guard, so each distinct count gets
         # its own graph (up to torch._dynamo.config.recompile_limit); the length stays symbolic.
         num_visual = guard_int(num_visual)
-    if isinstance(num_visual, int) and isinstance(batch, int) and num_visual % batch:
+    uneven = isinstance(num_visual, int) and isinstance(batch, int) and num_visual % batch
+    if uneven and example_counts is None:  # with counts the host reads, a batch may mix them
         raise UnevenVisualTokens(
             f"fitprune: {num_visual} visual tokens do not split evenly over a batch of {batch}: the "
             "pruned graph needs the same visual count in every example (same image count and, for "
@@ -435,7 +439,21 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout, specialize: bool =
         visual_total=num_visual,
         visual_total_from=total_from,
         example_counts=example_counts,
+        counts_from_mask=example_counts is not None and not is_visual_token_mark(merge),
     )
+
+
+def _mask_input(image_masks: list[fx.Node]) -> fx.Node | None:
+    """The merge's mask when there is one merge and its [B, S] or [B, S, 1] bool mask is a graph input
+    (contract item `merge-mask-input`): the host can then read each example's visual count off the
+    call's own arguments. LLaVA's image-placeholder check breaks the graph just before the merge,
+    so the mask arrives as an input; a mask computed inside the graph gives None."""
+    if len(image_masks) != 1 or image_masks[0] is None or image_masks[0].op != "placeholder":
+        return None
+    mask = example_value(image_masks[0])
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() not in (2, 3):
+        return None
+    return image_masks[0] if mask.dim() == 2 or same_size(mask.shape[2], 1) else None
 
 
 def _hint(size: int | torch.SymInt) -> int:

@@ -95,7 +95,7 @@ def prune_visual_tokens(
         visual = graph.call_function(visual_token_mask, tuple(dec.image_masks))
     keep = None  # examples may hold different visual counts (void slots pad the shorter ones)
     if per_call is not None and _can_pad(dec, plan, layout):
-        token_counts.read_example_counts(dec.example_counts)
+        token_counts.read_example_counts(dec.example_counts, dec.counts_from_mask)
         rows = per_call.keep_rows(list(plan), deletions_for)
         keep = token_counts.per_example_input(
             "fitprune_kept_per_example", rows, dec.batch_size, len(plan), device

@@ -188,7 +188,9 @@ def random_score(inputs: ScoringInputs) -> torch.Tensor:
     doomed = torch.zeros(int(inputs.options["visual_count"]), device=inputs.visual.device)
     doomed[list(inputs.options["doomed"])] = 1.0
     ordinal = (inputs.visual.cumsum(dim=1) - 1).clamp(min=0)  # [B, S] ordinal of each visual token
-    return 1.0 - doomed[ordinal]
+    # clamped: an example with more visual tokens than the graph's count fails the run-time count
+    # check after the graph (which names the problem), not an index error here
+    return 1.0 - doomed[ordinal.clamp(max=doomed.shape[0] - 1)]
 
 
 def random_constants(layer: int, visual_count: int, num_delete: int, seed: int) -> tuple[int, ...]:

@@ -60,6 +60,7 @@ class TokenCountInputs:
         # counts, device, whether it is data [B, n] rather than a size-only [length]).
         self.counts: list[tuple[Callable[[dict, list | None], int | list], torch.device, bool]] = []
         self._example_counts: int | None = None  # index of the input holding per-example visual counts
+        self._counts_from_mask = False  # that input is a bool mask to sum per example
         self.fakes: list[torch.Tensor] = []  # their fake values (example inputs for Inductor)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self._last = placeholders[-1]
@@ -166,7 +167,7 @@ class TokenCountInputs:
         again only when a size changes (static counts: once).
         """
         sizes = tuple(int(args[index]) for index in self._where.values()) if self._symbols else ()
-        counts = None if self._example_counts is None else args[self._example_counts].tolist()
+        counts = None if self._example_counts is None else self._read_counts(args[self._example_counts])
         key = (sizes, counts and tuple(counts))
         if self._last_call is None or self._last_call[0] != key:
             values = dict(zip(self._where, sizes, strict=True)) if sizes else {}
@@ -179,11 +180,19 @@ class TokenCountInputs:
             self._last_call = (key, tensors)
         return self._last_call[1]
 
-    def read_example_counts(self, node: fx.Node) -> None:
-        """Read each call's per-example visual counts from graph input `node` ([B] long on the CPU:
-        no device sync) and hand them to every count function."""
+    def read_example_counts(self, node: fx.Node, from_mask: bool = False) -> None:
+        """Read each call's per-example visual counts from graph input `node` and hand them to every
+        count function: a [B] long CPU tensor (a family's mark: no device sync), or with `from_mask`
+        a [B, S] or [B, S, 1] bool mask whose rows are summed (on a GPU one sync per call, at the
+        point where transformers' own image-placeholder check already syncs)."""
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self._example_counts = placeholders.index(node)
+        self._counts_from_mask = from_mask
+
+    def _read_counts(self, value: torch.Tensor) -> list[int]:
+        if self._counts_from_mask:
+            value = value.reshape(value.shape[0], -1).sum(dim=1)
+        return value.tolist()
 
     def per_example_input(
         self, name: str, rows: Callable[[dict, list | None], list], batch, width: int, device: torch.device

@@ -142,9 +142,10 @@ def _enter_tokens_fake(x: torch.Tensor, count: torch.Tensor, dims: list[int], ba
 
 VISUAL_COUNT_ERROR = (
     "fitprune: the examples of this batch carry different numbers of visual tokens (different image "
-    "counts, or LLaVA-NeXT images whose sizes give different counts); the pruned graph needs the same "
-    "count in every example: call the model with batch 1, or batch only prompts whose images give the "
-    "same visual count"
+    "counts, or images whose sizes give different counts); this pruned graph needs the same count in "
+    "every example (its scorer reads the count, or the host cannot read each example's count here): "
+    "use a built-in scorer that reads no count (fitprune, fastv), call the model with batch 1, or "
+    "batch only prompts whose images give the same visual count"
 )
 
 

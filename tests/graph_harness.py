@@ -166,3 +166,41 @@ def assert_greedy_generate_matches_masking(
     assert model.fitprune_backend.pruned_runs == 1
     print(f"{name}: generate per-step logits max |diff| {worst:.2e}")
     return worst
+
+
+def assert_each_example_pruned_like_alone(
+    model, oracle, backend, calls, visual_ids, recipe, first_static: bool = False
+) -> None:
+    """Each (batch, examples alone) of `calls` on one compiled `model`: every example's logits at its
+    kept tokens (right-aligned in the pruned output) equal pruning as masking on the example alone,
+    with the recipe's deletions for that example's own visual count. `recipe`: a Recipe, or a
+    fraction dict {layer: fraction} for `oracle`'s config."""
+    import dataclasses
+
+    from fitprune_fx import ModelInfo, Recipe
+    from fitprune_fx.masking_reference import MaskingReference
+
+    def plan_for(n: int) -> dict[int, int]:
+        if isinstance(recipe, Recipe):
+            return dict(recipe.deletions_for(n))
+        info = dataclasses.replace(ModelInfo.from_config(oracle.config), num_visual_tokens=n)
+        return dict(Recipe.from_fractions(info, recipe).prune)
+
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for batch, alone in calls:
+            runs = backend.pruned_runs
+            logits = compiled(**batch).logits
+            assert backend.pruned_runs == runs + 1
+            for e, inputs in enumerate(alone):
+                prune = plan_for(int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids)).sum()))
+                with MaskingReference(oracle, prune) as masking:
+                    expected = oracle(**inputs).logits[0]
+                deleted = torch.zeros_like(masking.deleted[min(prune)][0])
+                for layer in prune:
+                    deleted |= masking.deleted[layer][0]
+                kept = (~deleted).nonzero().squeeze(1)
+                ours = logits[e, logits.shape[1] - len(kept) :]  # real tokens are right-aligned
+                torch.testing.assert_close(ours, expected[kept], atol=1e-4, rtol=1e-4, msg=f"example {e}")
+    if not first_static:
+        assert backend.pruned_graphs[-1].result.any_visual_count, backend.summary()

@@ -22,7 +22,7 @@ from fitprune_fx.testbed.tiny_qwen import (
     make_qwen_inputs,
     tiny_qwen_vl,
 )
-from graph_harness import KeptRecorder, assert_pass_matches_masking
+from graph_harness import KeptRecorder, assert_each_example_pruned_like_alone, assert_pass_matches_masking
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -91,33 +91,6 @@ def mixed_batch(
         for i, g in enumerate(grids)
     ]
     return batch_prompts(alone), alone
-
-
-def assert_each_example_pruned_like_alone(
-    model, oracle, backend, calls, visual_ids, fractions, first_static: bool = False
-) -> None:
-    """Each (batch, examples alone) of `calls` on one compiled `model`: every example's logits at its
-    kept tokens (right-aligned in the pruned output) equal pruning as masking on the example alone."""
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        for batch, alone in calls:
-            runs = backend.pruned_runs
-            logits = compiled(**batch).logits
-            assert backend.pruned_runs == runs + 1
-            for e, inputs in enumerate(alone):
-                n = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids)).sum())
-                info = dataclasses.replace(ModelInfo.from_config(oracle.config), num_visual_tokens=n)
-                prune = dict(Recipe.from_fractions(info, fractions).prune)
-                with MaskingReference(oracle, prune) as masking:
-                    expected = oracle(**inputs).logits[0]
-                deleted = torch.zeros_like(masking.deleted[min(prune)][0])
-                for layer in prune:
-                    deleted |= masking.deleted[layer][0]
-                kept = (~deleted).nonzero().squeeze(1)
-                ours = logits[e, logits.shape[1] - len(kept) :]  # real tokens are right-aligned
-                torch.testing.assert_close(ours, expected[kept], atol=1e-4, rtol=1e-4)
-    if not first_static:
-        assert backend.pruned_graphs[-1].result.any_visual_count, backend.summary()
 
 
 @pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])

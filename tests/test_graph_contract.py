@@ -174,6 +174,20 @@ def test_image_merge(traced):
     assert decoder.merge in _ancestors(residual) | {residual}
 
 
+def test_example_counts(traced):
+    """The decoder graph has an input the host reads each example's visual count from, and the
+    batch of two ran the padded compaction that reads them (its numbers: `test_literal_sizes`)."""
+    decoder = locate_decoder(traced.graph, traced.layout)
+    assert decoder.example_counts is not None and decoder.example_counts.op == "placeholder"
+    counts = example_value(decoder.example_counts)
+    batch = traced.inputs["input_ids"].shape[0]
+    if decoder.counts_from_mask:  # the merge's own mask
+        assert counts.dtype == torch.bool and counts.shape[:2] == traced.inputs["input_ids"].shape
+    else:  # the mark's counts
+        assert counts.dtype == torch.long and tuple(counts.shape) == (batch,) and counts.device.type == "cpu"
+    assert traced.recorder.backend.pruned_graphs[0].result.padded
+
+
 def test_per_token_inputs(traced):
     decoder = locate_decoder(traced.graph, traced.layout)
     roles = {t.role for t in decoder.per_token}

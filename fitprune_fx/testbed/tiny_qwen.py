@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .batching import batch_prompts  # noqa: F401  (tests and benchmarks batch Qwen prompts)
+
 IMAGE, VIDEO, VISION_START, VISION_END = 3, 4, 5, 6  # special token ids of the tiny models
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 
@@ -124,21 +126,3 @@ IMAGE_GRIDS = [
     (10, 12),
     (12, 12),
 ]
-
-
-def batch_prompts(prompts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Prompts made one by one (`make_qwen_inputs`, any image and video sizes) as one left-padded
-    batch, what a processor gives for a batch whose images differ in size."""
-    length = max(p["input_ids"].shape[1] for p in prompts)
-
-    def pad(x: torch.Tensor) -> torch.Tensor:  # [n, L] -> [n, length], zeros at the left
-        return torch.cat([x.new_zeros(x.shape[0], length - x.shape[1]), x], dim=1)
-
-    batch = {
-        k: torch.cat([pad(p[k]) for p in prompts])
-        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
-    }
-    for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        if k in prompts[0]:
-            batch[k] = torch.cat([p[k] for p in prompts])
-    return batch
