@@ -291,14 +291,7 @@ class FitpruneBackend:
                 gm.recompile()
             cudagraphs = self._config.get("triton.cudagraphs", False)  # one graph per compile there
             by_layer = None
-            padded = decoder is not None and decoder.result is not None and decoder.result.padded
-            if (
-                layout is not None
-                and self.compile_by_layer
-                and count_symbols
-                and not cudagraphs
-                and not padded
-            ):
+            if layout is not None and self.compile_by_layer and count_symbols and not cudagraphs:
                 by_layer = layer_compile.compile_by_layer(gm, layout, self._config, count_symbols)
             if by_layer is not None:
                 compiled = self._whole_graph_on_failure(by_layer, gm, example_inputs, decoder)

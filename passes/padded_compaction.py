@@ -132,8 +132,13 @@ class PaddedCompaction:
         padded one; returns the new kept-indices node."""
         graph = self.graph
         scores, visual, length = kept.args[0], kept.args[1], kept.args[2]
+        # outside the layers, a column of its own (no view at an offset): the layers after pruning
+        # layers of one shape then take inputs of one kind and share a compiled program
+        with graph.inserting_after(self.keep):
+            column = graph.call_function(torch.select, (self.keep, 1, step))
+        with graph.inserting_after(column):
+            keep = graph.call_method("contiguous", (column,))
         with graph.inserting_before(kept):
-            keep = graph.call_function(torch.select, (self.keep, 1, step))
             pair = graph.call_function(
                 torch.ops.fitprune.select_kept_padded.default, (scores, visual, self.valid, length, keep)
             )
@@ -141,7 +146,7 @@ class PaddedCompaction:
             indices = graph.call_function(operator.getitem, (pair, 0))  # gathers go after it
         kept.replace_all_uses_with(indices)
         graph.erase_node(kept)
-        self.inserted += [keep, pair, indices, self.valid]
+        self.inserted += [column, keep, pair, indices, self.valid]
         return indices
 
     def void(self, layer: int, visual: fx.Node, shared: dict) -> fx.Node:

@@ -38,8 +38,9 @@ def assert_matches_reference(m, inputs, out, prune, **kw):
 @pytest.mark.parametrize("text_model, symbolic", [("llama", False), ("qwen2", True)])
 def test_inductor_output_matches_reference_and_code_compacts(text_model, symbolic):
     """Both ways of sizing the layers after a deletion compile to the reference's numbers; with a
-    symbol per kept count, layers 0-2 (25 -> 21, 21 -> 15 and 15 -> 12 tokens; the first entered
-    through an identity compaction) are one compile, called per layer (`layer_compile`)."""
+    symbol per kept count, the batch of two reads each example's count and pads (`padded_compaction`),
+    and layers 1-2 (21 -> 15 and 15 -> 12 tokens) are one compile, called per layer
+    (`layer_compile`); layer 0, the first pruning layer, caches no void rows: a compile of its own."""
     m = tiny_llava(text_model, seed=1)
     prune = {0: 4, 1: 6, 2: 3}
     backend = fitprune_backend(recipe_for(m, prune), symbolic_token_counts=symbolic)
@@ -48,13 +49,13 @@ def test_inductor_output_matches_reference_and_code_compacts(text_model, symboli
     with torch.no_grad():
         out, code = run_and_get_code(lambda: compiled(**inputs))
     assert [r.result.tokens_per_layer for r in backend.pruned_graphs] == [["25", "21", "15", "12"]]
-    # With symbols, compiled per layer: before the layers, layers 0-2 once, the final norm.
-    assert backend.pruned_graphs[0].partitions == ((5, 3) if symbolic else None)
+    # With symbols, compiled per layer: before the layers, layer 0, layers 1-2 once, the final norm.
+    assert backend.pruned_graphs[0].partitions == ((5, 4) if symbolic else None)
     assert out.logits.shape[:2] == (2, 12)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [25, 21, 15]
     assert_matches_reference(m, inputs, out, prune)
-    decoder_code = "\n".join(c for c in code if "select_kept_tokens" in c)
-    selection = "fitprune.select_kept_tokens_like" if symbolic else "aten.sort.stable"
+    decoder_code = "\n".join(c for c in code if "select_kept" in c)
+    selection = "fitprune.select_kept_padded" if symbolic else "aten.sort.stable"
     assert selection in decoder_code  # the kept indices: a length input, or a sort traced inline
     assert "gather_tokens" in decoder_code  # compaction, fused into the kernels that read it
     # per layer, the mask arrives stored: its rows and columns are copied, not indexed per element
@@ -102,8 +103,8 @@ def test_symbolic_prompt_length_keeps_kernels_shared_and_matches_reference():
         assert_matches_reference(m, inputs, out, prune)
     assert [r.result.seq_len for r in backend.pruned_graphs] == ["S"], backend.summary()
     assert backend.pruned_graphs[0].partitions is None  # Dynamo's own symbol S: the whole graph
-    decoder = "\n".join(c for c in code if "select_kept_tokens_like" in c)
-    assert decoder.count("torch.ops.fitprune.select_kept_tokens_like.default(") == 3  # a length input each
+    decoder = "\n".join(c for c in code if "select_kept_padded" in c)  # a batch of 2: padded
+    assert decoder.count("torch.ops.fitprune.select_kept_padded.default(") == 3  # a length input each
     calls = re.findall(r"^\s+(cpp_fused_\w+)\(", decoder, flags=re.M)
     assert {k for k in calls if calls.count(k) > 1}, calls  # layers run the same kernels
 

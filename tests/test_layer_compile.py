@@ -75,25 +75,35 @@ def _assert_same(got, expected) -> None:
         assert torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b
 
 
-def test_split_runs_like_the_pruned_graph_and_pruning_layers_share_one_program():
+@pytest.mark.parametrize(
+    "prompts, layers_shared",
+    [
+        ([PromptSpec(3, 5, images=2, between=3)], ["submod_1", "submod_2", "submod_3", "submod_4"]),
+        (
+            [PromptSpec(3, 5, images=2, between=3), PromptSpec(1, 2, images=2)],
+            ["submod_2", "submod_3", "submod_4"],
+        ),
+    ],
+    ids=["batch-1", "batch-2-padded"],
+)
+def test_split_runs_like_the_pruned_graph_and_pruning_layers_share_one_program(prompts, layers_shared):
     """Every layer deletes: the decoder is entered through an identity compaction of counted
-    length (`entry_compaction`), so all four are one program, the first (whose input is the whole
-    prompt) and the last (whose unread outputs are aligned with the others') included; the
-    partitions before and after the layers are programs of their own."""
-    prompts = [PromptSpec(3, 5, images=2, between=3), PromptSpec(1, 2, images=2)]  # padding, 2 images
+    length (`entry_compaction`), so at batch 1 all four are one program, the first (whose input is
+    the whole prompt) and the last (whose unread outputs are aligned with the others') included; the
+    partitions before and after the layers are programs of their own. At batch 2 the graph reads
+    each example's count and pads (`padded_compaction`): the layers after the first pruning layer
+    fill the void rows of their caches, so the first pruning layer is a program of its own."""
     split = _split_and_compare({0: 4, 1: 6, 2: 3, 3: 2}, prompts)
-    assert sorted(map(sorted, split.groups)) == [
-        ["submod_0"],  # embedding, merge, RoPE tables, mask, the entry's identity gathers
-        ["submod_1", "submod_2", "submod_3", "submod_4"],  # layers 0-3: prune from a counted input
-        ["submod_5"],  # final norm
-    ]
+    alone = [[f"submod_{i}"] for i in range(6) if f"submod_{i}" not in layers_shared]
+    assert sorted(map(sorted, split.groups)) == sorted([*alone, layers_shared])
 
 
 @pytest.mark.parametrize(
     "prune, shared",
     [
-        ({1: 5}, [["submod_1", "submod_3", "submod_4"]]),  # layers 0, 2, 3: unpruned, counted inputs
-        ({0: 3, 2: 4}, [["submod_1", "submod_3"], ["submod_2", "submod_4"]]),  # pruning / unpruned layers
+        # a batch of 2: padded (see above), so layers up to the first pruning layer share nothing
+        ({1: 5}, [["submod_3", "submod_4"]]),  # layers 2, 3: unpruned after the pruning layer
+        ({0: 3, 2: 4}, [["submod_2", "submod_4"]]),  # layers 1, 3: unpruned, void rows filled
         ({0: 0, 1: 2}, [["submod_3", "submod_4"]]),  # layer 0 deletes nothing: no count of its own
     ],
     ids=["one-layer", "every-other", "count-0-layer"],

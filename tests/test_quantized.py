@@ -122,7 +122,7 @@ def test_a_partition_that_fails_at_run_time_falls_back_to_the_whole_graph(monkey
 
     model = tiny_llava(num_layers=4, seed=1).eval()
     oracle = copy.deepcopy(model)
-    inputs = make_inputs(model, [PromptSpec(3, 5), PromptSpec(1, 2)], seed=2)
+    inputs = make_inputs(model, [PromptSpec(3, 5)], seed=2)  # batch 1: layers 2-3 share a compile
     calls = {"n": 0}
 
     def failing(self, *args):
