@@ -450,14 +450,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
     import fitprune_fx
     from fitprune_fx.lmms_run import evaluate, table
-    from fitprune_fx.testbed.lmms_task import TASK, write_shapes_task
+    from fitprune_fx.testbed.lmms_task import SIZES_TASK, TASK, write_shapes_task
     from fitprune_fx.testbed.shapes_model import MODEL_DIR
 
     model, processor = _load_model(args.model or str(MODEL_DIR), args.device, args.dtype)
     include = args.include_path
     with tempfile.TemporaryDirectory() as scratch:
-        if TASK in tasks and include is None:
-            include = write_shapes_task(scratch, n=args.limit or 64)
+        if include is None:
+            for local in {TASK, SIZES_TASK} & set(tasks):
+                include = write_shapes_task(scratch, n=args.limit or 64, task=local)
         runs = []
         # the same compile path for both runs: the unpruned one through the backend with an empty recipe
         for label, run_recipe in (("unpruned", Recipe(model=recipe.model, prune={})), ("pruned", recipe)):

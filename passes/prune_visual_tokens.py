@@ -101,7 +101,9 @@ def prune_visual_tokens(
             "fitprune_kept_per_example", rows, dec.batch_size, len(plan), device
         )
     with graph.inserting_after(visual):
-        if keep is not None:
+        if not plan:  # an empty recipe deletes nothing, whatever the counts: nothing to check
+            count_ok = graph.call_function(torch.ones, ((),), {"dtype": torch.bool, "device": device})
+        elif keep is not None:
             count_ok = graph.call_function(has_example_counts, (visual, dec.example_counts))
         elif per_call is None:
             count_ok = graph.call_function(has_visual_count, (visual, n))

@@ -141,3 +141,65 @@ def test_eval_exits_1_without_a_traceback_when_the_pass_does_not_prune(tmp_path,
         and "use_kernels=False" in captured.err
     )
     assert "| fitprune_shapes |" not in captured.out and "Traceback" not in captured.err
+
+
+SIZES_FRACTIONS = {1: 0.5, 2: 0.3}
+
+
+def _own_answers(model, processor, examples, prune_for=None) -> list[str]:
+    """Each document alone (batch 1, no lmms-eval): the greedy first word, unpruned or, with
+    `prune_for(visual count) -> plan`, through pruning as masking."""
+    from fitprune_fx.calibration import build_prompt
+    from fitprune_fx.testbed.lmms_task import IMAGE_SIZES
+
+    image_token = model.config.image_token_id
+    answers = []
+    for i, ex in enumerate(examples):
+        height, width = IMAGE_SIZES[i % len(IMAGE_SIZES)]
+        image = ex.image.resize((width, height))
+        inputs = processor(text=[build_prompt(processor, ex.question)], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            if prune_for is None:
+                out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            else:
+                with MaskingReference(model, prune_for(int((inputs["input_ids"] == image_token).sum()))):
+                    out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        answers.append(processor.tokenizer.decode(out[0, -1:], skip_special_tokens=True).strip())
+    return answers
+
+
+def test_eval_at_batch_4_on_images_of_six_sizes_scores_as_at_batch_1(tmp_path, monkeypatch, capsys):
+    """`fitprune-fx eval --batch-size 4` on a tiny Qwen2.5-VL over the sizes task: every batch mixes
+    visual counts (6 image sizes in turn). The task's answers are the model's own batch-1 answers,
+    so the unpruned run must score 1 at both batch sizes; the pruned run must score at batch 4 what
+    it scores at batch 1, and what pruning as masking on each document alone scores (below 1: the
+    recipe changes answers). Every pruned-run batch is pruned."""
+    from fitprune_fx import cli
+    from fitprune_fx.testbed.lmms_task import SIZES_TASK, write_shapes_task
+    from fitprune_fx.testbed.tiny_qwen import tiny_qwen_answering
+
+    model, processor = tiny_qwen_answering()
+    examples = synthetic.make_dataset(N, seed=0, split="test")
+    answers = _own_answers(model, processor, examples)
+    assert len(set(answers)) > 2  # the answers depend on the image
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), SIZES_FRACTIONS)
+    masked = _own_answers(model, processor, examples, recipe.deletions_for)
+    expected = sum(a == b for a, b in zip(answers, masked, strict=True)) / N
+    assert expected < 1
+    recipe.to_json(tmp_path / "r.json")
+    include = write_shapes_task(tmp_path / "task", n=N, task=SIZES_TASK, answers=answers)
+    monkeypatch.setattr(cli, "_load_model", lambda *args: (model, processor))  # built in code, not loaded
+
+    scores = {}
+    for batch_size in (1, 4):
+        args = ["eval", "--recipe", str(tmp_path / "r.json"), "--tasks", SIZES_TASK, "--limit", str(N)]
+        args += ["--include-path", str(include), "--batch-size", str(batch_size), "--compiler", "eager"]
+        assert cli_main([*args, "--device", "cpu", "--dtype", "float32"]) == 0
+        row = next(
+            line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {SIZES_TASK} |")
+        )
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        scores[batch_size] = float(cells[2]), float(cells[3])
+        backend = model.fitprune_backend
+        assert backend.pruned_runs == N // batch_size, backend.summary()  # one prefill per batch, each pruned
+    assert scores[1] == scores[4] == (1.0, pytest.approx(expected, abs=1e-4)), scores

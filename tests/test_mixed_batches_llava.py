@@ -48,16 +48,17 @@ def next_batch(model, sizes: list[tuple[int, int]], seed: int) -> tuple[dict, li
     return batch_prompts(alone, PAD_TOKEN_ID), alone
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-hr"])
-def test_a_batch_with_different_image_counts_is_pruned_like_each_example_alone(family):
+@pytest.mark.parametrize("family, compiler", [("llava", "inductor"), ("llava-hr", "eager")])
+def test_a_batch_with_different_image_counts_is_pruned_like_each_example_alone(family, compiler):
     """Count recipe (format 1): an example with two images deletes the recipe's counts scaled to its
     own visual tokens, one with one image the recipe's own. The first call already mixes counts
-    (a static graph that reads them per call), the second on the graph for any count."""
+    (a static graph that reads them per call), the second on the graph for any count. Inductor
+    compiles the padded graphs per layer."""
     model = tiny_llava(num_layers=3, seed=4) if family == "llava" else tiny_llava_hr(num_layers=3, seed=4)
     oracle = copy.deepcopy(model)
     info = ModelInfo.from_config(model.config)
     recipe = Recipe(model=info, prune={0: info.num_visual_tokens // 4, 1: info.num_visual_tokens // 8})
-    backend = fitprune_backend(recipe, compiler="eager")
+    backend = fitprune_backend(recipe, compiler=compiler, progress=False)
     calls = [
         llava_batch(model, [1, 2, 1], 10),
         llava_batch(model, [2, 1], 20),
@@ -126,3 +127,15 @@ class _Force:
         forced[:, self.tokens[self.step]] = 0.0
         self.step += 1
         return forced
+
+
+def test_an_empty_recipe_answers_a_mixed_batch_unchanged():
+    """`fitprune-fx eval`'s unpruned run compiles through the backend with an empty recipe: a batch
+    that mixes visual counts is answered as the model answers it (no count check to fail)."""
+    model = tiny_llava_next(num_layers=2, seed=13)
+    recipe = Recipe(model=ModelInfo.from_config(model.config), prune={})
+    batch, _ = next_batch(model, [(32, 64), (64, 64)], 6)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = torch.compile(model, backend=fitprune_backend(recipe, compiler="eager"))(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

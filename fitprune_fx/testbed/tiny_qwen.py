@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .batching import batch_prompts  # noqa: F401  (tests and benchmarks batch Qwen prompts)
+from .tiny_processors import WORDS
 
 IMAGE, VIDEO, VISION_START, VISION_END = 3, 4, 5, 6  # special token ids of the tiny models
 PATCH, MERGE, TEMPORAL = 14, 2, 2
@@ -126,3 +127,23 @@ IMAGE_GRIDS = [
     (10, 12),
     (12, 12),
 ]
+
+
+def tiny_qwen_answering(variant: str = "qwen2_5_vl", num_layers: int = 4, seed: int = 1):
+    """A tiny Qwen-VL and its real processor (`tiny_processors.qwen_vl_processor`) whose greedy answer is
+    always a word of the tokenizer and depends on the image: what an evaluation over a task needs to
+    tell runs apart, without training. The output rows of special and out-of-vocabulary ids are zero
+    (their logit is 0, below the best word's) and q/k are scaled up, so attention is peaked and the
+    visual tokens a run keeps decide the answer."""
+    from .tiny_processors import qwen_vl_processor
+
+    model = tiny_qwen_vl(variant, num_layers=num_layers, seed=seed)
+    processor = qwen_vl_processor(model)
+    first_word = len(processor.tokenizer) - len(WORDS)
+    with torch.no_grad():
+        model.lm_head.weight[:first_word] = 0
+        model.lm_head.weight[len(processor.tokenizer) :] = 0
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model, processor
