@@ -407,8 +407,9 @@ def add_eval_parser(subparsers) -> None:
         description=(
             "Run lmms-eval's evaluator on --tasks twice with one model: unpruned, then compiled with "
             "--recipe. Prints each task's metrics for both runs, the recipe's FLOPs reduction and the "
-            "median prefill time of each run. Needs the [eval] extra. The task fitprune_shapes is a "
-            "local task made from the synthetic shapes questions (no downloads); other tasks are "
+            "median prefill time of each run. Needs the [eval] extra. The tasks fitprune_shapes and "
+            "fitprune_shapes_sizes (the same questions on images of six sizes) are local tasks made "
+            "from the synthetic shapes questions (no downloads); other tasks are "
             "lmms-eval's own (gqa, pope, mme, textvqa_val, ...), which download their data."
         ),
     )

@@ -112,6 +112,9 @@ def test_next_generate_on_a_mixed_batch_matches_each_example_alone(mode):
             assert torch.equal(new, expected.sequences[0, inputs["input_ids"].shape[1] :]), (e, new, expected)
             for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits, strict=True)):
                 torch.testing.assert_close(ours[e], theirs[0], atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    if mode == "sample":  # the draws were no greedy choice in disguise
+        drawn = got.sequences[:, batch["input_ids"].shape[1] :]
+        assert (torch.stack(got.logits, 1).argmax(-1) != drawn).any()
     assert model.fitprune_backend.pruned_graphs[-1].result.padded
 
 
