@@ -75,8 +75,10 @@ def test_twelve_image_sizes_and_three_batch_sizes_on_one_graph():
         if step == len(GRIDS) - 1:  # every size at batch 1 served by 2 graphs
             graphs = recorder.backend.pruned_graphs
             assert [r.result.any_visual_count for r in graphs] == [False, True], recorder.backend.summary()
-    # Each new batch size adds a graph: Dynamo guards the length of the per-image feature list in
-    # the decoder's frame (plain Inductor's frame does not; open work). Each serves any visual count.
+    # Each new batch size adds a graph: Qwen2.5-VL's decoder frame resumes after a graph break with
+    # the per-image feature list on its stack, and Dynamo guards the list's length. Plain Inductor's
+    # decoder frame recompiles per batch size too (at the same recompile limit; at the default 8 it
+    # stops compiling). Each of ours serves any visual count.
     assert all(r.result.any_visual_count for r in recorder.backend.pruned_graphs[1:])
     assert "for any visual count and batch size" in recorder.backend.summary()
 
@@ -210,9 +212,9 @@ def _shared_model():
 def test_random_batches_are_pruned_like_each_example_alone(grids, texts):
     """Random batch compositions, image sizes and text around them on one compiled model: every
     example's logits at its kept tokens equal pruning as masking on it alone, and every graph after
-    the first serves any visual count. (Dynamo adds a graph per new batch size here, from a guard
-    on the per-image feature list that plain Inductor's frame lacks: open work; the graph count at
-    batch 1 is checked by `test_twelve_image_sizes_and_three_batch_sizes_on_one_graph`.)"""
+    the first serves any visual count. (Dynamo adds a graph per new batch size here, from its guard
+    on the length of Qwen2.5-VL's per-image feature list, as it does for plain Inductor; the graph
+    count at batch 1 is checked by `test_twelve_image_sizes_and_three_batch_sizes_on_one_graph`.)"""
     shared = _shared_model()
     alone = [
         make_qwen_inputs(shared["oracle"], [b], [a], grid=g, seed=i)
