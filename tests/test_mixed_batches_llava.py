@@ -53,7 +53,7 @@ def test_a_batch_with_different_image_counts_is_pruned_like_each_example_alone(f
     """Count recipe (format 1): an example with two images deletes the recipe's counts scaled to its
     own visual tokens, one with one image the recipe's own. The first call already mixes counts
     (a static graph that reads them per call), the second on the graph for any count. (Inductor on
-    padded LLaVA graphs, per layer: `test_backend.py::test_inductor_output_matches_reference_and_code_compacts`.)"""
+    padded LLaVA graphs, per layer: `test_backend.py`'s Inductor test at batch 2.)"""
     model = tiny_llava(num_layers=3, seed=4) if family == "llava" else tiny_llava_hr(num_layers=3, seed=4)
     oracle = copy.deepcopy(model)
     info = ModelInfo.from_config(model.config)
