@@ -64,7 +64,11 @@ def test_a_batch_with_different_image_counts_is_pruned_like_each_example_alone(f
         llava_batch(model, [2, 1], 20),
         llava_batch(model, [1, 1, 3], 30),
     ]
-    assert_each_example_pruned_like_alone(model, oracle, backend, calls, [IMAGE_TOKEN_ID], recipe)
+    hr = family == "llava-hr"  # LLaVA's decoder and merge after a heavier vision tower: one mixed call
+    calls = calls[:1] if hr else calls
+    assert_each_example_pruned_like_alone(
+        model, oracle, backend, calls, [IMAGE_TOKEN_ID], recipe, first_static=hr
+    )
     assert backend.pruned_graphs[0].result.padded, backend.summary()
 
 

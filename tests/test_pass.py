@@ -93,7 +93,7 @@ def run_pass(name, prompts, seed, prune, scorer="fitprune", dtype=torch.float32)
     return m, inputs, out, recorder, dict(sorted(applied.items()))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), case=batches())
 def test_zero_recipe_reproduces_original_outputs_exactly(data, case):
     """Scoring + identity compaction at random layers changes no output bit (logits and caches)."""
@@ -111,7 +111,7 @@ def test_zero_recipe_reproduces_original_outputs_exactly(data, case):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), case=batches())
 def test_pass_equals_eager_reference_for_random_recipes(data, case):
     """Kept-token sets and logits at kept positions equal the reference; text is never deleted."""
