@@ -88,7 +88,7 @@ class DecoderGraph:
     # The graph nodes it is computed from: the mark's count (a node or an int), or the merges' sources.
     visual_total_from: tuple = ()
     # A graph input the host reads each example's visual count from before a call: a [B] CPU tensor
-    # from the family's mark, or the merge's own mask when it is a graph input (`mask_counts`); None
+    # from the family's mark, or the merge's own mask when it is a graph input (`_mask_input`); None
     # if neither: then every example must hold the same count.
     example_counts: fx.Node | None = None
     counts_from_mask: bool = False  # `example_counts` is a [B, S] or [B, S, 1] bool mask to sum
@@ -445,7 +445,7 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout, specialize: bool =
 
 def _mask_input(image_masks: list[fx.Node]) -> fx.Node | None:
     """The merge's mask when there is one merge and its [B, S] or [B, S, 1] bool mask is a graph input
-    (contract item `merge-mask-input`): the host can then read each example's visual count off the
+    (contract item `example-counts`): the host can then read each example's visual count off the
     call's own arguments. LLaVA's image-placeholder check breaks the graph just before the merge,
     so the mask arrives as an input; a mask computed inside the graph gives None."""
     if len(image_masks) != 1 or image_masks[0] is None or image_masks[0].op != "placeholder":
