@@ -251,7 +251,7 @@ def test_batch_with_different_visual_counts_is_refused_by_a_scorer_that_reads_th
     """The `random` scorer is told how many tokens to delete, so its graph holds one count per
     example: a batch that mixes counts (52 + 56, or 52 + 88 + 68) fails the run-time check, which
     names the scorers that serve it. (Built-in fitprune/fastv prune such batches:
-    `test_mixed_batches_llava.py`.)"""
+    `test_mixed_batches_merge_mask.py`.)"""
     m = model()
     backend = fitprune_backend(Recipe.from_fractions(info(), {0: 0.25}), compiler="eager", scorer="random")
     inputs = make_next_inputs(m, [PromptSpec(2, 3)] * len(sizes), sizes)

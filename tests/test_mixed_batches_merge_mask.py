@@ -1,10 +1,10 @@
-"""LLaVA-1.5, LLaVA-HR and LLaVA-NeXT batches whose examples hold different visual counts (different
-image counts, or NeXT images whose sizes give different counts): each example is pruned by the
-recipe for its own count, exact against pruning as masking on the example alone.
+"""LLaVA-1.5, LLaVA-HR, LLaVA-NeXT and Gemma 3 batches whose examples hold different visual counts
+(different image counts, or NeXT images whose sizes give different counts): each example is pruned
+by the recipe for its own count, exact against pruning as masking on the example alone.
 
 These families have no visual-token mark: the host reads each example's count off the merge's mask,
 which arrives as a graph input (transformers' image-placeholder check breaks the graph just before
-the merge; contract item `merge-mask-input`)."""
+the merge; contract item `example-counts`)."""
 
 from __future__ import annotations
 
@@ -146,3 +146,36 @@ def test_an_empty_recipe_answers_a_mixed_batch_unchanged():
         expected = model(**batch).logits
         got = torch.compile(model, backend=fitprune_backend(recipe, compiler="eager"))(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_batch_with_different_image_counts_is_pruned_like_each_example_alone():
+    """Gemma 3 (all layers full attention; image tokens attend both ways): prompts with 1, 2 and 1
+    images in one batch read their counts off the merge's mask like LLaVA's; prefill, then greedy
+    `generate` with every step's logits, each example against masking on it alone."""
+    from fitprune_fx.testbed.tiny_gemma3 import IMAGE, make_gemma3_inputs, tiny_gemma3
+
+    model = tiny_gemma3(num_layers=4, seed=5)
+    oracle = copy.deepcopy(model)
+    info = ModelInfo.from_config(model.config)
+    recipe = Recipe(model=info, prune={0: 5, 2: 3})  # per image; scaled for two
+    alone = [make_gemma3_inputs(model, [2 + e], [3], images=n, seed=20 + e) for e, n in enumerate([1, 2, 1])]
+    batch = batch_prompts(alone)
+    backend = fitprune_backend(recipe, compiler="eager")
+    assert_each_example_pruned_like_alone(model, oracle, backend, [(batch, alone)], [IMAGE], recipe, True)
+    assert backend.pruned_graphs[0].result.padded
+
+    import fitprune_fx
+
+    torch._dynamo.reset()
+    fitprune_fx.compile(model, recipe, compiler="eager")
+    gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got = model.generate(**batch, **gen)
+        for e, inputs in enumerate(alone):
+            n = int((inputs["input_ids"][0] == IMAGE).sum())
+            with MaskingReference(oracle, dict(recipe.deletions_for(n))):
+                expected = oracle.generate(**inputs, **gen)
+            new = got.sequences[e, batch["input_ids"].shape[1] :]
+            assert torch.equal(new, expected.sequences[0, inputs["input_ids"].shape[1] :]), (e, new, expected)
+            for step, (ours, theirs) in enumerate(zip(got.logits, expected.logits, strict=True)):
+                torch.testing.assert_close(ours[e], theirs[0], atol=1e-4, rtol=1e-4, msg=f"step {step}")
