@@ -244,7 +244,7 @@ def test_random_batches_are_pruned_like_each_example_alone(grids, texts):
 def test_a_first_call_that_mixes_image_sizes_is_pruned(compiler):
     """The very first call is a batch of two image sizes (what an evaluation harness sends): its
     graph, static in every size, reads the examples' counts per call and pads; then a second split
-    of the same total on that graph. Inductor compiles the padded graph whole."""
+    of the same total on that graph (Inductor: its four layers differ, so it compiles whole)."""
     model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=2)
     oracle = copy.deepcopy(model)
     recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS)
