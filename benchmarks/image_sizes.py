@@ -36,8 +36,9 @@ def run_arm(arm: str, sizes: int) -> dict:
 
     import fitprune_fx
     from fitprune_fx import ModelInfo, Recipe
+    from fitprune_fx.testbed.batching import batch_prompts
     from fitprune_fx.testbed.tiny_qwen import IMAGE_GRIDS as GRIDS
-    from fitprune_fx.testbed.tiny_qwen import batch_prompts, make_qwen_inputs, tiny_qwen_vl
+    from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
 
     torch.set_num_threads(1)
     model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=0)

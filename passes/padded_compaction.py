@@ -91,10 +91,7 @@ def leading_void_slots(key: torch.Tensor, value: torch.Tensor, old: int) -> torc
 
 
 def has_example_counts(visual: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """0-d bool: example e of `visual` [B, S] holds `counts[e]` visual tokens (the host's counts:
-    a [B] tensor, or a bool mask [B, S] or [B, S, 1] summed per example)."""
-    if counts.dtype == torch.bool:
-        counts = counts.reshape(counts.shape[0], -1).sum(dim=1)
+    """0-d bool: example e of `visual` [B, S] holds `counts[e]` visual tokens (the host's counts, [B])."""
     return (visual.sum(dim=1) == counts.to(visual.device)).all()
 
 

@@ -101,7 +101,9 @@ def prune_visual_tokens(
             "fitprune_kept_per_example", rows, dec.batch_size, len(plan), device
         )
     with graph.inserting_after(visual):
-        if not plan:  # an empty recipe deletes nothing, whatever the counts: nothing to check
+        if not plan or (keep is not None and dec.counts_from_mask):
+            # nothing to check: an empty recipe deletes nothing whatever the counts, and counts read
+            # off the merge's own mask are the visual mask's row sums by construction
             count_ok = graph.call_function(torch.ones, ((),), {"dtype": torch.bool, "device": device})
         elif keep is not None:
             count_ok = graph.call_function(has_example_counts, (visual, dec.example_counts))

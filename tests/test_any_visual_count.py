@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.testbed.batching import batch_prompts
 from fitprune_fx.testbed.tiny_qwen import (
     IMAGE,
     IMAGE_GRIDS,
     VIDEO,
-    batch_prompts,
     make_qwen_inputs,
     tiny_qwen_vl,
 )

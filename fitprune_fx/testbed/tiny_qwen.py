@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .batching import batch_prompts  # noqa: F401  (tests and benchmarks batch Qwen prompts)
 from .tiny_processors import WORDS
 
 IMAGE, VIDEO, VISION_START, VISION_END = 3, 4, 5, 6  # special token ids of the tiny models
