@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
+from fitprune_fx.passes.cache_positions import cache_position_ops, lower_cache_positions
 from fitprune_fx.passes.layout import DecoderLayout
 from fitprune_fx.passes.locate import (
     NoVisualTokens,
@@ -159,12 +160,13 @@ class FitpruneBackend:
         merge_apart, self._merge_apart = self._merge_apart, False
         try:
             check_recipe_fits(self.recipe, gm, layout)
-            if windows:
+            if windows and not cache_position_ops(gm.graph):
                 layers = sorted({layout.layer_index(n) for n, _ in windows} - {None})
                 raise UnsupportedGraph(
-                    f"decoder layers {layers} use sliding-window attention (window {windows[0][1]}); a "
-                    "pruned cache cannot keep a window counted in original positions, so models with "
-                    "sliding-window layers are not pruned"
+                    f"decoder layers {layers} use sliding-window attention (window {windows[0][1]}), and "
+                    "this transformers release does not hand the attention's keyword arguments to the "
+                    "cache update, so the cache cannot record the positions a window is counted in; "
+                    "upgrade transformers (5.25 does) to prune this model"
                 )
             candidate = copy_graph_module(gm)
             token_counts = (
@@ -270,6 +272,7 @@ class FitpruneBackend:
         oneDNN in a prefill (`onednn_linears`).
         """
         strip_visual_token_marks(gm)  # the pass has read them; compiled code never runs them
+        lower_cache_positions(gm)  # those the pass left: plain torch ops, fused by Inductor
         messages = collect_run_time_checks(gm)
         if self.compiler == "eager":
             compiled = gm.forward

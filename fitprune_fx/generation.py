@@ -80,7 +80,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
     `backend_options` go to `fitprune_backend` (`compiler="eager"`, `scorer=...`, `mode=...`). The
     backend is kept at `model.fitprune_backend` (read `.summary()` / `.reports` after a call).
     Besides `model.compile(backend=...)`, this wraps `model.generate` to refuse what a pruned cache
-    cannot serve exactly (a StaticCache, right padding, the generation modes of
+    cannot serve exactly (a StaticCache, the generation modes of
     `REFUSED_MODES`) with an error that names it, and warns when a call with an image ran no
     pruned graph (Dynamo fell back to eager, or the graph was not understood).
     """
@@ -177,9 +177,6 @@ def _checked_generate(model: nn.Module, generate: Callable, backend: FitpruneBac
         _check_cache(model, kwargs)
         if deletes:
             _check_generation_mode(model, kwargs)
-            mask = kwargs.get("attention_mask")
-            if mask is not None:
-                _check_left_padded(mask)
         out = generate(*args, **kwargs)
         if not backend.reports:
             warnings.warn(
@@ -271,15 +268,4 @@ def _check_cache(model: nn.Module, kwargs: dict) -> None:
             f"fitprune: cache_implementation={implementation!r} is not supported; a pruned prefill "
             f"leaves later layers with fewer cached tokens, which only {SUPPORTED_CACHE} "
             "(cache_implementation='dynamic', the default) can hold"
-        )
-
-
-def _check_left_padded(attention_mask: torch.Tensor) -> None:
-    """Refuse padding anywhere but on the left: continuing a pruned cache is exact only then."""
-    mask = attention_mask.bool()
-    if mask.dim() == 2 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ValueError(
-            "fitprune: pruned generate needs left padding (a padding column after a prompt token was "
-            "found: right padding, or a later turn padded inside the sequence); set "
-            "tokenizer.padding_side = 'left' and continue a cache with rows of equal length"
         )

@@ -17,7 +17,9 @@ arithmetic (`_score_visual`, `lowest_first`) is the eager reference's.
 
 Semantics: only a forward call that starts a sequence (no cached tokens) and holds visual tokens
 is pruned; a later chunk (decode step, chat turn, even one with a new image) runs unpruned against
-the cache as it is. Padding rows are never visual and never deleted. Sliding windows are refused.
+the cache as it is. Padding rows are never visual and never deleted, wherever they sit. A
+sliding-window layer counts its window in original positions: nothing moves here, so the mask
+transformers builds for it is the window, and a deleted token inside it is masked like any other.
 
     with MaskingReference(model, prune={1: 10, 2: 8}) as oracle:
         out = model.generate(**inputs, max_new_tokens=8)   # pruned semantics, unpruned shapes
@@ -95,8 +97,6 @@ class MaskingReference:
         query [B, H, q, D]; key/value [B, Hkv, K, D] (cache + chunk, the cache tensors themselves);
         mask [B|1, 1|H, q, K] bool/additive or None (causal). Returns ([B, q, H, D], None).
         """
-        if kw.get("sliding_window") is not None:
-            raise NotImplementedError("MaskingReference: sliding-window attention is not modelled")
         layer = module.layer_idx
         B, H, q, D = query.shape
         K = key.shape[-2]

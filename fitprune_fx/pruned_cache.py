@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fitprune_fx import positioned_cache
 from fitprune_fx.passes.attention_marks import mark_sliding_window
 from fitprune_fx.passes.padded_compaction import leading_void_slots
 from fitprune_fx.passes.run_time_checks import RunTimeCheckFailed
@@ -110,15 +111,24 @@ def pruned_cache_sdpa(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, exact over pruned caches (mask cut per layer), windows marked.
+    """transformers' SDPA attention, exact over pruned caches, windows marked.
 
     query: [B, H, q, D]; key/value: [B, Hkv, K, D] (cache + new); attention_mask: [B|1, 1|H, q, M]
-    or None. With M == K (no pruned cache, or any prefill) this is the stock function unchanged,
-    so a prefill graph still holds one `scaled_dot_product_attention` per layer for the pass.
+    or None. A layer whose cache knows its keys' positions (`fitprune_fx.positioned_cache`) takes
+    the mask at those positions; without them a mask wider than the keys is cut (module doc). With
+    neither (no pruned cache, or any prefill) this is the stock function unchanged, so a prefill
+    graph still holds one `scaled_dot_product_attention` per layer for the pass.
     """
-    if kwargs.get("sliding_window") is not None:
-        query = mark_sliding_window(query, int(kwargs["sliding_window"]))
-    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+    positions = kwargs.pop(positioned_cache.KEY_POSITIONS, None)
+    seen = kwargs.pop(positioned_cache.SEEN, None)
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        query = mark_sliding_window(query, int(window))
+    if positions is not None:
+        attention_mask = positioned_cache.positioned_mask(
+            attention_mask, positions, seen, query.shape[-2], window
+        )
+    elif attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         attention_mask = cut_mask_to_pruned_keys(attention_mask, key.shape[-2], query.shape[-2], key, value)
     return _stock_sdpa(module, query, key, value, attention_mask, **kwargs)
 
@@ -133,6 +143,7 @@ def install() -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    positioned_cache.install()
     if AttentionInterface._global_mapping.get("sdpa") is pruned_cache_sdpa:
         return
     _stock_sdpa = sdpa_attention_forward

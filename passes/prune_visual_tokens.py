@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .cache_positions import insert_cache_positions
 from .entry_compaction import insert_entry_compaction
 from .insert_compaction import insert_token_compaction
 from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
@@ -127,6 +128,7 @@ def prune_visual_tokens(
         inserted += entry.inserted
     padded = None if keep is None else PaddedCompaction(graph, keep, visual)
     fused: list[int] = []
+    after_pruning: dict[int, tuple[fx.Node, fx.Node | None]] = {}  # kept positions, validity
     length = dec.seq_len
     for step, (layer, d) in enumerate(plan.items()):
         site = dec.sites[layer]
@@ -178,11 +180,13 @@ def prune_visual_tokens(
         )
         if padded is not None:
             visual = padded.void(layer, visual, shared)
+        after_pruning[layer] = (positions, None if padded is None else padded.valid)
         inserted += nodes + more
         present -= d
     if padded is not None:
         padded.fill_cached_void_rows(dec.sites, layout)
         inserted += padded.inserted
+    inserted += insert_cache_positions(graph, layout, after_pruning, all_visual)
 
     rewrites = propagate_compaction(gm, set(inserted), fake_mode)
     graph.lint()

@@ -38,8 +38,10 @@ def tiny_llava(
     patch_size: int = 8,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
 ) -> LlavaForConditionalGeneration:
-    """A LLaVA with a 2-layer CLIP tower and a small decoder; (image_size/patch_size)^2 visual tokens."""
+    """A LLaVA with a 2-layer CLIP tower and a small decoder; (image_size/patch_size)^2 visual tokens.
+    `sliding_window` (Mistral or Qwen2 decoders): every layer attends within that window."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -63,7 +65,11 @@ def tiny_llava(
         eos_token_id=2,
     )
     if text_model in ("mistral", "qwen2"):
-        text_kwargs["sliding_window"] = None
+        text_kwargs["sliding_window"] = sliding_window
+        if text_model == "qwen2" and sliding_window is not None:
+            text_kwargs.update(use_sliding_window=True, max_window_layers=0)
+    elif sliding_window is not None:
+        raise ValueError(f"a {text_model} decoder has no sliding window; use mistral or qwen2")
     text = TEXT_CONFIGS[text_model](**text_kwargs)
     config = LlavaConfig(
         vision_config=vision,
