@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
-from fitprune_fx.passes.cache_positions import cache_position_ops, lower_cache_positions
+from fitprune_fx.passes.cache_positions import lower_cache_positions
 from fitprune_fx.passes.layout import DecoderLayout
 from fitprune_fx.passes.locate import (
     NoVisualTokens,
@@ -160,14 +160,6 @@ class FitpruneBackend:
         merge_apart, self._merge_apart = self._merge_apart, False
         try:
             check_recipe_fits(self.recipe, gm, layout)
-            if windows and not cache_position_ops(gm.graph):
-                layers = sorted({layout.layer_index(n) for n, _ in windows} - {None})
-                raise UnsupportedGraph(
-                    f"decoder layers {layers} use sliding-window attention (window {windows[0][1]}), and "
-                    "this transformers release does not hand the attention's keyword arguments to the "
-                    "cache update, so the cache cannot record the positions a window is counted in; "
-                    "upgrade transformers (5.25 does) to prune this model"
-                )
             candidate = copy_graph_module(gm)
             token_counts = (
                 TokenCountInputs(candidate.graph, _fake_mode(gm)) if self.symbolic_token_counts else None
@@ -181,6 +173,7 @@ class FitpruneBackend:
                 scorer_fn=self.scorer_fn,
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
                 token_counts=token_counts,
+                windows=sorted({layout.layer_index(n) for n, _ in windows} - {None}),
             )
         except NoVisualTokens as e:
             report.reason = str(e)

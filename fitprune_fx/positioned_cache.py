@@ -145,7 +145,7 @@ def install() -> None:
             if name in cls.__dict__ or cls is DynamicLayer:  # DynamicLayer inherits reorder_cache
                 setattr(cls, name, _followed(cls, name))
         if "reset" in cls.__dict__:
-            setattr(cls, "reset", _reset(cls.__dict__["reset"]))
+            cls.reset = _reset(cls.__dict__["reset"])
 
 
 def positioned_mask(

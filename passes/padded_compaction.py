@@ -113,6 +113,11 @@ def _cache_concat(states: fx.Node, layer: int, layout) -> fx.Node | None | bool:
     return False
 
 
+def writes_caches(sites: dict, layout) -> bool:
+    """Whether any decoder layer writes a KV cache (or writes its keys back some way not understood)."""
+    return any(_cache_concat(site.key, layer, layout) is not None for layer, site in sites.items())
+
+
 class PaddedCompaction:
     """The graph side of a batch whose examples hold different visual counts (see the module doc)."""
 

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .cache_positions import insert_cache_positions
+from .cache_positions import cache_position_ops, insert_cache_positions
 from .entry_compaction import insert_entry_compaction
 from .insert_compaction import insert_token_compaction
 from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
 from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
 from .locate import UnsupportedGraph, example_value, locate_decoder
-from .padded_compaction import PaddedCompaction, has_example_counts
+from .padded_compaction import PaddedCompaction, has_example_counts, writes_caches
 from .scorers import COUNT_FREE_SCORERS, SCORERS
 from .sequence_length import propagate_compaction
 from .token_count_inputs import TokenCountInputs
@@ -58,6 +58,7 @@ def prune_visual_tokens(
     scorer_fn: Callable | None = None,
     seed: int = 0,
     token_counts: TokenCountInputs | None = None,
+    windows: list[int] = (),
 ) -> PruneResult:
     """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
     `deletions_for(n_visual) -> {layer: count}` gives the static plan.
@@ -68,6 +69,9 @@ def prune_visual_tokens(
     With `token_counts`, every layer that deletes tokens gets an extra placeholder whose length is
     its kept token count (`token_count_inputs`): the caller must pass `token_counts.values(args)`
     after the graph's own inputs `args`.
+
+    `windows`: the decoder layers that attend within a sliding window (`attention_marks`); their
+    caches must record their keys' positions (`cache_positions`).
 
     FitPrune's scoring at a deleting layer comes from the layer's own attention where it can
     (`insert_fused_scoring`: one attention instead of two on CPU).
@@ -89,6 +93,13 @@ def prune_visual_tokens(
         )
     if sum(plan.values()) > n:
         raise UnsupportedGraph(f"recipe deletes {sum(plan.values())} visual tokens of {n}")
+    if windows and not cache_position_ops(gm.graph) and writes_caches(dec.sites, layout):
+        raise UnsupportedGraph(
+            f"decoder layers {windows} use sliding-window attention, and their cache updates record no "
+            "key positions: this transformers release does not hand the attention's keyword arguments "
+            "to the cache update, so a pruned cache cannot count a window in original positions; "
+            "upgrade transformers (5.25 does) to prune this model"
+        )
 
     graph = gm.graph
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs

@@ -204,3 +204,14 @@ def assert_each_example_pruned_like_alone(
                 torch.testing.assert_close(ours, expected[kept], atol=1e-4, rtol=1e-4, msg=f"example {e}")
     if not first_static:
         assert backend.pruned_graphs[-1].result.any_visual_count, backend.summary()
+
+
+def right_padded(inputs: dict) -> dict:
+    """The same prompts with each row's padding moved to its right end (ids, mask, token types)."""
+    out = dict(inputs)
+    lengths = inputs["attention_mask"].sum(dim=1)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        if key in inputs:
+            rows = [torch.roll(r, -(r.shape[0] - int(n))) for r, n in zip(inputs[key], lengths, strict=True)]
+            out[key] = torch.stack(rows)
+    return out

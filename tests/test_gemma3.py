@@ -1,11 +1,9 @@
 """Gemma 3 on tiny models: the pass against pruning as masking (bidirectional attention among image
-tokens, several images, left padding), and its real mixed sliding/full layer pattern left unpruned
-with one warning."""
+tokens, several images, left padding, and its released pattern of sliding-window and full layers)."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -67,22 +65,30 @@ def test_greedy_generate_matches_masking_on_a_left_padded_batch():
     assert_greedy_generate_matches_masking(model, recipe(model, {0: 6, 2: 4}), inputs, {0: 6, 2: 4}, "gemma3")
 
 
-def test_the_real_sliding_full_pattern_runs_unpruned_with_one_warning():
-    """Gemma 3's own layer pattern (five sliding-window layers, one full): not pruned, one warning
-    naming the sliding windows, outputs identical to the uncompiled model."""
-    model = tiny_gemma3(num_layers=6, full_attention_only=False, seed=7)
+def test_the_released_layer_pattern_is_pruned_and_decodes_64_steps_past_the_window():
+    """Gemma 3's own layer pattern (five sliding-window layers, then one full) with a window of 8,
+    shorter than the prompt: pruned through fitprune_fx.compile, and 64 greedy steps (the window
+    slides past every pruned token) equal pruning as masking, per-step logits within 1e-4. The
+    first full-attention layer is pruned, so the masks transformers sizes from it must count
+    original positions."""
+    model = tiny_gemma3(num_layers=6, full_attention_only=False, window=8, seed=7)
     assert model.config.text_config.layer_types.count("sliding_attention") == 5
+    oracle = copy.deepcopy(model)
     inputs = make_gemma3_inputs(model, [2, 6], [5, 2], seed=8)
-    backend = fitprune_backend(recipe(model, {1: 8}), compiler="eager")
+    prune = {1: 6, 4: 4}  # layer 5 (full attention) and layers 2-4 (sliding) hold pruned caches
+    fitprune_fx.compile(model, recipe(model, prune), compiler="eager")
+    gen = dict(max_new_tokens=64, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        expected = model(**inputs).logits
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = torch.compile(model, backend=backend)(**inputs).logits
-    ours = [w for w in caught if "fitprune" in str(w.message)]
-    assert len(ours) == 1 and "sliding-window attention" in str(ours[0].message), ours
-    assert not backend.pruned_graphs
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        got = model.generate(**inputs, **gen)
+    with torch.no_grad(), MaskingReference(oracle, prune):
+        expected = oracle.generate(**inputs, **gen)
+    assert model.fitprune_backend.pruned_runs == 1
+    assert torch.equal(got.sequences, expected.sequences)
+    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
+    assert worst <= 1e-4, worst
+    lengths = [layer.keys.shape[-2] for layer in got.past_key_values.layers]
+    assert lengths[:5] == [7] * 5 and lengths[5] == inputs["input_ids"].shape[1] + 63 - 10
+    print(f"gemma3 released pattern: 64 steps, per-step logits max |diff| {worst:.2e}")
 
 
 def test_fit_is_refused_with_the_reason():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -14,9 +15,11 @@ from fitprune_fx.generation import (
     generate_is_compiled,
 )
 from fitprune_fx.generation import compile as fitprune_compile
+from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_generate
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
+from graph_harness import right_padded
 
 NEW_TOKENS = 8
 PADDED = [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)]  # three prompt lengths, left-padded
@@ -138,7 +141,7 @@ def test_second_generate_reuses_compiled_graphs():
     assert torch.equal(out.sequences, _reference(model, third, PRUNE))
 
 
-def test_static_cache_and_right_padding_are_rejected():
+def test_static_caches_are_rejected():
     model = _model()
     inputs = make_inputs(model, PADDED, seed=3)
     fitprune_compile(model, _recipe(model, PRUNE), compiler="eager")
@@ -148,10 +151,38 @@ def test_static_cache_and_right_padding_are_rejected():
     static = StaticCache(config=model.config.text_config, max_cache_len=64)
     with pytest.raises(UnsupportedCacheError, match="StaticCache.*DynamicCache"):
         _generate(model, inputs, past_key_values=static)
-    right = {**inputs, "attention_mask": inputs["attention_mask"].flip(-1)}
-    with pytest.raises(ValueError, match="left padding"):
-        _generate(model, right)
     assert model.fitprune_backend.reports == []  # refused before anything ran
+
+
+def test_right_padding_and_a_later_turn_padded_inside_match_masking():
+    """Right-padded prompts, then a second turn whose rows differ in length (padding inside the
+    sequence), continuing the pruned cache: tokens and per-step logits equal pruning as masking on
+    the same inputs, as transformers itself runs them unpruned."""
+    model = _model()
+    oracle = copy.deepcopy(model)
+    inputs = right_padded(make_inputs(model, PADDED, seed=3))
+    assert not inputs["attention_mask"][:, -1].all()  # some row ends in padding
+    fitprune_compile(model, _recipe(model, PRUNE), compiler="eager")
+    gen = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    turn = torch.tensor([[0, 0, 9, 10], [11, 12, 13, 14], [0, 15, 16, 17]])
+    results = []
+    for runner in (model, oracle):
+        with torch.no_grad(), MaskingReference(oracle, PRUNE):  # only the oracle's attention reads it
+            first = runner.generate(**inputs, **gen)
+            ids = torch.cat([first.sequences, turn], dim=1)
+            mask = torch.cat(
+                [inputs["attention_mask"], torch.ones(3, 4, dtype=torch.long), (turn != 0).long()], 1
+            )
+            second = runner.generate(
+                input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, **gen
+            )
+        results.append((first, second))
+    (got1, got2), (exp1, exp2) = results
+    assert torch.equal(got1.sequences, exp1.sequences) and torch.equal(got2.sequences, exp2.sequences)
+    scores = [*zip(got1.scores, exp1.scores, strict=True), *zip(got2.scores, exp2.scores, strict=True)]
+    worst = max((a - e).abs().max().item() for a, e in scores)
+    assert worst <= 1e-4, worst
+    assert model.fitprune_backend.pruned_runs == 1
 
 
 def test_torch_compile_wrapper_generate_never_reaches_backend():

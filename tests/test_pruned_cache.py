@@ -1,4 +1,5 @@
-"""Continuing a pruned KV cache: the per-layer mask cut, and every cache operation, against oracles.
+"""Continuing a pruned KV cache: the per-layer mask cut, and every cache operation, against oracles
+(any padding, sliding windows, the positions each pruned layer records).
 
 Two references written apart from `fitprune_fx.pruned_cache`:
 - for the mask cut, the original mask with the deleted columns removed (built from their positions);
@@ -12,15 +13,16 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.positioned_cache import positions_of
 from fitprune_fx.pruned_cache import PADDING_ERROR, cut_mask_to_pruned_keys
 from fitprune_fx.reference import ReferenceContinuation
-from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
-from graph_harness import CapturedDecoder
+from fitprune_fx.testbed.tiny import PAD_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from graph_harness import CapturedDecoder, right_padded
 
 # ----------------------------------------------------------------------------------------------
 # the mask cut, against removing the deleted columns by position
@@ -79,11 +81,17 @@ MODEL = tiny_llava(num_layers=3, seed=11)
 N_VISUAL = num_image_tokens(MODEL)
 CAPTURED = CapturedDecoder(MODEL)  # the prefill graph, re-pruned per example
 ORACLE_MODEL = copy.deepcopy(MODEL)
+WINDOW = 5  # shorter than every prompt: the window slides in the prefill and in every later call
+WINDOWED = tiny_llava("mistral", num_layers=3, seed=11, sliding_window=WINDOW)  # every layer slides
+CAPTURED_WINDOWED = CapturedDecoder(WINDOWED)
+ORACLE_WINDOWED = copy.deepcopy(WINDOWED)
 
 
 @st.composite
 def continuations(draw):
-    """A recipe, a left-padded batch (images anywhere, one or two) and a list of cache steps."""
+    """A recipe, a batch (images anywhere, one or two; padded left or right), whether every layer
+    slides, and a list of cache steps (chunks, chunks whose first row is padded at its start,
+    crops, reorders)."""
     images = draw(st.integers(1, 2))
     prune = draw(
         st.dictionaries(st.integers(0, 2), st.integers(0, 5), min_size=1, max_size=3).filter(
@@ -98,6 +106,7 @@ def continuations(draw):
         st.lists(
             st.one_of(
                 st.tuples(st.just("chunk"), st.integers(1, 4)),
+                st.tuples(st.just("padded"), st.integers(2, 4)),
                 st.tuples(st.just("crop"), st.integers(1, 3)),
                 st.tuples(st.just("reorder"), st.integers(0, 9)),
             ),
@@ -105,7 +114,8 @@ def continuations(draw):
             max_size=5,
         )
     )
-    return prune, prompts, steps, draw(st.integers(0, 99))
+    windowed, side = draw(st.booleans()), draw(st.sampled_from(["left", "right"]))
+    return prune, prompts, steps, draw(st.integers(0, 99)), windowed, side
 
 
 def _run_reference_steps(continuation, batch, steps, seed):
@@ -127,13 +137,21 @@ def _run_reference_steps(continuation, batch, steps, seed):
 
 
 def _run_steps(model, cache, mask, steps, seed):
-    """Apply the steps to (cache, mask) with `model`; return the logits of every chunk."""
+    """Apply the steps to (cache, mask) with `model`; return the logits of every chunk. A "padded"
+    chunk gives its first row n - 1 padding tokens before one real one (a batched later turn whose
+    rows differ in length: padding inside the sequence). Sliding-window layers record their past
+    from here on, as assisted decoding has them do, so that a crop can roll them back."""
+    cache.activate_past_recording()
     g = torch.Generator().manual_seed(seed)
     out, appended = [], 0
     for kind, n in steps:
-        if kind == "chunk":
+        if kind in ("chunk", "padded"):
             ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=g)
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            new = torch.ones_like(ids)
+            if kind == "padded":
+                new[0, : n - 1] = 0
+                ids[0, : n - 1] = PAD_TOKEN_ID
+            mask = torch.cat([mask, new], dim=1)
             with torch.no_grad():
                 out.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
             appended += n
@@ -149,53 +167,89 @@ def _run_steps(model, cache, mask, steps, seed):
     return out
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-@given(continuations())
-def test_chunks_crop_reorder_match_masking_reference(case):
-    """k-token chunks, crop(-k) and beam reorder after a pruned prefill, against both references."""
-    prune, prompts, steps, seed = case
-    inputs = make_inputs(MODEL, prompts, seed=seed)
-    deletions = {k: v * prompts[0].images for k, v in prune.items()}  # the recipe scaled to the images
-    recipe = Recipe(model=ModelInfo.from_config(MODEL.config), prune=prune)
-    out = CAPTURED.run(fitprune_backend(recipe, compiler="eager"), **inputs)
-    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
-    prompt = inputs["input_ids"].shape[1]
-    assert lengths == [prompt - sum(d for k, d in deletions.items() if k < li) for li in range(3)]
-    pruned = _run_steps(MODEL, out.past_key_values, inputs["attention_mask"], steps, seed)
+EXAMPLES = [  # (prune, prompts, steps, seed, windowed, padding side)
+    ({0: 3, 2: 5}, [PromptSpec(3, 2), PromptSpec(0, 4)],
+     [("padded", 3), ("chunk", 2), ("crop", 2), ("reorder", 1), ("chunk", 1)], 5, False, "right"),
+    ({1: 5, 2: 4}, [PromptSpec(1, 3, images=2), PromptSpec(4, 1, images=2)],
+     [("chunk", 4), ("crop", 3), ("padded", 2), ("reorder", 1), ("chunk", 3)], 7, True, "left"),
+    ({0: 5}, [PromptSpec(2, 1)], [("chunk", 1)] * 3 + [("crop", 1), ("chunk", 2)], 3, True, "right"),
+]  # fmt: skip
 
-    with MaskingReference(ORACLE_MODEL, deletions), torch.no_grad():
-        ref = ORACLE_MODEL(**inputs)
-        expected = _run_steps(ORACLE_MODEL, ref.past_key_values, inputs["attention_mask"], steps, seed)
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(continuations())
+@example(EXAMPLES[0]).via("right padding, a padded later turn")
+@example(EXAMPLES[1]).via("every layer slides, two images")
+@example(EXAMPLES[2]).via("a window, right padding, decode steps")
+def test_chunks_crop_reorder_match_masking_reference(case):
+    """k-token chunks, padded later turns, crop(-k) and beam reorder after a pruned prefill, with
+    left or right padding and with or without sliding windows, against pruning as masking (and
+    the eager reference, which models no windows and no padded later turns). Every pruned layer's
+    cache records its keys' original positions: the tokens masking leaves it."""
+    prune, prompts, steps, seed, windowed, side = case
+    model, captured, oracle = (WINDOWED, CAPTURED_WINDOWED, ORACLE_WINDOWED) if windowed else (
+        MODEL, CAPTURED, ORACLE_MODEL)  # fmt: skip
+    inputs = make_inputs(model, prompts, seed=seed)
+    if side == "right":
+        inputs = right_padded(inputs)
+    deletions = {k: v * prompts[0].images for k, v in prune.items()}  # the recipe scaled to the images
+    recipe = Recipe(model=ModelInfo.from_config(model.config), prune=prune)
+    out = captured.run(fitprune_backend(recipe, compiler="eager"), **inputs)
+    prompt = inputs["input_ids"].shape[1]
+    kept = [prompt - sum(d for k, d in deletions.items() if k < li) for li in range(3)]
+    stored = [min(n, WINDOW - 1) if windowed else n for n in kept]
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == stored
+    positions = [positions_of(layer) for layer in out.past_key_values.layers]
+    pruned = _run_steps(model, out.past_key_values, inputs["attention_mask"], steps, seed)
+
+    with MaskingReference(oracle, deletions) as masking, torch.no_grad():
+        ref = oracle(**inputs)
+        expected = _run_steps(oracle, ref.past_key_values, inputs["attention_mask"], steps, seed)
     torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], atol=1e-4, rtol=1e-4)
+    for li in range(3):
+        earlier = [masking.deleted[k] for k in deletions if k < li]
+        if not earlier:
+            assert positions[li] is None  # a layer holding every position records none
+            continue
+        present = ~torch.stack(earlier).any(dim=0)  # [B, S]
+        for b in range(len(prompts)):
+            assert positions[li][b].tolist() == present[b].nonzero().flatten().tolist()[-stored[li] :]
     assert len(pruned) == len(expected)
     for a, b in zip(pruned, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
-    _, continuation = ReferenceContinuation.after_prefill(MODEL, **inputs, prune=deletions)
+    if windowed or any(kind == "padded" for kind, _ in steps):
+        return
+    _, continuation = ReferenceContinuation.after_prefill(model, **inputs, prune=deletions)
     removed = _run_reference_steps(continuation, len(prompts), steps, seed)
     for a, b in zip(pruned, removed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_batch_select_repeat_deepcopy_keep_pruned_caches_exact():
-    """The batch operations of contrastive search / num_return_sequences, and deepcopy."""
+@pytest.mark.parametrize("windowed", [False, True], ids=["full", "window"])
+def test_batch_select_repeat_deepcopy_keep_pruned_caches_exact(windowed):
+    """The batch operations of contrastive search / num_return_sequences, and deepcopy: the rows
+    come back swapped, so positions that did not follow their row would show."""
+    model, captured, oracle = (WINDOWED, CAPTURED_WINDOWED, ORACLE_WINDOWED) if windowed else (
+        MODEL, CAPTURED, ORACLE_MODEL)  # fmt: skip
     prune = {0: 4, 1: 6}
-    inputs = make_inputs(MODEL, [PromptSpec(2, 3), PromptSpec(0, 5)], seed=4)
-    out = CAPTURED.run(
-        fitprune_backend(Recipe(model=ModelInfo.from_config(MODEL.config), prune=prune), compiler="eager"),
+    inputs = make_inputs(model, [PromptSpec(2, 3), PromptSpec(0, 5)], seed=4)
+    out = captured.run(
+        fitprune_backend(Recipe(model=ModelInfo.from_config(model.config), prune=prune), compiler="eager"),
         **inputs,
     )
-    with MaskingReference(ORACLE_MODEL, prune), torch.no_grad():
-        ref = ORACLE_MODEL(**inputs)
+    with MaskingReference(oracle, prune), torch.no_grad():
+        ref = oracle(**inputs)
     results = []
-    for model, cache in ((MODEL, out.past_key_values), (ORACLE_MODEL, ref.past_key_values)):
+    for runner, cache in ((model, out.past_key_values), (oracle, ref.past_key_values)):
         cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(2)  # rows 0 0 1 1
-        cache.batch_select_indices(torch.tensor([1, 2]))  # rows 0 1
-        mask = inputs["attention_mask"]
+        cache.batch_select_indices(torch.tensor([3, 0]))  # rows 1 0
+        mask = inputs["attention_mask"][[1, 0]]
         ids = torch.tensor([[9, 10, 11], [12, 13, 14]])
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        with torch.no_grad(), MaskingReference(ORACLE_MODEL, prune):
-            results.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
+        with torch.no_grad(), MaskingReference(oracle, prune):
+            results.append(runner(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
-    assert out.past_key_values.layers[2].keys.shape[-2] == inputs["input_ids"].shape[1] - 10  # untouched
+    kept = inputs["input_ids"].shape[1] - 10
+    assert out.past_key_values.layers[2].keys.shape[-2] == (min(kept, WINDOW - 1) if windowed else kept)

@@ -79,10 +79,9 @@ def test_pruned_prefill_and_decode_graphs_make_no_host_sync(monkeypatch):
     assert len(backend.pruned_graphs) == 1 and backend.pruned_runs == 1
     assert syncs and all(s == [] for s in syncs), syncs
     assert leftover_asserts == []
-    # the prefill graph checks the visual count; decode graphs check left padding at each layer
-    assert flags[0][1] == [VISUAL_COUNT_ERROR]
-    assert len(flags) == 4 and all(bool(f.all()) for f, _ in flags)
-    assert any("left padding" in msg for _, messages in flags[1:] for msg in messages)
+    # the prefill graph checks the visual count; decode graphs take each layer's mask at its keys'
+    # recorded positions (`positioned_cache`), which holds for any padding: nothing to check there
+    assert len(flags) == 1 and flags[0][1] == [VISUAL_COUNT_ERROR] and bool(flags[0][0].all())
 
 
 def test_mode_and_options_reach_inductor(monkeypatch):
