@@ -98,6 +98,18 @@ GRAPH_CONTRACT: tuple[ContractItem, ...] = (
         "tests/test_graph_contract.py::test_cache_writeback",
     ),
     ContractItem(
+        "cache-keywords",
+        "Each layer's attention calls `cache.update(key, value, layer_idx, kwargs=kwargs)` with the "
+        "dict it then splats into the attention function, inside the layer's scope; masks take their "
+        "query offset from `Cache.get_seq_length(layer)` (via `get_query_offset`) and their sizes "
+        "from `Cache.get_mask_sizes(q, layer)` of the first full / first sliding layer; generation's "
+        "cache operations go through the layer methods crop, reorder_cache, batch_repeat_interleave "
+        "and batch_select_indices. Without the keywords nothing is recorded: sliding windows are then "
+        "refused and other layers fall back to the left-padding cut.",
+        "fitprune_fx/positioned_cache.py: install, _update; passes/cache_positions.py",
+        "tests/test_graph_contract.py::test_cache_keywords",
+    ),
+    ContractItem(
         "example-counts",
         "The host can read each example's visual count before the decoder graph runs: the family's "
         "`visual_token_mark` carries them as a [B] CPU tensor, or the one merge's bool mask ([B, S] "

@@ -90,10 +90,12 @@ class Traced:
             out = torch.compile(self.model, backend=capture)(**self.inputs, use_cache=True)
         self.logits = out.logits
         self.cache_lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        self.cache = out.past_key_values
         self.deletions = self.recorder.backend.pruned_graphs[0].result.deletions
         with torch.no_grad(), MaskingReference(oracle, self.deletions) as masking:
             out = oracle(**self.inputs, use_cache=True)
         self.expected, self.masking = out.logits, masking
+        self.oracle, self.oracle_cache = oracle, out.past_key_values
         torch._dynamo.reset()
 
     @property
@@ -243,6 +245,49 @@ def test_cache_writeback(traced):
             cat = _cache_concat(states, layer, traced.layout)
             assert cat not in (None, False), (layer, states)
             assert output in cat.users or any(output in u.users for u in cat.users), layer  # written back
+
+
+def test_cache_keywords(traced):
+    """Each pruned layer's cache records the original positions of the tokens masking leaves it (the
+    pass finds a layer's `cache_positions` op by the op's own layer scope); a decode step then hands
+    them to the attention through the keyword dict the attention gives `cache.update`, and sizes the
+    masks by original positions: every pruned layer takes its mask at them, and the step's logits
+    equal masking's."""
+    from fitprune_fx import positioned_cache
+
+    batch = traced.inputs["input_ids"].shape[0]
+    for layer, cached in enumerate(traced.cache.layers):
+        earlier = [traced.masking.deleted[at] for at in traced.deletions if at < layer]
+        positions = positioned_cache.positions_of(cached)
+        if not earlier:
+            assert positions is None, layer
+            continue
+        present = ~torch.stack(earlier).any(dim=0)
+        for b in range(batch):
+            assert positions[b].tolist() == present[b].nonzero().flatten().tolist(), (layer, b)
+    taken = []
+    original = positioned_cache.positioned_mask
+
+    def recording(mask, positions, *args):
+        taken.append(positions.shape)
+        return original(mask, positions, *args)
+
+    step = dict(input_ids=torch.full((batch, 1), 9), use_cache=True)
+    if getattr(traced.model.model, "rope_deltas", None) is None:
+        # (a direct Qwen-VL call given a 2-D mask numbers its M-RoPE positions over the whole mask;
+        # without one, from the cache length: then every cached key is attended, pads included, in both)
+        step["attention_mask"] = torch.cat([traced.inputs["attention_mask"], torch.ones(batch, 1).long()], 1)
+    with torch.no_grad():
+        positioned_cache.positioned_mask = recording
+        try:
+            logits = traced.model(**step, past_key_values=traced.cache).logits
+        finally:
+            positioned_cache.positioned_mask = original
+        with MaskingReference(traced.oracle, traced.deletions):
+            expected = traced.oracle(**step, past_key_values=traced.oracle_cache).logits
+    pruned_layers = LAYERS - 1 - min(traced.deletions)
+    assert len(taken) == pruned_layers, taken
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_attention_interface():
