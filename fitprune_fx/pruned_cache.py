@@ -1,43 +1,31 @@
-"""Attention over a pruned KV cache: why a plain `DynamicCache` stays exact, and the one fix it needs.
+"""Attention over a pruned KV cache: why transformers' `DynamicCache` stays exact.
 
 After a pruned prefill of P tokens, layer l of the `DynamicCache` holds P - D_l entries, where D_l
 is the number of visual tokens deleted after layers before l (layers up to and including the first
-pruning layer hold all P; layer 0 always does). Every cache operation transformers performs is
-per layer and positional from the end, so it stays exact without a cache class of our own:
+pruning layer hold all P; layer 0 always does). Each such layer also records the original
+position of every key it holds (`fitprune_fx.positioned_cache`), and that module's patches keep
+those positions with their keys through every cache operation transformers performs (append,
+`crop(-k)`, reorder, batch repeat/select, deepcopy, a sliding window's own trimming). The
+attention then takes the call's mask at those positions: exact for any padding and any window.
 
-- append k tokens (decode step, chat turn, assisted candidates): `cat` on every layer;
-- crop/rollback: generation calls `crop(-k)`, which drops the last k entries of every layer, i.e.
-  exactly the appended ones (a positive, absolute `crop(n)` is legacy: deprecated in 5.17 and
-  refused since; it would be wrong for pruned layers, so do not call it on a pruned cache);
-- reorder (beam search), repeat / select of batch rows, `copy.deepcopy`: batch dim only, and every
-  row of a layer has the same length (a batch whose examples delete different counts pads the
-  shorter rows at the left with void slots, `passes/padded_compaction.py`, which travel with their
-  row);
-- `get_seq_length()` reads layer 0, which is never pruned, so it counts original positions:
-  `cache_position`, position ids and mask widths continue from the original prompt.
-
-What needs care is the attention mask. transformers builds one mask per forward call, sized
-for layer 0: [B, 1|H, q, M] with M = (entries before the call) + q. Layer l's keys number
-K = M - D_l. The exact mask for layer l is that mask with the D_l deleted columns removed. The
-deleted columns are prompt tokens that every later query may attend to, and they lie in the
-old part (the first M - q columns); the last q columns are the new tokens with their causal block.
-So when the old part allows a prefix-closed set of columns (forbidden columns, i.e. left padding,
-only at its left), removing D_l allowed columns from it equals keeping its first K - q columns:
+This module is the attention function. Where positions are recorded it hands the mask to
+`positioned_cache.positioned_mask`. Where they are not (a transformers release whose attention
+does not give the cache update its keyword arguments, 5.17), it falls back to a cut: transformers
+builds one mask per call, sized for layer 0: [B, 1|H, q, M] with M = (entries before the call) + q;
+layer l's keys number K = M - D_l, and the deleted columns lie in the old part (the first M - q
+columns). When the old part allows a prefix-closed set of columns (forbidden columns, i.e. left
+padding, only at its left), removing D_l allowed columns equals keeping its first K - q columns:
 
     layer mask = cat(mask[..., : K - q], mask[..., M - q :])
 
-which is what `pruned_cache_sdpa` does, after shifting each row right past its void slots (found
-in the cache by their fill value) and forbidding those. Keeping the first K columns instead (right only for
-q = 1) would give a k-token chunk the future of its own block. Padding inside the old part
-(right padding, or a batched later turn padded in the middle) would make the cut wrong, so it is
-checked at run time and refused with an error (`PADDING_ERROR`).
+after shifting each row right past its void slots (found in the cache by their fill value) and
+forbidding those. Padding inside the old part would make the cut wrong, so there it is checked at
+run time and refused with an error (`PADDING_ERROR`); sliding windows are not pruned there at all.
 
 `pruned_cache_sdpa` replaces transformers' "sdpa" attention function process-wide once a
-FitPrune backend exists (`install`): the mask is cut only when it is wider than the keys, which
-never happens without a pruned cache, so every other model and layer runs the stock function.
-It also marks layers that use a sliding window (see `passes/attention_marks.py`): the window
-counts original positions, which a pruned cache no longer shows, so the backend refuses to prune
-such models.
+FitPrune backend exists (`install`): without recorded positions and with a mask as wide as the
+keys (every layer of every model that was never pruned) it is the stock function. It also marks
+layers that use a sliding window (see `passes/attention_marks.py`), so the backend knows them.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ Two things differ from LLaVA:
 * Image tokens attend to each other bidirectionally inside an image (the mask is built from
   `token_type_ids`), so the layout is not causal: scoring reads the model's own mask as it is,
   and the layout names Gemma 3's layer class so that LLaVA's causal layout never claims its graphs.
-* Real Gemma 3 configurations mix sliding-window layers (five of every six) with full ones. A pruned
-  cache cannot keep a window counted in original positions, so such models compile unpruned with
-  one warning (the backend's sliding-window rule); configurations whose layers are all full
-  attention are pruned.
+* Real Gemma 3 configurations mix sliding-window layers (five of every six) with full ones. They are
+  pruned: each pruned cache layer records its keys' original positions, and the window is counted
+  in them (`fitprune_fx.positioned_cache`). The first full-attention layer (layer 5) may be pruned,
+  and transformers sizes every full-attention mask from it, so the cache reports its length in
+  original positions.
 
 The eager reference does not model Gemma 3's extra norms around attention and MLP; pruning as
 masking (`fitprune_fx.masking_reference.MaskingReference`) runs the model's own code and is its oracle.
