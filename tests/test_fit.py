@@ -16,6 +16,7 @@ from fitprune_fx.fitting import (
     round_cumulative,
 )
 from fitprune_fx.flops import projected_reduction, reference_flops_reduction
+from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import generate_position_ids, reference_prefill
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
@@ -197,6 +198,38 @@ def test_unreachable_budget_raises(session):
         session.recipe(0.99)
     with pytest.raises(ValueError, match="fraction"):
         session.recipe(1.5)
+
+
+def test_walk_deletes_what_masking_deletes_with_a_sliding_window():
+    """Every layer slides (a Mistral decoder, window 6, shorter than every prompt): replaying a
+    fixed recipe through the walk deletes, per example and layer, the tokens pruning as masking
+    deletes with the window counted in original positions (the model's own sliding mask)."""
+    model = tiny_llava("mistral", num_layers=4, image_size=40, seed=3, sliding_window=6)
+    inputs = make_inputs(model, PROMPTS[:3], seed=7)
+    prune = {0: 3, 2: 5, 3: 2}
+    session = FitSession(model, [inputs], batch_size=2)
+    dropped = []
+
+    def lowest_product(layer, cross, self_, is_vis):
+        score = torch.where(is_vis, cross * self_, torch.full_like(cross, float("inf")))
+        order = torch.sort(score, dim=1, stable=True).indices
+        drop = torch.zeros_like(is_vis)
+        drop.scatter_(1, order[:, : prune.get(layer, 0)], True)
+        dropped.append(drop & is_vis)
+        return drop & is_vis
+
+    trace: list = []
+    session.walk(0.0, select=lowest_product, trace=trace)
+    mask = inputs["attention_mask"]
+    with torch.no_grad(), MaskingReference(model, prune) as masking:
+        model(**inputs, position_ids=generate_position_ids(mask))
+    pads = (mask == 0).sum(dim=1)
+    gone = torch.zeros_like(mask, dtype=torch.bool)
+    for (layer, kind, pos, _, _), drop in zip(trace, dropped, strict=True):
+        for b in range(3):
+            gone[b, pos[b][drop[b]] + pads[b]] = True
+        if layer in prune:
+            assert torch.equal(gone, masking.deleted[layer]), layer
 
 
 @pytest.mark.parametrize(
