@@ -225,7 +225,7 @@ def test_walk_deletes_what_masking_deletes_with_a_sliding_window():
         model(**inputs, position_ids=generate_position_ids(mask))
     pads = (mask == 0).sum(dim=1)
     gone = torch.zeros_like(mask, dtype=torch.bool)
-    for (layer, kind, pos, _, _), drop in zip(trace, dropped, strict=True):
+    for (layer, _, pos, _, _), drop in zip(trace, dropped, strict=True):
         for b in range(3):
             gone[b, pos[b][drop[b]] + pads[b]] = True
         if layer in prune:

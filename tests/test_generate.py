@@ -19,7 +19,7 @@ from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_generate
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
-from graph_harness import right_padded
+from graph_harness import cache_update_gets_attention_keywords, right_padded
 
 NEW_TOKENS = 8
 PADDED = [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)]  # three prompt lengths, left-padded
@@ -158,6 +158,12 @@ def test_right_padding_and_a_later_turn_padded_inside_match_masking():
     """Right-padded prompts, then a second turn whose rows differ in length (padding inside the
     sequence), continuing the pruned cache: tokens and per-step logits equal pruning as masking on
     the same inputs, as transformers itself runs them unpruned."""
+    if not cache_update_gets_attention_keywords():  # the left-padding cut: refused at run time
+        model = _model()
+        fitprune_compile(model, _recipe(model, PRUNE), compiler="eager")
+        with pytest.raises(RuntimeError, match="left padding"):
+            _generate(model, right_padded(make_inputs(model, PADDED, seed=3)))
+        return
     model = _model()
     oracle = copy.deepcopy(model)
     inputs = right_padded(make_inputs(model, PADDED, seed=3))
