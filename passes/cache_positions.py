@@ -11,7 +11,10 @@ is. Positions cost nothing on layers that were never pruned.
 
 In a pruned prefill the pass replaces the op of every layer after a pruning layer by the kept
 tokens' original positions (`insert_cache_positions`): the tokens entering that layer, which it
-caches. Which layer an op belongs to is read off the graph (the layer scope of the op node), and
+caches. Where the decoder is entered through an identity compaction (`entry_compaction`), the
+layers up to the first pruning layer get the entry's positions (0..S-1) the same way, so that every
+layer is the same program for the per-layer compile; their caches then record the identity
+explicitly. Which layer an op belongs to is read off the graph (the layer scope of the op node), and
 the positions come from the compaction's own composed indices, so no name of transformers' is
 involved.
 """
@@ -81,30 +84,14 @@ def _cache_positions_fake(old, key_states, seen, stored_keys, returned_keys):
 
 
 def chunk_positions(
-    old: torch.Tensor,
-    kept: torch.Tensor,
-    valid: torch.Tensor | None,
-    call_tokens: torch.Tensor,
-    seen: int,
-    stored_keys: torch.Tensor,
-    returned_keys: torch.Tensor,
+    kept: torch.Tensor, valid: torch.Tensor | None, stored_keys: torch.Tensor, returned_keys: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`cache_positions` for a layer after a pruning layer: its new keys are the kept tokens.
-
-    kept: [B, K] the kept tokens' positions within this call's tokens, as many as `call_tokens`
-    [B, S] has columns (a per-token tensor of the call: read for its length); valid: [B, K] bool,
-    False at void slots (position -1), or None; the rest as in `cache_positions` (the identity
-    `old` means the layer held positions 0 .. seen - S - 1 before this call).
-    """
-    start = seen - call_tokens.shape[-1]
-    new = kept + start
+    """`cache_positions` for a layer of a pruned call that starts its sequence: the layer caches the
+    tokens entering it. kept: [B, K] their original positions; valid: [B, K] bool, False at void
+    slots (position -1), or None; stored_keys / returned_keys as in `cache_positions`."""
     if valid is not None:
-        new = torch.where(valid, new, -1)
-    if old.dim() == 2:
-        new = torch.cat([old, new], dim=-1)
-    elif not (isinstance(start, int) and start == 0):
-        new = torch.cat([torch.arange(start, device=kept.device).expand(kept.shape[0], start), new], dim=-1)
-    return _last(new, stored_keys), _last(new, returned_keys)
+        kept = torch.where(valid, kept, -1)
+    return _last(kept, stored_keys), _last(kept, returned_keys)
 
 
 OP_TARGETS = (torch.ops.fitprune.cache_positions.default, torch.ops.fitprune.cache_positions)
@@ -117,25 +104,25 @@ def cache_position_ops(graph: fx.Graph) -> list[fx.Node]:
 def insert_cache_positions(
     graph: fx.Graph,
     layout,
-    after_pruning: dict[int, tuple[fx.Node, fx.Node | None]],
-    call_tokens: fx.Node,
+    entering: dict[int, tuple[fx.Node, fx.Node | None]],
 ) -> list[fx.Node]:
-    """Replace the `cache_positions` op of every layer after a pruning layer by `chunk_positions`
-    of the tokens entering it. `after_pruning`: pruning layer -> (kept tokens' positions [B, K] in
-    the call, their validity or None); `call_tokens`: a [B, S] tensor of the call's uncompacted
-    tokens (the visual mask). Returns the nodes inserted."""
+    """Replace the `cache_positions` op of each layer in `entering` (layer -> the original positions
+    [B, K] of the tokens entering it, and their validity or None) by `chunk_positions`. Returns the
+    nodes inserted. The call must start its sequence (the ops' old positions are the identity):
+    a pruned call that continues a cache is not supported (UnsupportedGraph)."""
+    from .locate import UnsupportedGraph, example_value
+
     inserted = []
     for node in cache_position_ops(graph):
         layer = layout.layer_index(node)
-        earlier = [p for p in after_pruning if layer is not None and p < layer]
-        if not earlier:
+        if layer not in entering:
             continue
-        kept, valid = after_pruning[max(earlier)]
-        old, _, seen, stored, returned = node.args
+        old, _, _, stored, returned = node.args
+        if example_value(old).dim() != 1:
+            raise UnsupportedGraph("the call continues a cache whose layers record key positions")
+        kept, valid = entering[layer]
         with graph.inserting_before(node):
-            new = graph.call_function(
-                chunk_positions, (old, kept, valid, call_tokens, seen, stored, returned)
-            )
+            new = graph.call_function(chunk_positions, (kept, valid, stored, returned))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         inserted.append(new)

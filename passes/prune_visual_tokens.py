@@ -197,7 +197,14 @@ def prune_visual_tokens(
     if padded is not None:
         padded.fill_cached_void_rows(dec.sites, layout)
         inserted += padded.inserted
-    inserted += insert_cache_positions(graph, layout, after_pruning, all_visual)
+    entering = {}  # layer -> original positions of the tokens it caches (and their validity)
+    for layer in dec.sites:
+        earlier = [p for p in after_pruning if p < layer]
+        if earlier:
+            entering[layer] = after_pruning[max(earlier)]
+        elif entry is not None and plan:
+            entering[layer] = (entry.positions, None)
+    inserted += insert_cache_positions(graph, layout, entering)
 
     rewrites = propagate_compaction(gm, set(inserted), fake_mode)
     graph.lint()
