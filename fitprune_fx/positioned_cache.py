@@ -2,8 +2,9 @@
 
 After a pruned prefill, layer l of a `DynamicCache` holds only the tokens that survived the pruning
 layers before l. Each such layer here also holds `fitprune_positions`: [B, L] long, the original
-position of each cached key (-1 for a void slot, `passes/padded_compaction.py`). Layers that hold
-every position carry the identity (a 1-D empty tensor) and cost nothing.
+position of each cached key (-1 for a void slot, `passes/padded_compaction.py`); a pruned prefill
+records them on every layer (the ones up to the first pruning layer hold 0..S-1). Caches no pruned
+graph wrote carry an empty marker (a 1-D empty tensor) and cost nothing.
 
 How the positions reach the attention, and stay right:
 

@@ -6,17 +6,17 @@ the token at position k. `fitprune_fx.positioned_cache` keeps, next to each laye
 original position of every cached key ([B, L] long; -1 for a void slot of a batch that mixes
 visual counts) and takes each call's attention mask at those positions. Every cache update calls
 `fitprune::cache_positions`; by default it appends the call's positions to a layer that already
-has some, and leaves a layer that holds every position (the *identity*, a 1-D empty tensor) as it
-is. Positions cost nothing on layers that were never pruned.
+has some, and leaves a layer that holds every position unrecorded (a 1-D empty tensor) as it is:
+caches no pruned graph wrote (every other model) record nothing and cost nothing.
 
 In a pruned prefill the pass replaces the op of every layer after a pruning layer by the kept
 tokens' original positions (`insert_cache_positions`): the tokens entering that layer, which it
-caches. Where the decoder is entered through an identity compaction (`entry_compaction`), the
-layers up to the first pruning layer get the entry's positions (0..S-1) the same way, so that every
-layer is the same program for the per-layer compile; their caches then record the identity
-explicitly. Which layer an op belongs to is read off the graph (the layer scope of the op node), and
-the positions come from the compaction's own composed indices, so no name of transformers' is
-involved.
+caches. The layers up to the first pruning layer get the identity (0..S-1; the entry compaction's
+positions where there is one) the same way: every pruned graph then leaves one representation in
+the cache, so decode graphs compiled after one prefill serve the next, and every layer stays the
+same program for the per-layer compile. Which layer an op belongs to is read off the graph (the
+layer scope of the op node), and the positions come from the compaction's own composed indices,
+so no name of transformers' is involved.
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ def _cache_positions_fake(old, key_states, seen, stored_keys, returned_keys):
         return torch.empty_like(old), torch.empty_like(old)
     batch = key_states.shape[0]
     return old.new_empty((batch, stored_keys.shape[-2])), old.new_empty((batch, returned_keys.shape[-2]))
+
+
+def token_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, S] long: 0..S-1 for every example of a [B, S] per-token tensor (the identity)."""
+    batch, length = tokens.shape
+    return torch.arange(length, device=tokens.device).expand(batch, length)
 
 
 def chunk_positions(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from .cache_positions import cache_position_ops, insert_cache_positions
+from .cache_positions import cache_position_ops, insert_cache_positions, token_positions
 from .entry_compaction import insert_entry_compaction
 from .insert_compaction import insert_token_compaction
 from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
@@ -197,13 +197,20 @@ def prune_visual_tokens(
     if padded is not None:
         padded.fill_cached_void_rows(dec.sites, layout)
         inserted += padded.inserted
+    # every layer's cache records its keys' positions (the ones up to the first pruning layer the
+    # identity): one representation in every pruned graph, so decode graphs are shared across them
     entering = {}  # layer -> original positions of the tokens it caches (and their validity)
+    identity = entry.positions if entry is not None else None
     for layer in dec.sites:
         earlier = [p for p in after_pruning if p < layer]
         if earlier:
             entering[layer] = after_pruning[max(earlier)]
-        elif entry is not None and plan:
-            entering[layer] = (entry.positions, None)
+            continue
+        if identity is None:
+            with graph.inserting_after(all_visual):
+                identity = graph.call_function(token_positions, (all_visual,))
+            inserted.append(identity)
+        entering[layer] = (identity, None)
     inserted += insert_cache_positions(graph, layout, entering)
 
     rewrites = propagate_compaction(gm, set(inserted), fake_mode)
