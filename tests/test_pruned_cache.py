@@ -136,14 +136,16 @@ def _run_reference_steps(continuation, batch, steps, seed):
     return out
 
 
-def _run_steps(model, cache, mask, steps, seed):
+def _run_steps(model, cache, mask, steps, seed, windowed=False):
     """Apply the steps to (cache, mask) with `model`; return the logits of every chunk. A "padded"
     chunk gives its first row n - 1 padding tokens before one real one (a batched later turn whose
     rows differ in length: padding inside the sequence). Sliding-window layers record their past
-    from here on, as assisted decoding has them do, so that a crop can roll them back."""
+    from here on, as assisted decoding has them do, so that a crop can roll them back; transformers'
+    window layers roll back only the last forward's tokens (as assisted decoding crops), so with
+    `windowed` a crop removes at most those."""
     cache.activate_past_recording()
     g = torch.Generator().manual_seed(seed)
-    out, appended = [], 0
+    out, appended, last = [], 0, 0
     for kind, n in steps:
         if kind in ("chunk", "padded"):
             ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=g)
@@ -154,12 +156,12 @@ def _run_steps(model, cache, mask, steps, seed):
             mask = torch.cat([mask, new], dim=1)
             with torch.no_grad():
                 out.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
-            appended += n
+            appended, last = appended + n, n
         elif kind == "crop":
-            n = min(n, appended)  # a rollback removes appended tokens only
+            n = min(n, last if windowed else appended)  # a rollback removes appended tokens only
             cache.crop(-n)
             mask = mask[:, :-n] if n else mask
-            appended -= n
+            appended, last = appended - n, 0
         else:
             perm = torch.randperm(mask.shape[0], generator=torch.Generator().manual_seed(n))
             cache.reorder_cache(perm)
@@ -200,11 +202,11 @@ def test_chunks_crop_reorder_match_masking_reference(case):
     stored = [min(n, WINDOW - 1) if windowed else n for n in kept]
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == stored
     positions = [positions_of(layer) for layer in out.past_key_values.layers]
-    pruned = _run_steps(model, out.past_key_values, inputs["attention_mask"], steps, seed)
+    pruned = _run_steps(model, out.past_key_values, inputs["attention_mask"], steps, seed, windowed)
 
     with MaskingReference(oracle, deletions) as masking, torch.no_grad():
         ref = oracle(**inputs)
-        expected = _run_steps(oracle, ref.past_key_values, inputs["attention_mask"], steps, seed)
+        expected = _run_steps(oracle, ref.past_key_values, inputs["attention_mask"], steps, seed, windowed)
     torch.testing.assert_close(out.logits[:, -1], ref.logits[:, -1], atol=1e-4, rtol=1e-4)
     for li in range(3):
         earlier = [masking.deleted[k] for k in deletions if k < li]
