@@ -148,16 +148,21 @@ def test_an_empty_recipe_answers_a_mixed_batch_unchanged():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_gemma3_batch_with_different_image_counts_is_pruned_like_each_example_alone():
-    """Gemma 3 (all layers full attention; image tokens attend both ways): prompts with 1, 2 and 1
-    images in one batch read their counts off the merge's mask like LLaVA's; prefill, then greedy
-    `generate` with every step's logits, each example against masking on it alone."""
+@pytest.mark.parametrize("released", [False, True], ids=["full-layers", "released-pattern"])
+def test_gemma3_batch_with_different_image_counts_is_pruned_like_each_example_alone(released):
+    """Gemma 3 (image tokens attend both ways): prompts with 1, 2 and 1 images in one batch read their
+    counts off the merge's mask like LLaVA's; prefill, then greedy `generate` with every step's
+    logits, each example against masking on it alone. With all layers full attention, and with the
+    released pattern (5 sliding : 1 full, window 8): void slots and a window that slides past them."""
     from fitprune_fx.testbed.tiny_gemma3 import IMAGE, make_gemma3_inputs, tiny_gemma3
 
-    model = tiny_gemma3(num_layers=4, seed=5)
+    if released:
+        model = tiny_gemma3(num_layers=6, full_attention_only=False, window=8, seed=5)
+    else:
+        model = tiny_gemma3(num_layers=4, seed=5)
     oracle = copy.deepcopy(model)
     info = ModelInfo.from_config(model.config)
-    recipe = Recipe(model=info, prune={0: 5, 2: 3})  # per image; scaled for two
+    recipe = Recipe(model=info, prune={1: 5, 3: 3} if released else {0: 5, 2: 3})  # per image
     alone = [make_gemma3_inputs(model, [2 + e], [3], images=n, seed=20 + e) for e, n in enumerate([1, 2, 1])]
     batch = batch_prompts(alone)
     backend = fitprune_backend(recipe, compiler="eager")
@@ -168,7 +173,8 @@ def test_gemma3_batch_with_different_image_counts_is_pruned_like_each_example_al
 
     torch._dynamo.reset()
     fitprune_fx.compile(model, recipe, compiler="eager")
-    gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    steps = 12 if released else 4  # past the window
+    gen = dict(max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         got = model.generate(**batch, **gen)
         for e, inputs in enumerate(alone):
