@@ -89,7 +89,7 @@ class FitpruneLmms(lmms):
         prompts = [build_prompt(self.processor, text) for text in texts]
         flat = [group[0].convert("RGB") for group in images]
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        tokenizer.padding_side = "left"  # the pruned cache continues exactly only with left padding
+        tokenizer.padding_side = "left"  # any side is exact on 5.25; transformers 5.17's fallback needs left
         enc = self.processor(text=prompts, images=flat or None, return_tensors="pt", padding=True)
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in enc.items() if torch.is_tensor(v)}

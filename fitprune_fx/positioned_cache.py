@@ -124,10 +124,11 @@ def _reset(stock: Callable) -> Callable:
     return reset
 
 
-def _is_dynamic(layer: Any) -> bool:
-    from transformers.cache_utils import DynamicLayer
+_dynamic_layer: type | None = None  # transformers' DynamicLayer, set by `install`
 
-    return isinstance(layer, DynamicLayer)
+
+def _is_dynamic(layer: Any) -> bool:
+    return _dynamic_layer is not None and isinstance(layer, _dynamic_layer)
 
 
 def install() -> None:
@@ -135,8 +136,10 @@ def install() -> None:
     any cache that never went through a pruned prefill (their layers carry the identity)."""
     from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+    global _dynamic_layer
     if _stock:
         return
+    _dynamic_layer = DynamicLayer
     patches = (("update", _update), ("get_mask_sizes", _get_mask_sizes), ("get_seq_length", _get_seq_length))
     for name, patched in patches:
         _stock[name] = getattr(Cache, name)
