@@ -47,7 +47,7 @@ ATTRIBUTE = "fitprune_positions"
 KEY_POSITIONS = "fitprune_key_positions"
 SEEN = "fitprune_seen"
 _FOLLOWED = ("crop", "reorder_cache", "batch_repeat_interleave", "batch_select_indices")
-_stock: dict[str, Callable] = {}  # Cache's own update and get_mask_sizes
+_stock: dict[str, Callable] = {}  # Cache's own update, get_seq_length and get_mask_sizes
 
 
 def positions_of(layer: Any) -> torch.Tensor | None:
@@ -83,7 +83,9 @@ def _get_seq_length(self, layer_idx: int = 0) -> int:
 def _get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
     if layer_idx >= len(self.layers) or positions_of(self.layers[layer_idx]) is None:
         return _stock["get_mask_sizes"](self, query_length, layer_idx)
-    # a pruned layer holds fewer keys than the sequence has positions: size the mask by the latter
+    # a pruned layer holds fewer keys than the sequence has positions: size the mask by the latter,
+    # with the rule of transformers' dynamic layers (full: everything; sliding: the window's last
+    # W - 1 positions and the call's), checked against them by the Gemma 3 and sliding tests
     seen = self.layers[0].get_seq_length()
     layer = self.layers[layer_idx]
     window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
