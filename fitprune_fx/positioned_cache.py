@@ -81,11 +81,11 @@ def _get_seq_length(self, layer_idx: int = 0) -> int:
 
 
 def _get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-    if layer_idx >= len(self.layers) or positions_of(self.layers[layer_idx]) is None:
+    if layer_idx == 0 or layer_idx >= len(self.layers) or positions_of(self.layers[layer_idx]) is None:
         return _stock["get_mask_sizes"](self, query_length, layer_idx)
     # a pruned layer holds fewer keys than the sequence has positions: size the mask by the latter,
     # with the rule of transformers' dynamic layers (full: everything; sliding: the window's last
-    # W - 1 positions and the call's), checked against them by the Gemma 3 and sliding tests
+    # W - 1 positions and the call's; `test_pruned_cache.py::test_mask_sizes_count_original_positions`)
     seen = self.layers[0].get_seq_length()
     layer = self.layers[layer_idx]
     window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None

@@ -7,7 +7,7 @@ and size rewriting (`sequence_length`) live in their own modules.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +58,7 @@ def prune_visual_tokens(
     scorer_fn: Callable | None = None,
     seed: int = 0,
     token_counts: TokenCountInputs | None = None,
-    windows: list[int] = (),
+    windows: Sequence[int] = (),
 ) -> PruneResult:
     """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
     `deletions_for(n_visual) -> {layer: count}` gives the static plan.

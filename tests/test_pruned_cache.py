@@ -255,3 +255,42 @@ def test_batch_select_repeat_deepcopy_keep_pruned_caches_exact(windowed):
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
     kept = inputs["input_ids"].shape[1] - 10
     assert out.past_key_values.layers[2].keys.shape[-2] == (min(kept, WINDOW - 1) if windowed else kept)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_mask_sizes_count_original_positions(window):
+    """A layer whose cache holds fewer keys but records their positions reports the mask sizes of a
+    layer of its kind that holds every key (transformers' own rule), below and past the window."""
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from fitprune_fx import positioned_cache
+
+    positioned_cache.install()
+    kind = (lambda: DynamicLayer()) if window is None else (lambda: DynamicSlidingWindowLayer(window))
+    for seen in (3, 5, 6, 9, 14):
+        cache = Cache(layers=[kind(), kind(), kind()])  # layer 2: like layer 1, but pruned
+        keys = torch.randn(1, 1, seen, 4)
+        for layer in cache.layers[:2]:
+            layer.update(keys, keys)
+        cache.layers[2].update(keys[:, :, :2], keys[:, :, :2])  # two kept keys of `seen`
+        cache.layers[2].fitprune_positions = torch.tensor([[0, seen - 1]])
+        for q in (1, 3):
+            assert cache.get_mask_sizes(q, 2) == cache.layers[1].get_mask_sizes(q), (seen, q)
+        assert cache.get_seq_length(2) == cache.get_seq_length(1) == seen
+
+
+def test_a_windowed_prefill_without_a_cache_is_pruned():
+    """use_cache=False: no cache update, so no positions are recorded and none are needed; a model
+    whose every layer slides is still pruned, and its last token's logits equal masking's."""
+    model = copy.deepcopy(WINDOWED)
+    inputs = make_inputs(model, [PromptSpec(2, 4), PromptSpec(5, 2)], seed=6)
+    prune = {0: 5, 1: 3}
+    backend = fitprune_backend(
+        Recipe(model=ModelInfo.from_config(model.config), prune=prune), compiler="eager"
+    )
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(**inputs, use_cache=False).logits
+        with MaskingReference(ORACLE_WINDOWED, prune):
+            expected = ORACLE_WINDOWED(**inputs, use_cache=False).logits
+    assert len(backend.pruned_graphs) == 1, backend.summary()
+    torch.testing.assert_close(out[:, -1], expected[:, -1], atol=1e-4, rtol=1e-4)

@@ -30,8 +30,8 @@ def test_sliding_windows_without_recorded_positions_are_left_unpruned_with_one_w
     model = tiny_llava("mistral", num_layers=3, seed=2, sliding_window=12)
     plain = copy.deepcopy(model)
     inputs = make_inputs(model, [PromptSpec(2, 4), PromptSpec(5, 2)], seed=3)
-    update = Cache.update
     fitprune_fx.compile(model, _recipe(model, {0: 5, 1: 3}), compiler="eager")
+    update = Cache.update  # the patched update (compile installs it): restored as it was
     try:
         Cache.update = lambda self, k, v, layer_idx, *args, **kwargs: update(self, k, v, layer_idx)
         with pytest.warns(UserWarning, match="record no key positions"), torch.no_grad():
