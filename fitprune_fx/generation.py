@@ -33,8 +33,6 @@ from .recipe import Recipe
 if TYPE_CHECKING:  # backend.py may import this module; import it lazily here
     from .backend import FitpruneBackend
 
-SUPPORTED_CACHE = "DynamicCache"
-
 
 class UnsupportedCacheError(ValueError):
     """A cache that cannot hold per-layer lengths (StaticCache, ...) was asked for."""
@@ -251,21 +249,28 @@ def _first_chunk_with_image(kwargs: dict) -> bool:
 
 
 def _check_cache(model: nn.Module, kwargs: dict) -> None:
-    """Refuse caches with a fixed length per layer: pruned layers need shorter caches."""
-    from transformers import DynamicCache
+    """Refuse caches a pruned prefill cannot write exactly: any but dynamic and static ones, and
+    static ones where transformers does not hand the attention's keywords to the cache update (the
+    channel a static layer's holes are forbidden by, `fitprune_fx.static_cache`)."""
+    from transformers import DynamicCache, StaticCache
 
+    from .positioned_cache import cache_update_gets_attention_keywords
+
+    supported = (DynamicCache, StaticCache) if cache_update_gets_attention_keywords() else (DynamicCache,)
+    names = " or ".join(f"{c.__name__}()" for c in supported)
     past = kwargs.get("past_key_values", kwargs.get("cache"))
-    if past is not None and not isinstance(past, DynamicCache):
+    if past is not None and not isinstance(past, supported):
         raise UnsupportedCacheError(
             f"fitprune: a cache of type {type(past).__name__} is not supported; a pruned prefill "
-            f"leaves later layers with fewer cached tokens, which only {SUPPORTED_CACHE} can hold. "
-            f"Pass {SUPPORTED_CACHE}() or none"
+            f"leaves later layers with fewer tokens, which only {names} can hold (StaticCache needs "
+            f"transformers 5.25 or later). Pass {names} or none"
         )
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-    if implementation not in (None, "dynamic"):
+    allowed = (None, "dynamic", "static")[: 3 if len(supported) > 1 else 2]
+    if implementation not in allowed:
         raise UnsupportedCacheError(
             f"fitprune: cache_implementation={implementation!r} is not supported; a pruned prefill "
-            f"leaves later layers with fewer cached tokens, which only {SUPPORTED_CACHE} "
-            "(cache_implementation='dynamic', the default) can hold"
+            f"leaves later layers with fewer tokens, which only {' and '.join(map(repr, allowed[1:]))} "
+            "caches can hold ('static' needs transformers 5.25 or later)"
         )

@@ -36,11 +36,13 @@ with no `kwargs`) nothing is recorded and `fitprune_fx.pruned_cache` falls back 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fitprune_fx import static_cache
 from fitprune_fx.passes.cache_positions import identity_positions, is_identity
 
 ATTRIBUTE = "fitprune_positions"
@@ -57,8 +59,13 @@ def positions_of(layer: Any) -> torch.Tensor | None:
 
 
 def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-    keys, values = _stock["update"](self, key_states, value_states, layer_idx, *args, **kwargs)
     attention_kwargs = kwargs.get("kwargs")
+    static = layer_idx < len(self.layers) and static_cache.is_static(self.layers[layer_idx])
+    if attention_kwargs is not None and static:
+        return static_cache.update(
+            self, layer_idx, key_states, value_states, attention_kwargs, _stock["update"], *args, **kwargs
+        )
+    keys, values = _stock["update"](self, key_states, value_states, layer_idx, *args, **kwargs)
     layer = self.layers[layer_idx]
     if attention_kwargs is None or not _is_dynamic(layer) or layer.keys is None:
         return keys, values
@@ -81,6 +88,10 @@ def _get_seq_length(self, layer_idx: int = 0) -> int:
 
 
 def _get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    if layer_idx < len(self.layers):
+        sizes = static_cache.static_mask_sizes(self.layers[layer_idx], query_length)
+        if sizes is not None:
+            return sizes
     if layer_idx == 0 or layer_idx >= len(self.layers) or positions_of(self.layers[layer_idx]) is None:
         return _stock["get_mask_sizes"](self, query_length, layer_idx)
     # a pruned layer holds fewer keys than the sequence has positions: size the mask by the latter,
@@ -96,21 +107,22 @@ def _get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
     return seen + query_length, 0
 
 
-def _followed(cls: type, name: str) -> Callable:
+def _followed(cls: type, name: str, attribute: str = ATTRIBUTE) -> Callable:
+    """`cls.name` applied to the layer's `attribute` ([B, L], one entry per cached key) as well."""
     stock = getattr(cls, name)
 
     def method(self, *args, **kwargs):
-        positions = positions_of(self)
-        if positions is None:
+        followed = getattr(self, attribute, None)
+        if followed is None or followed.dim() != 2:  # nothing recorded (or the identity)
             return stock(self, *args, **kwargs)
-        # the stock method on a copy whose keys and values are the positions [B, 1, L, 1]
+        # the stock method on a copy whose keys and values are the followed tensor [B, 1, L, 1]
         proxy = copy.copy(self)
-        setattr(proxy, ATTRIBUTE, None)
-        proxy.keys = proxy.values = positions[:, None, :, None]
+        setattr(proxy, attribute, None)
+        proxy.keys = proxy.values = followed[:, None, :, None]
         stock(proxy, *args, **kwargs)
-        setattr(self, ATTRIBUTE, None)  # the stock method's own calls of followed methods skip it
+        setattr(self, attribute, None)  # the stock method's own calls of followed methods skip it
         result = stock(self, *args, **kwargs)
-        setattr(self, ATTRIBUTE, proxy.keys[:, 0, :, 0])
+        setattr(self, attribute, proxy.keys[:, 0, :, 0])
         return result
 
     method.__wrapped__ = stock
@@ -136,7 +148,7 @@ def _is_dynamic(layer: Any) -> bool:
 def install() -> None:
     """Patch transformers' `Cache` and dynamic layer classes (process-wide, idempotent); a no-op on
     any cache that never went through a pruned prefill (their layers carry the identity)."""
-    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
     global _dynamic_layer
     if _stock:
@@ -152,6 +164,29 @@ def install() -> None:
                 setattr(cls, name, _followed(cls, name))
         if "reset" in cls.__dict__:
             cls.reset = _reset(cls.__dict__["reset"])
+    StaticLayer.reorder_cache = _followed(StaticLayer, "reorder_cache", static_cache.VALID)  # beams
+    static_cache.install()
+
+
+@functools.cache
+def cache_update_gets_attention_keywords() -> bool:
+    """Whether this transformers' attention hands its keyword dict to `cache.update` (`kwargs=`),
+    the channel positions and validity travel by (5.25 does, 5.17 does not): probed on a tiny
+    Llama decoder with a cache that records what its update receives."""
+    from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+    seen = []
+
+    class Probe(DynamicCache):
+        def update(self, *args, **kwargs):
+            seen.append(isinstance(kwargs.get("kwargs"), dict))
+            return super().update(*args, **kwargs)
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=32)  # fmt: skip
+    with torch.no_grad():
+        LlamaModel(config)(input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=Probe())
+    return bool(seen) and all(seen)
 
 
 def positioned_mask(

@@ -37,8 +37,9 @@ from torch import nn
 
 from fitprune_fx import positioned_cache
 from fitprune_fx.passes.attention_marks import mark_sliding_window
-from fitprune_fx.passes.padded_compaction import leading_void_slots
+from fitprune_fx.passes.padded_compaction import leading_void_slots, void_mask_columns
 from fitprune_fx.passes.run_time_checks import RunTimeCheckFailed
+from fitprune_fx.static_cache import KEY_VALID
 
 PADDING_ERROR = (
     "fitprune: a pruned KV cache was continued with an attention mask that forbids a cached column "
@@ -109,10 +110,15 @@ def pruned_cache_sdpa(
     """
     positions = kwargs.pop(positioned_cache.KEY_POSITIONS, None)
     seen = kwargs.pop(positioned_cache.SEEN, None)
+    valid = kwargs.pop(KEY_VALID, None)
     window = kwargs.get("sliding_window")
     if window is not None:
         query = mark_sliding_window(query, int(window))
-    if positions is not None:
+    if valid is not None:  # a static layer written by a pruned prefill: forbid its holes
+        if attention_mask is None:  # (transformers always masks a static layer's future slots)
+            attention_mask = valid.new_ones((1, 1, query.shape[-2], 1))
+        attention_mask = void_mask_columns(attention_mask, valid)
+    elif positions is not None:
         attention_mask = positioned_cache.positioned_mask(
             attention_mask, positions, seen, query.shape[-2], window
         )

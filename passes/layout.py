@@ -88,7 +88,11 @@ class DecoderLayout:
         return not path.startswith(_ROOT + ".") or not VISION_RE.search(_module_classes(node))
 
     def layer_index(self, node: fx.Node) -> int | None:
-        """Decoder layer a node belongs to, or None outside the decoder layers."""
+        """Decoder layer a node belongs to, or None outside the decoder layers. A graph input is
+        outside, whatever module stack Dynamo gave it (an input it lifts lazily, where first read,
+        carries that place's stack: Gemma 3's sliding mask behind a static cache, layer 0's)."""
+        if node.op == "placeholder":
+            return None
         path = module_path(node)
         m = self._layer_re.search(path)
         return int(m.group(1)) if m and self._in_decoder(node, path) else None

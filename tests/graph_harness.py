@@ -215,34 +215,3 @@ def right_padded(inputs: dict) -> dict:
             rows = [torch.roll(r, -(r.shape[0] - int(n))) for r, n in zip(inputs[key], lengths, strict=True)]
             out[key] = torch.stack(rows)
     return out
-
-
-_CHANNEL: list[bool] = []
-
-
-def cache_update_gets_attention_keywords() -> bool:
-    """Whether this transformers' attention hands its keyword dict to `cache.update` (`kwargs=`),
-    which the positioned cache needs (5.25 does, 5.17 does not): probed on a tiny Llama decoder."""
-    if not _CHANNEL:
-        from transformers import DynamicCache, LlamaConfig, LlamaModel
-        from transformers.cache_utils import Cache
-
-        seen = []
-        update = Cache.update
-
-        def probe(self, *args, **kwargs):
-            seen.append(isinstance(kwargs.get("kwargs"), dict))
-            return update(self, *args, **kwargs)
-
-        config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, vocab_size=32)  # fmt: skip
-        Cache.update = probe
-        try:
-            with torch.no_grad():
-                LlamaModel(config)(
-                    input_ids=torch.ones(1, 2, dtype=torch.long), past_key_values=DynamicCache()
-                )
-        finally:
-            Cache.update = update
-        _CHANNEL.append(bool(seen) and all(seen))
-    return _CHANNEL[0]

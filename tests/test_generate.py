@@ -16,10 +16,11 @@ from fitprune_fx.generation import (
 )
 from fitprune_fx.generation import compile as fitprune_compile
 from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.reference import reference_generate
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
-from graph_harness import cache_update_gets_attention_keywords, right_padded
+from graph_harness import right_padded
 
 NEW_TOKENS = 8
 PADDED = [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)]  # three prompt lengths, left-padded

@@ -30,7 +30,8 @@ from fitprune_fx.passes.locate import (
     has_final_norm,
     locate_decoder,
 )
-from graph_harness import KeptRecorder, assert_pass_matches_masking, cache_update_gets_attention_keywords
+from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
+from graph_harness import KeptRecorder, assert_pass_matches_masking
 
 FRACTIONS = {0: 0.25, 2: 0.25}
 LAYERS = 4

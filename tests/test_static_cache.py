@@ -1,0 +1,177 @@
+"""Static caches (`cache_implementation="static"`, `StaticCache`) behind a pruned prefill, against
+pruning as masking on a dynamic cache (`fitprune_fx/static_cache.py`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import CompileConfig, StaticCache
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+import fitprune_fx
+from fitprune_fx import static_cache
+from fitprune_fx.generation import UnsupportedCacheError
+from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
+from fitprune_fx.recipe import ModelInfo, Recipe
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
+
+pytestmark = [
+    pytest.mark.usefixtures("fresh_dynamo"),
+    pytest.mark.skipif(
+        not cache_update_gets_attention_keywords(), reason="static caches need transformers' keyword channel"
+    ),
+]
+
+PADDED = [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)]  # 24 tokens, left-padded
+PRUNE = {0: 5, 1: 3}  # of the 16 visual tokens per image
+GEN = dict(do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def _recipe(model, prune: dict[int, int]) -> Recipe:
+    return Recipe(model=ModelInfo.from_config(model.config), prune=prune)
+
+
+def _masking(oracle, inputs: dict, prune: dict[int, int], **gen):
+    with torch.no_grad(), MaskingReference(oracle, prune):
+        return oracle.generate(**inputs, **GEN, **gen)
+
+
+def _assert_same(got, expected) -> float:
+    assert torch.equal(got.sequences, expected.sequences)
+    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
+    assert worst <= 1e-4, worst
+    return worst
+
+
+@pytest.mark.parametrize("window", [None, 12], ids=["full", "sliding-12"])
+def test_static_generate_equals_masking(window):
+    """A left-padded batch through `cache_implementation="static"`: 20 greedy steps equal pruning as
+    masking (dynamic cache), and the static layers after the pruning layers hold the recipe's holes.
+    The window of 12 (Mistral) is shorter than the 24-token prompt: it slides in the prefill and
+    all through decoding, over slots whose tokens were deleted."""
+    kwargs = {} if window is None else dict(text_model="mistral", sliding_window=window)
+    model = tiny_llava(num_layers=3, seed=7, **kwargs)
+    oracle = copy.deepcopy(model)
+    inputs = make_inputs(model, PADDED, seed=3)
+    fitprune_fx.compile(model, _recipe(model, PRUNE), compiler="eager")
+    with torch.no_grad():
+        got = model.generate(**inputs, cache_implementation="static", max_new_tokens=20, **GEN)
+    worst = _assert_same(got, _masking(oracle, inputs, PRUNE, max_new_tokens=20))
+    assert model.fitprune_backend.pruned_runs == 1
+    layers = got.past_key_values.layers
+    assert all(isinstance(layer, StaticSlidingWindowLayer if window else StaticLayer) for layer in layers)
+    if window is None:  # slot = position: layer 2's first 24 slots miss the 8 deleted tokens
+        holes = (~layers[2].fitprune_valid[:, :24]).sum(dim=1)
+        assert holes.tolist() == [8, 8, 8]
+        assert (~layers[0].fitprune_valid).sum() == 0
+    print(f"static cache ({window=}): 20 steps, per-step logits max |diff| {worst:.2e}")
+
+
+def test_gemma3_released_pattern_with_a_static_cache():
+    """Gemma 3's five sliding layers (window 8) and one full layer, pruned before both kinds, with a
+    static cache: 24 steps equal masking on a dynamic cache."""
+    model = tiny_gemma3(num_layers=6, full_attention_only=False, window=8, seed=7)
+    oracle = copy.deepcopy(model)
+    inputs = make_gemma3_inputs(model, [2, 6], [5, 2], seed=8)
+    prune = {1: 6, 4: 4}
+    fitprune_fx.compile(model, _recipe(model, prune), compiler="eager")
+    with torch.no_grad():
+        got = model.generate(**inputs, cache_implementation="static", max_new_tokens=24, **GEN)
+    worst = _assert_same(got, _masking(oracle, inputs, prune, max_new_tokens=24))
+    assert model.fitprune_backend.pruned_runs == 1
+    kinds = [type(layer).__name__ for layer in got.past_key_values.layers]
+    assert kinds == ["StaticSlidingWindowLayer"] * 5 + ["StaticLayer"], kinds
+    print(f"gemma3 released pattern, static cache: 24 steps, per-step logits max |diff| {worst:.2e}")
+
+
+def test_a_decode_step_compiled_by_transformers_equals_the_dynamic_cache():
+    """transformers' own compiled decode step (`compile_config`, Inductor, mode "default"; what
+    `generate` does by itself with a static cache on a GPU) over a pruned static cache gives the
+    dynamic cache's tokens; the prefill still went through the FitPrune backend."""
+    model = tiny_llava(num_layers=3, seed=7)
+    dynamic = copy.deepcopy(model)
+    inputs = make_inputs(model, PADDED, seed=3)
+    for m in (model, dynamic):
+        fitprune_fx.compile(m, _recipe(m, PRUNE), compiler="eager")
+    config = CompileConfig(backend="inductor", mode="default", fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles decode steps on accelerators only
+    with torch.no_grad():
+        expected = dynamic.generate(**inputs, max_new_tokens=8, **GEN)
+        got = model.generate(
+            **inputs, cache_implementation="static", compile_config=config, max_new_tokens=8, **GEN
+        )
+    assert hasattr(model, "_compiled_call")  # transformers compiled the decode step
+    assert model.fitprune_backend.pruned_runs == 1
+    assert torch.equal(got.sequences, expected.sequences)
+    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
+    assert worst <= 1e-4, worst
+
+
+def test_a_static_cache_reset_and_used_again_and_beam_search():
+    """One `StaticCache` for two prompts of different lengths (reset between them, as a server
+    reuses one), then beam search (the cache's reorder moves the holes with the keys): each equals
+    masking."""
+    model = tiny_llava(num_layers=3, seed=7)
+    oracle = copy.deepcopy(model)
+    first = make_inputs(model, PADDED, seed=3)
+    second = make_inputs(model, [PromptSpec(1, 1), PromptSpec(3, 0), PromptSpec(0, 2)], seed=4)
+    fitprune_fx.compile(model, _recipe(model, PRUNE), compiler="eager")
+    cache = StaticCache(config=model.config.text_config, max_cache_len=48)
+    for inputs in (first, second):
+        cache.reset()
+        with torch.no_grad():
+            got = model.generate(**inputs, past_key_values=cache, max_new_tokens=6, **GEN)
+        _assert_same(got, _masking(oracle, inputs, PRUNE, max_new_tokens=6))
+    with torch.no_grad():
+        beams = model.generate(**first, cache_implementation="static", num_beams=3, max_new_tokens=6, **GEN)
+    expected = _masking(oracle, first, PRUNE, num_beams=3, max_new_tokens=6)
+    assert torch.equal(beams.sequences, expected.sequences)
+    assert model.fitprune_backend.pruned_runs == 3
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_validity_moves_with_the_keys_through_transformers_updates(window):
+    """Contract: the validity of a static layer follows transformers' own update rule (index copy,
+    roll past a full window, several tokens into a full window). Keys carry their position (+1, and
+    negated where a token was deleted); after every update the validity the attention receives is
+    True exactly at the returned keys that are not negative."""
+    cls, extra = (
+        (StaticLayer, {}) if window is None else (StaticSlidingWindowLayer, {"sliding_window": window})
+    )
+    layer = cls(max_cache_len=16, **extra)
+    cache = type("Cache", (), {"layers": [layer]})()
+    prompt = torch.arange(1.0, 7.0)  # 6 tokens
+    states = prompt[None, None, :, None].clone()
+    static_cache.update(cache, 0, states, states, {}, None)
+    holes = torch.tensor([1, 3])  # slots (the window's last 4 positions when it slid)
+    layer.keys[0, 0, holes, 0] *= -1
+    layer.fitprune_valid[0, holes] = False
+    seen = 6
+    for q in [1, 1, 1, 3, 1, 2, 1]:
+        kwargs = {}
+        new = torch.arange(seen + 1.0, seen + 1.0 + q)[None, None, :, None]
+        keys, _ = static_cache.update(cache, 0, new, new, kwargs, _stock_cache_update)
+        seen += q
+        valid = kwargs[static_cache.KEY_VALID]
+        assert torch.equal(valid[0], keys[0, 0, :, 0] >= 0), (q, keys[0, 0, :, 0], valid)
+        written = keys[0, 0, :, 0][keys[0, 0, :, 0] != 0].abs()
+        assert written.max() == seen  # the call's keys are in
+
+
+def _stock_cache_update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+
+def test_other_caches_are_refused_before_anything_runs():
+    model = tiny_llava(num_layers=3, seed=7)
+    inputs = make_inputs(model, PADDED, seed=3)
+    fitprune_fx.compile(model, _recipe(model, PRUNE), compiler="eager")
+    with pytest.raises(
+        UnsupportedCacheError, match="cache_implementation='offloaded'.*'dynamic' and 'static'"
+    ):
+        model.generate(**inputs, cache_implementation="offloaded", max_new_tokens=2)
+    assert model.fitprune_backend.reports == []
