@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import static_cache
 from .recipe import Recipe
 
 if TYPE_CHECKING:  # backend.py may import this module; import it lazily here
@@ -93,7 +94,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
     check_quantizer(model)
     backend = fitprune_backend(recipe, **backend_options)
     model.compile(backend=backend)
-    model._compiled_call_impl = _watch_pruned_calls(model._compiled_call_impl, backend)
+    model._compiled_call_impl = _watch_pruned_calls(model, model._compiled_call_impl, backend)
     model.fitprune_backend = backend
     model.__dict__.pop("generate", None)  # compiled again: drop our previous wrapper
     model.generate = _checked_generate(model, model.generate, backend)
@@ -214,8 +215,9 @@ def _check_generation_mode(model: nn.Module, kwargs: dict) -> None:
         )
 
 
-def _watch_pruned_calls(compiled_call: Callable, backend: FitpruneBackend) -> Callable:
-    """Wrap the module's compiled call: warn once when a first chunk with an image ran unpruned.
+def _watch_pruned_calls(model: nn.Module, compiled_call: Callable, backend: FitpruneBackend) -> Callable:
+    """Wrap the module's compiled call: warn once when a first chunk with an image ran unpruned,
+    and allocate a static cache's buffers before the compiled prefill (`static_cache.initialize_early`).
 
     That happens when Dynamo gives up on the frame (recompile limit) and runs it eagerly, which
     it does silently; the backend never sees such a call, so only the caller can notice.
@@ -223,6 +225,10 @@ def _watch_pruned_calls(compiled_call: Callable, backend: FitpruneBackend) -> Ca
 
     @functools.wraps(compiled_call)
     def call(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if cache is not None and ids is not None:
+            static_cache.initialize_early(model, cache, ids.shape[0])  # (static caches: fixed addresses)
         before = backend.pruned_runs, len(backend.reports)
         out = compiled_call(*args, **kwargs)
         if backend.pruned_runs == before[0] and _first_chunk_with_image(kwargs) and not backend.warned:

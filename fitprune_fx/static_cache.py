@@ -130,6 +130,32 @@ class _ValidityLayer:
         self.is_initialized = True
 
 
+def initialize_early(model: Any, cache: Any, batch_size: int) -> bool:
+    """Allocate a static cache's buffers and validities before a compiled prefill, outside any graph.
+
+    transformers gives a static layer's buffers fixed addresses (`mark_static_address`, what CUDA
+    graphs of the decode step need to replay without copying them) only when they are allocated
+    outside compiled code, and a pruned prefill is compiled; so `fitprune_fx.compile`'s model
+    calls this before each call that starts a static cache. Returns whether it allocated."""
+    if torch.compiler.is_compiling() or not hasattr(cache, "early_initialization"):
+        return False
+    layers = [layer for layer in getattr(cache, "layers", ()) if is_static(layer)]
+    if not layers or len(layers) != len(cache.layers) or any(layer.is_initialized for layer in layers):
+        return False
+    shape = getattr(model, "_get_static_cache_init_shape", lambda: None)()
+    if shape is None:  # (layers on several devices; transformers allocates lazily then)
+        return False
+    heads, head_dim = shape
+    cache.early_initialization(
+        batch_size=batch_size, num_heads=heads, head_dim=head_dim, dtype=model.dtype, device=model.device
+    )
+    for layer in layers:
+        valid = torch.ones((batch_size, layer.max_cache_len), dtype=torch.bool, device=layer.keys.device)
+        torch._dynamo.mark_static_address(valid)
+        setattr(layer, VALID, valid)
+    return True
+
+
 def _reset(stock):
     def reset(self) -> None:
         setattr(self, STARTED, False)

@@ -110,6 +110,18 @@ GRAPH_CONTRACT: tuple[ContractItem, ...] = (
         "tests/test_graph_contract.py::test_cache_keywords",
     ),
     ContractItem(
+        "static-layers",
+        "A static cache layer preallocates [B, Hkv, L, D] keys and values (L its `max_cache_len`, the "
+        "window's length in a sliding layer) in `lazy_initialization` or the cache's "
+        "`early_initialization`, counts tokens in `cumulative_length` (a tensor; sliding layers also "
+        "`cumulative_length_int`), writes each call after the slots it holds (a full window rolls "
+        "left), and its masks have one column per slot, slot 0 at position max(seen - L, 0). A "
+        "pruned prefill writes each kept key at that slot and the validity follows every later "
+        "update by running transformers' own update on it.",
+        "fitprune_fx/static_cache.py: update, _start, _ValidityLayer, initialize_early",
+        "tests/test_static_cache.py::test_validity_moves_with_the_keys_through_transformers_updates",
+    ),
+    ContractItem(
         "example-counts",
         "The host can read each example's visual count before the decoder graph runs: the family's "
         "`visual_token_mark` carries them as a [B] CPU tensor, or the one merge's bool mask ([B, S] "

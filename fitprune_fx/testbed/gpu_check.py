@@ -267,7 +267,43 @@ def check_capture(device: str, smoke: bool) -> list[Row]:
     except Exception as e:  # noqa: BLE001
         detail, status = f"{type(e).__name__}: {str(e)[:300]}", "FAIL"
     print(f"capture: {detail}", flush=True)
-    return [Row("capture", "reduce-overhead pruned prefill, replays sync-free", detail, status)]
+    rows = [Row("capture", "reduce-overhead pruned prefill, replays sync-free", detail, status)]
+    return rows + [_static_decode_capture(device)]
+
+
+def _static_decode_capture(device: str) -> Row:
+    """A pruned prefill into a static cache, then the decode steps transformers compiles by itself
+    on a GPU (its default `compile_config`: reduce-overhead, i.e. CUDA graphs): the tokens equal a
+    dynamic cache's and no CUDA graph is skipped (the cache's buffers and validities were given
+    fixed addresses before the compiled prefill, `static_cache.initialize_early`)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_llava(num_layers=4, seed=6).to(device).eval()
+    dynamic = copy.deepcopy(model)
+    inputs = _prompt(model, device)
+    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    try:
+        fitprune_fx.compile(dynamic, _recipe(dynamic))
+        fitprune_fx.compile(model, _recipe(model))
+        with torch.no_grad():
+            expected = dynamic.generate(**inputs, **gen)
+            got = model.generate(**inputs, cache_implementation="static", **gen)
+        new = inputs["input_ids"].shape[1]
+        equal = (got[:, new:] == expected[:, new:]).float().mean().item()
+        skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+        compiled = hasattr(model, "_compiled_call")
+        ok = equal == 1.0 and compiled and skips == 0 and model.fitprune_backend.pruned_runs == 1
+        detail = (
+            f"{100 * equal:.0f} % of 16 new tokens equal the dynamic cache's; decode compiled by "
+            f"transformers: {compiled}; cudagraph skips {skips}"
+        )
+        status = "ok" if ok else "FAIL"
+    except Exception as e:  # noqa: BLE001
+        detail, status = f"{type(e).__name__}: {str(e)[:300]}", "FAIL"
+    print(f"capture (static cache decode): {detail}", flush=True)
+    return Row("capture", "static cache: pruned prefill, CUDA-graph decode steps", detail, status)
 
 
 # ----------------------------------------------------------------------------------- speed
