@@ -18,8 +18,10 @@ from fitprune_fx.generation import UnsupportedCacheError
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
 from fitprune_fx.recipe import ModelInfo, Recipe
+from fitprune_fx.testbed.batching import batch_prompts
 from fitprune_fx.testbed.tiny import PAD_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
 from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
+from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
 from graph_harness import CapturedDecoder, right_padded
 
 pytestmark = [
@@ -91,6 +93,26 @@ def test_gemma3_released_pattern_with_a_static_cache():
     kinds = [type(layer).__name__ for layer in got.past_key_values.layers]
     assert kinds == ["StaticSlidingWindowLayer"] * 5 + ["StaticLayer"], kinds
     print(f"gemma3 released pattern, static cache: 24 steps, per-step logits max |diff| {worst:.2e}")
+
+
+def test_a_batch_of_three_image_sizes_on_qwen2_5_vl_equals_the_dynamic_cache():
+    """Qwen2.5-VL (M-RoPE), one batch of three image sizes (4, 16 and 8 visual tokens, padded
+    compaction: void slots in the prefill) and a fraction recipe: a static cache gives the dynamic
+    cache's tokens and per-step logits (the dynamic cache's against masking on each example alone:
+    `tests/test_any_visual_count.py`)."""
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=5)
+    dynamic = copy.deepcopy(model)
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.3, 2: 0.4})
+    for m in (model, dynamic):
+        fitprune_fx.compile(m, recipe, compiler="eager")
+    prompts = [((3, 4), (4, 4)), ((2, 5), (8, 8)), ((1, 2), (4, 8))]
+    batch = batch_prompts([make_qwen_inputs(model, [b], [a], grid=g, seed=9) for (b, a), g in prompts])
+    gen = dict(GEN, max_new_tokens=8, pad_token_id=0)
+    with torch.no_grad():
+        expected = dynamic.generate(**batch, **gen)
+        got = model.generate(**batch, cache_implementation="static", **gen)
+    _assert_same(got, expected)
+    assert model.fitprune_backend.pruned_graphs[0].result.padded
 
 
 def test_a_decode_step_compiled_by_transformers_equals_the_dynamic_cache():
