@@ -15,11 +15,15 @@ batch repeat/select and deepcopy therefore carry the deletions along with the ke
 It shares nothing with the FX pass or with `fitprune_fx.pruned_cache`; the per-example scorer
 arithmetic (`_score_visual`, `lowest_first`) is the eager reference's.
 
-Semantics: only a forward call that starts a sequence (no cached tokens) and holds visual tokens
-is pruned; a later chunk (decode step, chat turn, even one with a new image) runs unpruned against
-the cache as it is. Padding rows are never visual and never deleted, wherever they sit. A
-sliding-window layer counts its window in original positions: nothing moves here, so the mask
-transformers builds for it is the window, and a deleted token inside it is masked like any other.
+Semantics: a forward call that starts a sequence (no cached tokens) and holds visual tokens is
+pruned by `prune`; a later chunk that holds visual tokens (a chat turn with a new image) is pruned
+by `later_turns` if given, else it runs unpruned against the cache as it is, as do decode steps
+and text-only turns. A later chunk is scored with its own query rows from probabilities over the
+whole context (cache and chunk), its own visual tokens as rows and columns
+(`fitprune_fx.reference_continuation`, which states the same rule by explicit removal). Padding
+rows are never visual and never deleted, wherever they sit. A sliding-window layer counts its
+window in original positions: nothing moves here, so the mask transformers builds for it is the
+window, and a deleted token inside it is masked like any other.
 
     with MaskingReference(model, prune={1: 10, 2: 8}) as oracle:
         out = model.generate(**inputs, max_new_tokens=8)   # pruned semantics, unpruned shapes
@@ -48,20 +52,24 @@ class MaskingReference:
         prune: dict[int, int],
         scorer: str = "fitprune",
         scorer_options: dict | None = None,
+        later_turns: dict[int, int] | None = None,
     ) -> None:
         if scorer not in SCORERS:
             raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
         self.model = model
         self.prune = {int(k): int(v) for k, v in prune.items()}
+        self.later_turns = None if later_turns is None else {int(k): int(v) for k, v in later_turns.items()}
         self.scorer = scorer
         self.options = dict(scorer_options or {})
         family = family_for(model)
         self.image_token_id = family.image_token_id(model.config)
         self.visual_ids = torch.tensor(family.visual_token_ids(model.config))  # images (and videos)
-        self.deleted: dict[int, Tensor] = {}  # layer -> [B, S] bool, tokens deleted after it (last prefill)
+        self.deleted: dict[
+            int, Tensor
+        ] = {}  # layer -> [B, q] bool, chunk tokens deleted after it (last pruned call)
         self._chunk: dict[str, Tensor | None] = {}
         self._gone: Tensor | None = None  # [B, q] bool: chunk rows deleted so far in this forward
-        self._prunes = False
+        self._plan: dict[int, int] | None = None  # this forward's deletions (None: unpruned)
 
     # -- switching the model over and back ---------------------------------------------------
 
@@ -102,8 +110,9 @@ class MaskingReference:
         K = key.shape[-2]
         if layer == 0:  # a new forward call
             self._gone = torch.zeros(B, q, dtype=torch.bool, device=query.device)
-            self._prunes = K == q and bool(self._visual(self._chunk["input_ids"]).any())
-            if self._prunes:
+            images = bool(self._visual(self._chunk["input_ids"]).any())
+            self._plan = (self.prune if K == q else self.later_turns) if images else None
+            if self._plan is not None:
                 self.deleted = {}
         # deletions after earlier layers: hide those keys from this layer on, in its cache too
         key[:, :, K - q :].masked_fill_(self._gone[:, None, :, None], float("nan"))
@@ -120,7 +129,7 @@ class MaskingReference:
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # fp32
         out = (probs.to(v.dtype) @ v).transpose(1, 2).contiguous()  # [B, q, H, D]
 
-        if self._prunes and layer in self.prune:
+        if self._plan is not None and layer in self._plan:
             self._delete(layer, probs)
         return out, None
 
@@ -128,13 +137,15 @@ class MaskingReference:
         return torch.isin(ids, self.visual_ids.to(ids.device))
 
     def _delete(self, layer: int, probs: Tensor) -> None:
-        """Score the visual rows still present (first chunk: rows = columns) and hide the d lowest."""
+        """Score the chunk's visual rows still present (columns: the chunk's, the last q) and hide
+        the d lowest."""
         ids, mask2d = self._chunk["input_ids"], self._chunk["attention_mask"]
         valid = (
             torch.ones_like(ids, dtype=torch.bool) if mask2d is None else mask2d[:, -ids.shape[1] :].bool()
         )
         visual = self._visual(ids) & valid  # [B, q]
-        d = self.prune[layer]
+        d = self._plan[layer]
+        past = probs.shape[-1] - probs.shape[-2]  # cached columns before the chunk's
         for b in range(ids.shape[0]):
             rows = (~self._gone[b]).nonzero().squeeze(1)  # present rows, in position order
             vis = visual[b, rows].nonzero().squeeze(1)
@@ -144,7 +155,7 @@ class MaskingReference:
                 )
             if d == 0 or vis.numel() == 0:
                 continue
-            present = probs[b][:, rows][:, :, rows]  # [H, n, n] over present tokens only
+            present = probs[b][:, rows][:, :, past + rows]  # [H, n, n] over present chunk tokens only
             score = _score_visual(self.scorer, present, visual[b, rows], valid[b, rows], layer, self.options)
             self._gone[b, rows[vis[lowest_first(score)[:d]]]] = True
         self.deleted[layer] = self._gone.clone()

@@ -20,7 +20,7 @@ from fitprune_fx import ModelInfo, Recipe, fitprune_backend
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.positioned_cache import positions_of
 from fitprune_fx.pruned_cache import PADDING_ERROR, cut_mask_to_pruned_keys
-from fitprune_fx.reference import ReferenceContinuation
+from fitprune_fx.reference_continuation import ReferenceContinuation
 from fitprune_fx.testbed.tiny import PAD_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
 from graph_harness import CapturedDecoder, right_padded
 
