@@ -203,7 +203,6 @@ def positioned_mask(
     if the layer has one, and is then built from the positions. Returns a bool mask, or an
     additive one of `mask`'s dtype.
     """
-    batch, keys = positions.shape
     if mask is None:
         query = torch.arange(seen - query_length, seen, device=positions.device)[None, :, None]
         key = positions[:, None, :]
@@ -214,9 +213,12 @@ def positioned_mask(
     offset = seen - mask.shape[-1]
     column = positions - offset  # [B, K]
     inside = column >= 0
-    shape = (batch, *mask.shape[1:-1], keys)
-    index = column.clamp(min=0)[:, None, None, :].expand(shape)
-    taken = torch.gather(mask.expand(batch, *mask.shape[1:]), -1, index)
+    # index and source broadcast to [B, 1|H, q, K] / [B, 1|H, q, M] by arithmetic, not by sizes
+    # copied from the mask into the graph (a compacted chunk's rows change after tracing)
+    rows = torch.zeros_like(mask[..., :1], dtype=torch.long)  # [B|1, 1|H, q, 1]
+    index = column.clamp(min=0)[:, None, None, :] + rows
+    batch = torch.zeros((positions.shape[0], 1, 1, 1), dtype=mask.dtype, device=mask.device)
+    taken = torch.gather((mask | batch) if mask.dtype == torch.bool else mask + batch, -1, index)
     if mask.dtype == torch.bool:
         return taken & inside[:, None, None, :]
     return taken.masked_fill(~inside[:, None, None, :], torch.finfo(mask.dtype).min)

@@ -100,6 +100,30 @@ def chunk_positions(
     return _last(kept, stored_keys), _last(kept, returned_keys)
 
 
+def continued_positions(
+    old: torch.Tensor,
+    kept: torch.Tensor,
+    valid: torch.Tensor | None,
+    seen,
+    chunk: torch.Tensor,
+    stored_keys: torch.Tensor,
+    returned_keys: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cache_positions` for a layer after a pruning layer of a chunk that continues a cache: the
+    layer's old positions (or, for a layer that held every position, 0..P-1), then the chunk's
+    kept tokens. kept: [B, K] their positions within the chunk; chunk: any [B, S] tensor of the
+    uncompacted chunk (its length S; the chunk starts at seen - S); the rest as `chunk_positions`."""
+    start = seen - chunk.shape[1]
+    batch = kept.shape[0]
+    if old.dim() == 1:
+        old = torch.arange(start, device=kept.device).expand(batch, start)
+    new = kept + start
+    if valid is not None:
+        new = torch.where(valid, new, -1)
+    full = torch.cat([old, new], dim=-1)
+    return _last(full, stored_keys), _last(full, returned_keys)
+
+
 OP_TARGETS = (torch.ops.fitprune.cache_positions.default, torch.ops.fitprune.cache_positions)
 
 
@@ -111,28 +135,35 @@ def insert_cache_positions(
     graph: fx.Graph,
     layout,
     entering: dict[int, tuple[fx.Node, fx.Node | None]],
-) -> list[fx.Node]:
+    chunk: fx.Node | None = None,
+) -> dict[int, fx.Node]:
     """Replace the `cache_positions` op of each layer in `entering` (layer -> the original positions
-    [B, K] of the tokens entering it, and their validity or None) by `chunk_positions`. Returns the
-    nodes inserted. The call must start its sequence (the ops' old positions are the identity):
-    a pruned call that continues a cache is not supported (UnsupportedGraph)."""
+    [B, K] of the tokens entering it, and their validity or None) by `chunk_positions`, or, for a
+    chunk that continues a cache (`chunk`: a [B, S] tensor of it, uncompacted), by
+    `continued_positions`. Returns layer -> the node inserted. Without `chunk` the call must start
+    its sequence (UnsupportedGraph if its layers hold recorded positions)."""
     from .locate import UnsupportedGraph, example_value
 
-    inserted = []
+    inserted = {}
     for node in cache_position_ops(graph):
         layer = layout.layer_index(node)
         if layer not in entering:
             continue
-        old, _, _, stored, returned = node.args
+        old, _, seen, stored, returned = node.args
         before = example_value(old)
-        if before.dim() != 1 and before.shape[-1] != 0:  # (a static layer's first call: [B, 0])
-            raise UnsupportedGraph("the call continues a cache whose layers record key positions")
         kept, valid = entering[layer]
         with graph.inserting_before(node):
-            new = graph.call_function(chunk_positions, (kept, valid, stored, returned))
+            if chunk is not None:
+                new = graph.call_function(
+                    continued_positions, (old, kept, valid, seen, chunk, stored, returned)
+                )
+            elif before.dim() != 1 and before.shape[-1] != 0:  # (a static layer's first call: [B, 0])
+                raise UnsupportedGraph("the call continues a cache whose layers record key positions")
+            else:
+                new = graph.call_function(chunk_positions, (kept, valid, stored, returned))
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        inserted.append(new)
+        inserted[layer] = new
     return inserted
 
 

@@ -26,6 +26,7 @@ def insert_importance_scoring(
     seed: int = 0,
     causal_decoder: bool = False,
     kept_length: fx.Node | None = None,
+    continues: bool = False,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
@@ -33,7 +34,8 @@ def insert_importance_scoring(
     given, is the function the graph calls. `causal_decoder` adds causality to the scorer's
     mask (exact when the layer's own mask is causal already). `kept_length`, a [K] placeholder of
     `token_count_inputs`, gives `kept` its length symbol. Returns the `kept` node
-    ([B, S - d] original-order indices) and all nodes inserted.
+    ([B, S - d] original-order indices) and all nodes inserted. `continues`: the chunk continues
+    a KV cache (its keys are the cached ones, then its own; `ScoringInputs.continues`).
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
@@ -56,6 +58,7 @@ def insert_importance_scoring(
                 "num_delete": num_delete,
                 "visual_count": visual_count,
                 "doomed": doomed,
+                **({"continues": True} if continues else {}),
             },
         )
     kept = insert_kept_selection(graph, scores, visual, num_delete, kept_length)

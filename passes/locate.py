@@ -68,7 +68,8 @@ class PerTokenTensor:
 
     node: fx.Node
     token_dims: tuple[int, ...]
-    role: str  # "rope", "attention_mask" or "visual_addend" (read between layers, not by them)
+    role: str  # "rope", "attention_mask" (or "attention_mask_rows", continuing a cache) or
+    # "visual_addend" (read between layers, not by them)
 
 
 @dataclass
@@ -92,6 +93,9 @@ class DecoderGraph:
     # if neither: then every example must hold the same count.
     example_counts: fx.Node | None = None
     counts_from_mask: bool = False  # `example_counts` is a [B, S] or [B, S, 1] bool mask to sum
+    # The chunk continues a KV cache (a later chat turn with an image): each layer's keys are its
+    # cached ones followed by the chunk's, and its mask is [B|1, 1|H, S, cached + S].
+    continues: bool = False
 
 
 def example_value(node: fx.Node):
@@ -241,12 +245,17 @@ def _per_token_tensors(
     sites: dict[int, AttentionSite],
     seq_len,
     layout: DecoderLayout,
+    continues: bool = False,
 ) -> list[PerTokenTensor]:
     """Tensors created outside the layers and read by them that carry the sequence dimension.
 
     Each is told by its role in the data flow, not by the module that made it: the attention mask is
     an SDPA's mask operand, the rotary tables feed only queries and keys (`_is_rotary_table`), the
-    residual stream comes from the image merge. Anything else is refused."""
+    residual stream comes from the image merge. Anything else is refused. In a chunk that
+    `continues` a cache, a 4-D tensor whose rows are the chunk's tokens and whose columns are not
+    (cached + chunk) is the attention mask, read directly or taken at the cached keys' positions
+    inside each layer (`positioned_cache`): its rows are compacted, its columns are not
+    ("attention_mask_rows")."""
     masks = {s.attn_mask for s in sites.values() if s.attn_mask is not None}
     from_embeddings = nx.descendants(graph, merge) | {merge}  # rotary tables come from positions alone
     paths = _attention_operand_paths(sites, layout)
@@ -263,7 +272,14 @@ def _per_token_tensors(
         shape = tuple(value.shape)
         if not any(same_size(d, seq_len) for d in shape):
             continue
-        if node in masks:
+        if (
+            continues
+            and value.dim() == 4
+            and same_size(shape[2], seq_len)
+            and not same_size(shape[3], seq_len)
+        ):
+            found.append(PerTokenTensor(node, (2,), "attention_mask_rows"))
+        elif node in masks:
             if value.dim() != 4:
                 raise UnsupportedGraph(f"attention mask {node.name} has shape {shape}, expected 4-D")
             found.append(PerTokenTensor(node, (2, 3), "attention_mask"))
@@ -416,17 +432,23 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout, specialize: bool =
     layers = sorted(sites)
     if layers != list(range(layers[0], layers[-1] + 1)):
         raise UnsupportedGraph(f"decoder layers {layers} are not contiguous in this graph")
+    continues = False
     for site in sites.values():
         q = example_value(site.query)
         if q is None or q.dim() != 4 or not same_size(q.shape[2], seq_len):
             raise UnsupportedGraph(f"layer {site.layer}: query is not [B, H, {seq_len}, D] (a decode step?)")
         k = example_value(site.key)
-        if k is None or k.dim() != 4 or not same_size(k.shape[2], seq_len):
-            raise CacheContinuation(
-                "this prompt chunk brings an image but continues an existing KV cache (a later chat "
-                "turn with a new image); only a first chunk is pruned, so this chunk runs unpruned "
-                "(exact) against the cache as it is"
-            )
+        if k is None or k.dim() != 4:
+            raise UnsupportedGraph(f"layer {site.layer}: key is not 4-D")
+        if not same_size(k.shape[2], seq_len):
+            continues = True  # the layer reads cached keys before the chunk's own
+    if continues and any(
+        example_value(s.attn_mask) is None or example_value(s.attn_mask).dim() != 4 for s in sites.values()
+    ):
+        raise CacheContinuation(
+            "this prompt chunk brings an image but continues an existing KV cache without a 4-D mask "
+            "for it; this chunk runs unpruned (exact) against the cache as it is"
+        )
 
     return DecoderGraph(
         sites=sites,
@@ -435,11 +457,12 @@ def locate_decoder(gm: fx.GraphModule, layout: DecoderLayout, specialize: bool =
         batch_size=batch,
         seq_len=seq_len,
         visual_per_example=_hint(num_visual) // _hint(batch),
-        per_token=_per_token_tensors(gm, graph, merge, sites, seq_len, layout),
+        per_token=_per_token_tensors(gm, graph, merge, sites, seq_len, layout, continues),
         visual_total=num_visual,
         visual_total_from=total_from,
         example_counts=example_counts,
         counts_from_mask=example_counts is not None and not is_visual_token_mark(merge),
+        continues=continues,
     )
 
 

@@ -7,6 +7,7 @@ and size rewriting (`sequence_length`) live in their own modules.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from .insert_compaction import insert_token_compaction
 from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
 from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
-from .locate import UnsupportedGraph, example_value, locate_decoder
+from .locate import CacheContinuation, UnsupportedGraph, example_value, locate_decoder
 from .padded_compaction import PaddedCompaction, has_example_counts, writes_caches
 from .scorers import COUNT_FREE_SCORERS, SCORERS
 from .sequence_length import propagate_compaction
@@ -93,6 +94,12 @@ def prune_visual_tokens(
         )
     if sum(plan.values()) > n:
         raise UnsupportedGraph(f"recipe deletes {sum(plan.values())} visual tokens of {n}")
+    if dec.continues and {layout.layer_index(op) for op in cache_position_ops(gm.graph)} < set(dec.sites):
+        raise CacheContinuation(
+            "this prompt chunk brings an image but continues an existing KV cache whose layers' updates "
+            "record no key positions (a transformers release without the keyword channel, or a static "
+            "cache); this chunk runs unpruned (exact) against the cache as it is"
+        )
     if windows and not cache_position_ops(gm.graph) and writes_caches(dec.sites, layout):
         raise UnsupportedGraph(
             f"decoder layers {windows} use sliding-window attention, and their cache updates record no "
@@ -139,6 +146,7 @@ def prune_visual_tokens(
         inserted += entry.inserted
     padded = None if keep is None else PaddedCompaction(graph, keep, visual)
     fused: list[int] = []
+    scoring: dict[int, fx.Node] = {}  # pruning layer -> its scorer's node (unfused)
     after_pruning: dict[int, tuple[fx.Node, fx.Node | None]] = {}  # kept positions, validity
     length = dec.seq_len
     for step, (layer, d) in enumerate(plan.items()):
@@ -159,7 +167,7 @@ def prune_visual_tokens(
             # S holds `present` visual tokens, so at least present - d tokens remain.
             kept_length = token_counts.length_after(layer, length - d, device, at_least=present - d)
         length = length - d
-        if can_fuse_scoring(site, scorer, scorer_fn, d):
+        if not dec.continues and can_fuse_scoring(site, scorer, scorer_fn, d):
             site, kept, nodes = insert_fused_fitprune_scoring(
                 graph,
                 site,
@@ -183,7 +191,9 @@ def prune_visual_tokens(
                 seed=seed,
                 causal_decoder=layout.causal,
                 kept_length=kept_length,
+                continues=dec.continues,
             )
+            scoring[layer] = nodes[0]
         if padded is not None:
             kept = padded.select(kept, step)
         visual, positions, more = insert_token_compaction(
@@ -197,21 +207,10 @@ def prune_visual_tokens(
     if padded is not None:
         padded.fill_cached_void_rows(dec.sites, layout)
         inserted += padded.inserted
-    # every layer's cache records its keys' positions (the ones up to the first pruning layer the
-    # identity): one representation in every pruned graph, so decode graphs are shared across them
-    entering = {}  # layer -> original positions of the tokens it caches (and their validity)
-    identity = entry.positions if entry is not None else None
-    for layer in dec.sites:
-        earlier = [p for p in after_pruning if p < layer]
-        if earlier:
-            entering[layer] = after_pruning[max(earlier)]
-            continue
-        if identity is None:
-            with graph.inserting_after(all_visual):
-                identity = graph.call_function(token_positions, (all_visual,))
-            inserted.append(identity)
-        entering[layer] = (identity, None)
-    inserted += insert_cache_positions(graph, layout, entering)
+    if dec.continues:
+        inserted += _continue_cache_positions(graph, dec, layout, after_pruning, entry, all_visual, scoring)
+    else:
+        inserted += _record_cache_positions(graph, dec, layout, after_pruning, entry, all_visual)
 
     rewrites = propagate_compaction(gm, set(inserted), fake_mode)
     graph.lint()
@@ -230,6 +229,71 @@ def prune_visual_tokens(
     )
     result.padded = padded is not None
     return result
+
+
+def _record_cache_positions(graph, dec, layout, after_pruning: dict, entry, all_visual) -> list[fx.Node]:
+    """A call that starts its sequence: every layer's cache records its keys' positions (the ones up
+    to the first pruning layer the identity): one representation in every pruned graph, so decode
+    graphs are shared across them."""
+    inserted = []
+    entering = {}  # layer -> original positions of the tokens it caches (and their validity)
+    identity = entry.positions if entry is not None else None
+    for layer in dec.sites:
+        earlier = [p for p in after_pruning if p < layer]
+        if earlier:
+            entering[layer] = after_pruning[max(earlier)]
+            continue
+        if identity is None:
+            with graph.inserting_after(all_visual):
+                identity = graph.call_function(token_positions, (all_visual,))
+            inserted.append(identity)
+        entering[layer] = (identity, None)
+    return inserted + list(insert_cache_positions(graph, layout, entering).values())
+
+
+def _continue_cache_positions(
+    graph, dec, layout, after_pruning: dict, entry, all_visual, scoring: dict
+) -> list[fx.Node]:
+    """A chunk that continues a cache: each layer caches its old keys' positions and those of the
+    chunk's tokens entering it (`continued_positions`; the whole chunk up to the first pruning
+    layer), and attends at them: where the layer's attention read its cache's positions already
+    (they were recorded), it now reads these; where it read the mask as it is (a cache that held
+    every position), the mask is taken at them here (`positioned_mask`), so its columns follow
+    the compacted chunk; a pruning layer's scorer (`scoring`) then reads that mask too."""
+    from fitprune_fx.positioned_cache import positioned_mask
+
+    inserted = []
+    entering = {}
+    identity = entry.positions if entry is not None else None
+    for layer in dec.sites:
+        earlier = [p for p in after_pruning if p < layer]
+        if earlier:
+            entering[layer] = after_pruning[max(earlier)]
+            continue
+        if identity is None:
+            with graph.inserting_after(all_visual):
+                identity = graph.call_function(token_positions, (all_visual,))
+            inserted.append(identity)
+        entering[layer] = (identity, None)
+    ops = {layout.layer_index(op): op for op in cache_position_ops(graph)}
+    unrecorded = {layer for layer, op in ops.items() if example_value(op.args[0]).dim() == 1}
+    seen = {layer: op.args[2] for layer, op in ops.items()}
+    replaced = insert_cache_positions(graph, layout, entering, chunk=all_visual)
+    inserted += list(replaced.values())
+    for layer in sorted(set(replaced) & unrecorded):
+        sdpa = dec.sites[layer].sdpa
+        mask = sdpa.kwargs["attn_mask"] if "attn_mask" in sdpa.kwargs else sdpa.args[3]
+        with graph.inserting_before(sdpa):
+            keys = graph.call_function(operator.getitem, (replaced[layer], 1))
+            taken = graph.call_function(positioned_mask, (mask, keys, seen[layer], 0, None))
+        if "attn_mask" in sdpa.kwargs:
+            sdpa.update_kwarg("attn_mask", taken)
+        else:
+            sdpa.update_arg(3, taken)
+        if layer in scoring:
+            scoring[layer].update_arg(2, taken)
+        inserted += [keys, taken]
+    return inserted
 
 
 @dataclass

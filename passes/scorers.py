@@ -24,14 +24,26 @@ class ScoringInputs:
     """What a scorer sees at one pruning layer (tensors are already compacted by earlier layers)."""
 
     query: torch.Tensor  # [B, H, S, D] post-RoPE
-    key: torch.Tensor  # [B, Hkv, S, D] post-RoPE (Hkv divides H)
-    attn_mask: torch.Tensor | None  # [B|1, 1|H, S, S] bool (True = attend) or additive float
+    key: torch.Tensor  # [B, Hkv, K, D] post-RoPE (Hkv divides H); K = S, or P + S (below)
+    attn_mask: torch.Tensor | None  # [B|1, 1|H, S, K] bool (True = attend) or additive float
     is_causal: bool
     scale: float
     visual: torch.Tensor  # [B, S] bool, visual tokens present
     layer: int
     num_delete: int
     options: dict
+    # A chunk continuing a KV cache (a later turn's image): the keys are the P cached keys, then
+    # the chunk's S; probabilities are normalised over all K, and only the chunk's tokens are
+    # scored (`chunk_columns`). Never without a mask.
+    continues: bool = False
+
+    def chunk_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The last S entries of x's last dim (the chunk's keys): x itself when not continuing."""
+        if not self.continues:
+            return x
+        s = self.query.shape[-2]
+        index = torch.arange(s, device=x.device) + (x.shape[-1] - s)  # a gather: no slice at a symbol
+        return x.index_select(-1, index)
 
 
 Scorer = Callable[[ScoringInputs], torch.Tensor]
@@ -91,9 +103,13 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def token_validity(inputs: ScoringInputs) -> torch.Tensor:
-    """[B, S] bool: non-padding tokens (`mask_validity` of the scorer's mask)."""
+    """[B, S] bool: non-padding tokens (`mask_validity` of the scorer's mask, at the chunk's own
+    columns when continuing a cache)."""
     b, s = inputs.visual.shape
-    return mask_validity(inputs.attn_mask, b, s, inputs.visual.device)
+    mask = inputs.attn_mask
+    if inputs.continues:
+        mask = inputs.chunk_columns(mask)
+    return mask_validity(mask, b, s, inputs.visual.device)
 
 
 def mask_validity(
@@ -120,11 +136,24 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
     Instruction tokens are the non-visual, non-padding tokens after the last visual token.
     """
     instruction = instruction_rows(inputs)
+    if inputs.continues:
+        return _fitprune_over_context(inputs, instruction)
     # One graph node that never holds the [B, H, S, S] probabilities (chunked PyTorch on CPU,
     # Triton on CUDA): per key j, the head-max probabilities summed over instruction / visual rows.
     cross, self_sum = torch.ops.fitprune.visual_attention_mass(
         inputs.query, inputs.key, inputs.attn_mask, instruction, inputs.visual, inputs.scale, inputs.is_causal
     )  # [B, S] each, fp32
+    return fitprune_from_mass(cross, self_sum, inputs.visual)
+
+
+def _fitprune_over_context(inputs: ScoringInputs, instruction: torch.Tensor) -> torch.Tensor:
+    """FitPrune's score of a chunk that continues a cache, in plain torch: the head-max map of the
+    probabilities over the whole context [B, S, P + S], read at the chunk's columns. (Holds the
+    [B, H, S, K] probabilities: a later turn's chunk, not the first prompt.)"""
+    probs = inputs.chunk_columns(attention_probs(inputs))  # [B, H, S, S] normalised over P + S
+    head_max = probs.amax(dim=1)  # [B, S, S]
+    cross = (head_max * instruction[:, :, None]).sum(dim=1)  # [B, S]
+    self_sum = (head_max * inputs.visual[:, :, None]).sum(dim=1)
     return fitprune_from_mass(cross, self_sum, inputs.visual)
 
 
@@ -175,7 +204,7 @@ def fastv_score(inputs: ScoringInputs) -> torch.Tensor:
     b, s = inputs.visual.shape
     pos = torch.arange(s, device=inputs.visual.device).expand(b, s)
     last = torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)  # [B, 1]
-    last_row = attention_probs(inputs, rows=last)  # [B, H, 1, S]
+    last_row = inputs.chunk_columns(attention_probs(inputs, rows=last))  # [B, H, 1, S]
     return last_row.mean(dim=1)[:, 0]
 
 
@@ -230,6 +259,7 @@ def score_tokens(
     num_delete: int,
     visual_count: int,
     doomed: tuple[int, ...] = (),
+    continues: bool = False,
 ) -> torch.Tensor:
     """Graph entry point: run `scorer` (a function, or a registered name); returns fp32 scores [B, S]."""
     if not callable(scorer):
@@ -237,5 +267,7 @@ def score_tokens(
             raise KeyError(f"unknown scorer {scorer!r}; registered: {sorted(SCORERS)}")
         scorer = SCORERS[scorer]
     options = {"visual_count": visual_count, "doomed": doomed}
-    inputs = ScoringInputs(query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options)
+    inputs = ScoringInputs(
+        query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options, continues
+    )
     return scorer(inputs).float()

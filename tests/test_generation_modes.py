@@ -19,6 +19,7 @@ import torch
 import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe
 from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
 from fitprune_fx.reference import reference_generate
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 
@@ -121,7 +122,11 @@ def test_unsupported_modes_are_refused_by_name(kwargs, name):
 
 
 def test_multi_turn_chat_continues_the_pruned_cache_exactly():
-    """Turn 2 brings new text (equal length per row) to the returned cache; turn 3 a new image."""
+    """Turn 2 brings new text (equal length per row) to the returned cache; turn 3 a new image, which
+    is pruned by the recipe like a first prompt's (against masking with the same deletions for
+    later turns); without transformers' keyword channel (5.17) it runs unpruned with a warning."""
+    channel = cache_update_gets_attention_keywords()
+    later = PRUNE if channel else None
     previous = _both(TWO, do_sample=False)
     g = torch.Generator().manual_seed(5)
     for new_image in (False, True):
@@ -142,15 +147,18 @@ def test_multi_turn_chat_continues_the_pruned_cache_exactly():
                 "past_key_values": out.past_key_values,
                 **extra,
             }
-            if new_image and model is MODEL:
+            runs = MODEL.fitprune_backend.pruned_runs
+            if new_image and model is MODEL and not channel:
                 with pytest.warns(UserWarning, match="continues an existing KV cache"):
-                    turn.append(_generate_turn(model, inputs))
+                    turn.append(_generate_turn(model, inputs, later))
             else:
-                turn.append(_generate_turn(model, inputs))
+                turn.append(_generate_turn(model, inputs, later))
+            if model is MODEL:  # the turn with the image is pruned where positions are recorded
+                assert MODEL.fitprune_backend.pruned_runs == runs + (new_image and channel)
         assert torch.equal(turn[0].sequences, turn[1].sequences)
         previous = turn
 
 
-def _generate_turn(model, inputs):
-    with torch.no_grad(), MaskingReference(ORACLE, PRUNE):
+def _generate_turn(model, inputs, later=None):
+    with torch.no_grad(), MaskingReference(ORACLE, PRUNE, later_turns=later):
         return model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)

@@ -45,10 +45,12 @@ def rows_per_chunk(b: int, h: int, s: int, chunk_elements: int, chunk_rows: int)
 
 
 def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device: torch.device) -> Tensor:
-    """[B|1, 1|H, S, S] bool: which keys each query may attend to (mask and causality combined).
+    """[B|1, 1|H, S, K] bool: which keys each query may attend to (mask and causality combined).
 
     The one rule for every scorer: an additive float mask masks entries at or below half the
-    dtype minimum (transformers writes dtype-min, not -inf).
+    dtype minimum (transformers writes dtype-min, not -inf). K = S without a mask; with one, K is
+    its width (a chunk continuing a cache: the cached keys, then the chunk's), and causality is
+    aligned to the last S keys.
     """
     if attn_mask is None:
         allowed = torch.ones((1, 1, seq_len, seq_len), dtype=torch.bool, device=device)
@@ -57,7 +59,10 @@ def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device
     else:
         allowed = attn_mask > torch.finfo(attn_mask.dtype).min / 2
     if is_causal:
-        allowed = allowed & torch.ones((seq_len, seq_len), dtype=torch.bool, device=device).tril()
+        keys = allowed.shape[-1]
+        rows = torch.arange(seq_len, device=device)[:, None] + (keys - seq_len)  # each row's own key
+        causal = torch.arange(keys, device=device)[None, :] <= rows
+        allowed = allowed & causal
     return allowed
 
 

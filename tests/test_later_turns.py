@@ -1,0 +1,107 @@
+"""A later chat turn that brings an image continues the cache and is pruned by the recipe, against
+pruning as masking with the same rule for later turns (`MaskingReference(later_turns=...)`,
+whose rule `tests/test_later_turn_references.py` checks against explicit removal)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fitprune_fx
+from fitprune_fx.masking_reference import MaskingReference
+from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
+from fitprune_fx.recipe import ModelInfo, Recipe
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
+
+pytestmark = [
+    pytest.mark.usefixtures("fresh_dynamo"),
+    pytest.mark.skipif(
+        not cache_update_gets_attention_keywords(), reason="later turns need transformers' keyword channel"
+    ),
+]
+
+PRUNE = {0: 5, 1: 3}  # of the 16 visual tokens per image
+GEN = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+
+
+def _two_turns(model, oracle, first: dict, turn: dict, prune: dict, later: dict, scorer: str = "fitprune"):
+    """generate on `first`, then on the returned cache with `turn` appended (ids, mask, pixels):
+    the compiled model and the oracle under masking; returns both runs' (first, second) outputs."""
+    results = []
+    for runner in (model, oracle):
+        with torch.no_grad(), MaskingReference(oracle, prune, scorer=scorer, later_turns=later):
+            a = runner.generate(**first, **GEN)
+            batch = a.sequences.shape[0]
+            ids = torch.cat([a.sequences, turn["input_ids"]], dim=1)
+            mask = torch.cat(
+                [first["attention_mask"], torch.ones(batch, GEN["max_new_tokens"], dtype=torch.long),
+                 turn["attention_mask"]], dim=1,
+            )  # fmt: skip
+            extra = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask")}
+            for k, v in extra.items():  # per-token inputs (token types) span the whole sequence
+                if v.shape == turn["input_ids"].shape:
+                    extra[k] = torch.cat([v.new_zeros(batch, ids.shape[1] - v.shape[1]), v], dim=1)
+            b = runner.generate(
+                input_ids=ids, attention_mask=mask, past_key_values=a.past_key_values, **extra, **GEN
+            )
+        results.append((a, b))
+    return results
+
+
+def _assert_same(got, expected) -> float:
+    assert torch.equal(got.sequences, expected.sequences)
+    worst = max((a - e).abs().max().item() for a, e in zip(got.scores, expected.scores, strict=True))
+    assert worst <= 1e-4, worst
+    return worst
+
+
+@pytest.mark.parametrize(
+    "first_turn,images,scorer",
+    [("image", 1, "fitprune"), ("text", 1, "fitprune"), ("image", 2, "fastv")],
+    ids=["after-an-image", "after-text-only", "two-images-fastv"],
+)
+def test_a_later_turn_image_is_pruned_like_masking(first_turn, images, scorer):
+    """LLaVA: a left-padded first turn (an image, pruned; or text only, a cache that records no
+    positions), then a turn with `images` images: the second turn is pruned (counts scaled to its
+    images) and generate's tokens and per-step logits equal masking's."""
+    model = tiny_llava(num_layers=3, seed=7)
+    oracle = copy.deepcopy(model)
+    fitprune_fx.compile(model, Recipe(model=ModelInfo.from_config(model.config), prune=PRUNE, scorer=scorer),
+                        compiler="eager")  # fmt: skip
+    if first_turn == "image":
+        first = make_inputs(model, [PromptSpec(2, 4), PromptSpec(5, 2)], seed=3)
+    else:
+        first = {"input_ids": torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(3)),
+                 "attention_mask": torch.tensor([[0, 0] + [1] * 7, [1] * 9])}  # fmt: skip
+    turn = make_inputs(model, [PromptSpec(3, 4, images=images)] * 2, seed=4)
+    later = {k: v * images for k, v in PRUNE.items()}
+    (got1, got2), (exp1, exp2) = _two_turns(model, oracle, first, turn, PRUNE, later, scorer)
+    _assert_same(got1, exp1)
+    worst = _assert_same(got2, exp2)
+    runs = model.fitprune_backend.pruned_runs
+    assert runs == (2 if first_turn == "image" else 1)
+    summary = model.fitprune_backend.summary()
+    assert f"{16 * images} visual tokens/example" in summary, summary
+    print(f"later turn ({first_turn} first, {images} image(s), {scorer}): logits max |diff| {worst:.2e}")
+
+
+def test_gemma3_released_pattern_later_turn_image():
+    """Gemma 3's five sliding layers (window 8) and one full layer: the second turn's image is
+    pruned in sliding and full layers alike, against masking."""
+    model = tiny_gemma3(num_layers=6, full_attention_only=False, window=8, seed=7)
+    oracle = copy.deepcopy(model)
+    prune = {1: 6, 4: 4}
+    fitprune_fx.compile(
+        model, Recipe(model=ModelInfo.from_config(model.config), prune=prune), compiler="eager"
+    )
+    first = make_gemma3_inputs(model, [2, 6], [5, 2], seed=8)
+    turn = make_gemma3_inputs(model, [3, 3], [2, 2], seed=9)
+    assert turn["attention_mask"].all()
+    (got1, got2), (exp1, exp2) = _two_turns(model, oracle, first, turn, prune, prune)
+    _assert_same(got1, exp1)
+    worst = _assert_same(got2, exp2)
+    assert model.fitprune_backend.pruned_runs == 2
+    print(f"gemma3 later turn: logits max |diff| {worst:.2e}")
