@@ -15,6 +15,7 @@ from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
 from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
+from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
 
 pytestmark = [
     pytest.mark.usefixtures("fresh_dynamo"),
@@ -41,8 +42,8 @@ def _two_turns(model, oracle, first: dict, turn: dict, prune: dict, later: dict,
                  turn["attention_mask"]], dim=1,
             )  # fmt: skip
             extra = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask")}
-            for k, v in extra.items():  # per-token inputs (token types) span the whole sequence
-                if v.shape == turn["input_ids"].shape:
+            for k, v in extra.items():  # per-token inputs (token types) span the whole sequence:
+                if v.shape == turn["input_ids"].shape:  # earlier turns' tokens typed as text
                     extra[k] = torch.cat([v.new_zeros(batch, ids.shape[1] - v.shape[1]), v], dim=1)
             b = runner.generate(
                 input_ids=ids, attention_mask=mask, past_key_values=a.past_key_values, **extra, **GEN
@@ -105,3 +106,26 @@ def test_gemma3_released_pattern_later_turn_image():
     worst = _assert_same(got2, exp2)
     assert model.fitprune_backend.pruned_runs == 2
     print(f"gemma3 later turn: logits max |diff| {worst:.2e}")
+
+
+@pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_later_turn_image(variant):
+    """Qwen2.5-VL (M-RoPE) and Qwen3-VL (DeepStack features added to the visual rows): the second
+    turn's image is pruned (the plan the backend reports for each turn), against masking. The first
+    turn's image tokens are typed as text in the second call (transformers numbers the new turn's
+    M-RoPE positions from the images it is given)."""
+    model = tiny_qwen_vl(variant, num_layers=4, seed=5)
+    oracle = copy.deepcopy(model)
+    fitprune_fx.compile(model, Recipe(model=ModelInfo.from_config(model.config), prune={0: 80, 2: 70}),
+                        compiler="eager")  # fmt: skip
+    first = make_qwen_inputs(model, [2, 6], [5, 2], seed=6)
+    turn = make_qwen_inputs(model, [3, 3], [4, 4], seed=7)
+    with torch.no_grad():
+        model.generate(**first, **GEN)  # the plan for a 16-token image, read off the backend
+    plan = model.fitprune_backend.pruned_graphs[0].result.deletions
+    assert sum(plan.values()) > 0
+    (got1, got2), (exp1, exp2) = _two_turns(model, oracle, first, turn, plan, plan)
+    _assert_same(got1, exp1)
+    worst = _assert_same(got2, exp2)
+    assert model.fitprune_backend.pruned_runs == 3
+    print(f"{variant} later turn: logits max |diff| {worst:.2e}")
