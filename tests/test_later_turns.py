@@ -8,14 +8,17 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import fitprune_fx
 from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
 from fitprune_fx.recipe import ModelInfo, Recipe
-from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
+from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, PromptSpec, make_inputs, tiny_llava
 from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
 from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
+from graph_harness import right_padded
 
 pytestmark = [
     pytest.mark.usefixtures("fresh_dynamo"),
@@ -129,3 +132,71 @@ def test_qwen_vl_later_turn_image(variant):
     worst = _assert_same(got2, exp2)
     assert model.fitprune_backend.pruned_runs == 3
     print(f"{variant} later turn: logits max |diff| {worst:.2e}")
+
+
+HYP_MODEL = tiny_llava(num_layers=3, seed=11)
+HYP_ORACLE = copy.deepcopy(HYP_MODEL)
+
+
+@st.composite
+def later_turns(draw):
+    """A recipe, a first turn (image or text, padding on either side), then a turn of text around
+    1-2 images whose rows may differ in length (padding inside the sequence)."""
+    layers = draw(st.lists(st.integers(0, 2), min_size=1, max_size=3, unique=True))
+    prune = {}
+    for layer in sorted(layers):
+        prune[layer] = draw(st.integers(0, 16 - sum(prune.values()) - 1))
+    batch = draw(st.integers(1, 2))
+    first = [PromptSpec(draw(st.integers(0, 4)), draw(st.integers(1, 4))) for _ in range(batch)]
+    turn = PromptSpec(draw(st.integers(0, 3)), draw(st.integers(1, 3)), images=draw(st.integers(1, 2)))
+    return (prune, first, draw(st.booleans()), draw(st.sampled_from(["left", "right"])), turn,
+            draw(st.integers(0, 2)), draw(st.integers(0, 99)))  # fmt: skip
+
+
+HYP_EXAMPLES = [  # (prune, first turn, its image?, padding side, later turn, its padding, seed)
+    ({0: 3, 2: 5}, [PromptSpec(3, 2), PromptSpec(0, 4)], True, "right", PromptSpec(2, 3, images=2), 2, 5),
+    ({1: 6}, [PromptSpec(1, 3), PromptSpec(4, 1)], False, "left", PromptSpec(0, 2), 0, 7),
+]  # fmt: skip
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))  # a compile each
+@given(later_turns())
+@example(HYP_EXAMPLES[0]).via("right-padded image turn, then two images in a padded turn")
+@example(HYP_EXAMPLES[1]).via("text first, an image right after the cache")
+def test_random_later_turns_match_masking(case):
+    """Direct calls on the model compiled for the example's recipe: a first turn, then a turn with
+    images (its first row padded inside the sequence when `pads` > 0), then a decode step: the
+    turn's last-row logits and the step's equal masking with the same deletions for later turns
+    (fp32, 1e-4)."""
+    prune, first_specs, image_first, side, turn_spec, pads, seed = case
+    torch._dynamo.reset()  # graphs hold their recipe: compile afresh for this one
+    model = fitprune_fx.compile(HYP_MODEL, Recipe(model=ModelInfo.from_config(HYP_MODEL.config), prune=prune),
+                                compiler="eager")  # fmt: skip
+    first = make_inputs(HYP_MODEL, first_specs, seed=seed)
+    if not image_first:
+        text = torch.where(first["input_ids"] == IMAGE_TOKEN_ID, 9, first["input_ids"])  # no image
+        first = {"input_ids": text, "attention_mask": first["attention_mask"]}
+    if side == "right":
+        first = right_padded(first)
+    batch = len(first_specs)
+    turn = make_inputs(HYP_MODEL, [turn_spec] * batch, seed=seed + 1)
+    ids, turn_mask = turn["input_ids"].clone(), turn["attention_mask"].clone()
+    if pads:  # the first row's leading text tokens become padding inside the sequence
+        pads = min(pads, turn_spec.before)
+        ids[0, 1 : 1 + pads], turn_mask[0, 1 : 1 + pads] = PAD_TOKEN_ID, 0
+    later = {k: v * turn_spec.images for k, v in prune.items()}
+    outs = []
+    for runner in (model, HYP_ORACLE):
+        with torch.no_grad(), MaskingReference(HYP_ORACLE, prune, later_turns=later):
+            a = runner(**first)
+            mask = torch.cat([first["attention_mask"], turn_mask], dim=1)
+            b = runner(input_ids=ids, pixel_values=turn["pixel_values"], attention_mask=mask,
+                       past_key_values=a.past_key_values)  # fmt: skip
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            c = runner(
+                input_ids=torch.full((batch, 1), 9), attention_mask=mask, past_key_values=b.past_key_values
+            )
+        outs.append((b.logits[:, -1], c.logits[:, -1]))
+    (turn_got, step_got), (turn_exp, step_exp) = outs
+    torch.testing.assert_close(turn_got, turn_exp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step_got, step_exp, atol=1e-4, rtol=1e-4)
