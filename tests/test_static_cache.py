@@ -295,3 +295,28 @@ def test_static_chunks_crop_reorder_match_masking(case):
     assert len(pruned) == len(expected)
     for a, b in zip(pruned, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_later_turn_image_on_a_static_cache_runs_unpruned_with_a_warning():
+    """A static layer that holds a sequence attends over all its slots: a later turn's image there
+    is not pruned (one warning that says so) and equals masking that leaves later turns alone."""
+    model = tiny_llava(num_layers=3, seed=7)
+    oracle = copy.deepcopy(model)
+    first = make_inputs(model, PADDED, seed=3)
+    turn = make_inputs(model, [PromptSpec(1, 2)] * 3, seed=5)
+    fitprune_fx.compile(model, _recipe(model, PRUNE), compiler="eager")
+    outs = []
+    for runner in (model, oracle):  # (masking runs on a dynamic cache)
+        cache = StaticCache(config=model.config.text_config, max_cache_len=64) if runner is model else None
+        with torch.no_grad(), MaskingReference(oracle, PRUNE):
+            a = runner(**first, past_key_values=cache)
+            mask = torch.cat([first["attention_mask"], turn["attention_mask"]], dim=1)
+            call = dict(input_ids=turn["input_ids"], pixel_values=turn["pixel_values"], attention_mask=mask)
+            if runner is model:
+                with pytest.warns(UserWarning, match="continues an existing KV cache"):
+                    b = runner(**call, past_key_values=a.past_key_values)
+            else:
+                b = runner(**call, past_key_values=a.past_key_values)
+        outs.append(b.logits[:, -1])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    assert model.fitprune_backend.pruned_runs == 1
