@@ -268,7 +268,7 @@ EXAMPLES = [  # (prune, prompts, steps, seed, padding side)
 ]  # fmt: skip
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
 @given(continuations())
 @example(EXAMPLES[0]).via("right padding, a padded later turn, crop, reorder")
 @example(EXAMPLES[1]).via("two images, left padding")
