@@ -231,12 +231,11 @@ def prune_visual_tokens(
     return result
 
 
-def _record_cache_positions(graph, dec, layout, after_pruning: dict, entry, all_visual) -> list[fx.Node]:
-    """A call that starts its sequence: every layer's cache records its keys' positions (the ones up
-    to the first pruning layer the identity): one representation in every pruned graph, so decode
-    graphs are shared across them."""
-    inserted = []
-    entering = {}  # layer -> original positions of the tokens it caches (and their validity)
+def _entering_positions(graph, dec, after_pruning: dict, entry, all_visual) -> tuple[dict, list[fx.Node]]:
+    """layer -> (original positions [B, K] of the tokens entering it, their validity or None): the
+    last earlier pruning layer's kept tokens, or the identity (the entry compaction's positions
+    where there is one) up to the first pruning layer; and the nodes inserted for the identity."""
+    inserted, entering = [], {}
     identity = entry.positions if entry is not None else None
     for layer in dec.sites:
         earlier = [p for p in after_pruning if p < layer]
@@ -248,6 +247,14 @@ def _record_cache_positions(graph, dec, layout, after_pruning: dict, entry, all_
                 identity = graph.call_function(token_positions, (all_visual,))
             inserted.append(identity)
         entering[layer] = (identity, None)
+    return entering, inserted
+
+
+def _record_cache_positions(graph, dec, layout, after_pruning: dict, entry, all_visual) -> list[fx.Node]:
+    """A call that starts its sequence: every layer's cache records its keys' positions (the ones up
+    to the first pruning layer the identity): one representation in every pruned graph, so decode
+    graphs are shared across them."""
+    entering, inserted = _entering_positions(graph, dec, after_pruning, entry, all_visual)
     return inserted + list(insert_cache_positions(graph, layout, entering).values())
 
 
@@ -262,19 +269,7 @@ def _continue_cache_positions(
     the compacted chunk; a pruning layer's scorer (`scoring`) then reads that mask too."""
     from fitprune_fx.positioned_cache import positioned_mask
 
-    inserted = []
-    entering = {}
-    identity = entry.positions if entry is not None else None
-    for layer in dec.sites:
-        earlier = [p for p in after_pruning if p < layer]
-        if earlier:
-            entering[layer] = after_pruning[max(earlier)]
-            continue
-        if identity is None:
-            with graph.inserting_after(all_visual):
-                identity = graph.call_function(token_positions, (all_visual,))
-            inserted.append(identity)
-        entering[layer] = (identity, None)
+    entering, inserted = _entering_positions(graph, dec, after_pruning, entry, all_visual)
     ops = {layout.layer_index(op): op for op in cache_position_ops(graph)}
     unrecorded = {layer for layer, op in ops.items() if example_value(op.args[0]).dim() == 1}
     seen = {layer: op.args[2] for layer, op in ops.items()}

@@ -215,3 +215,19 @@ def right_padded(inputs: dict) -> dict:
             rows = [torch.roll(r, -(r.shape[0] - int(n))) for r, n in zip(inputs[key], lengths, strict=True)]
             out[key] = torch.stack(rows)
     return out
+
+
+def append_chunk(model, cache, mask: torch.Tensor, n: int, padded: bool, generator: torch.Generator):
+    """Run n random text tokens per row on (cache, mask); with `padded`, the first row's first n - 1
+    are padding (a batched later turn whose rows differ in length: padding inside the sequence).
+    Returns (the chunk's logits, the mask with the chunk)."""
+    from fitprune_fx.testbed.tiny import PAD_TOKEN_ID
+
+    ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=generator)
+    new = torch.ones_like(ids)
+    if padded:
+        new[0, : n - 1] = 0
+        ids[0, : n - 1] = PAD_TOKEN_ID
+    mask = torch.cat([mask, new], dim=1)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits, mask

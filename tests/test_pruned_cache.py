@@ -21,8 +21,8 @@ from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.positioned_cache import positions_of
 from fitprune_fx.pruned_cache import PADDING_ERROR, cut_mask_to_pruned_keys
 from fitprune_fx.reference_continuation import ReferenceContinuation
-from fitprune_fx.testbed.tiny import PAD_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
-from graph_harness import CapturedDecoder, right_padded
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from graph_harness import CapturedDecoder, append_chunk, right_padded
 
 # ----------------------------------------------------------------------------------------------
 # the mask cut, against removing the deleted columns by position
@@ -148,14 +148,8 @@ def _run_steps(model, cache, mask, steps, seed, windowed=False):
     out, appended, last = [], 0, 0
     for kind, n in steps:
         if kind in ("chunk", "padded"):
-            ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=g)
-            new = torch.ones_like(ids)
-            if kind == "padded":
-                new[0, : n - 1] = 0
-                ids[0, : n - 1] = PAD_TOKEN_ID
-            mask = torch.cat([mask, new], dim=1)
-            with torch.no_grad():
-                out.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
+            logits, mask = append_chunk(model, cache, mask, n, kind == "padded", g)
+            out.append(logits)
             appended, last = appended + n, n
         elif kind == "crop":
             n = min(n, last if windowed else appended)  # a rollback removes appended tokens only

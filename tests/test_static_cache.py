@@ -19,10 +19,10 @@ from fitprune_fx.masking_reference import MaskingReference
 from fitprune_fx.positioned_cache import cache_update_gets_attention_keywords
 from fitprune_fx.recipe import ModelInfo, Recipe
 from fitprune_fx.testbed.batching import batch_prompts
-from fitprune_fx.testbed.tiny import PAD_TOKEN_ID, PromptSpec, make_inputs, num_image_tokens, tiny_llava
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, num_image_tokens, tiny_llava
 from fitprune_fx.testbed.tiny_gemma3 import make_gemma3_inputs, tiny_gemma3
 from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
-from graph_harness import CapturedDecoder, right_padded
+from graph_harness import CapturedDecoder, append_chunk, right_padded
 
 pytestmark = [
     pytest.mark.usefixtures("fresh_dynamo"),
@@ -239,14 +239,8 @@ def _run_steps(model, cache, mask, steps, seed):
             n = min(n, EXTRA - appended)
             if not n:
                 continue
-            ids = torch.randint(4, model.config.text_config.vocab_size, (mask.shape[0], n), generator=g)
-            new = torch.ones_like(ids)
-            if kind == "padded":
-                new[0, : n - 1] = 0
-                ids[0, : n - 1] = PAD_TOKEN_ID
-            mask = torch.cat([mask, new], dim=1)
-            with torch.no_grad():
-                out.append(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits)
+            logits, mask = append_chunk(model, cache, mask, n, kind == "padded", g)
+            out.append(logits)
             appended += n
         elif kind == "crop":
             n = min(n, appended)
