@@ -129,4 +129,3 @@ def _is_module_state(placeholder: fx.Node) -> bool:
         return False
     name = source.name() if callable(source.name) else source.name
     return "_buffers" in str(name)
-

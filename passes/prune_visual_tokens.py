@@ -22,7 +22,7 @@ from .insert_scoring import insert_importance_scoring
 from .layout import DecoderLayout
 from .locate import CacheContinuation, UnsupportedGraph, example_value, locate_decoder
 from .padded_compaction import PaddedCompaction, has_example_counts, writes_caches
-from .scorers import COUNT_FREE_SCORERS, SCORERS
+from .scorers import CONTINUING_SCORERS, COUNT_FREE_SCORERS, SCORERS
 from .sequence_length import propagate_compaction
 from .token_count_inputs import TokenCountInputs
 from .token_ops import (
@@ -94,6 +94,14 @@ def prune_visual_tokens(
         )
     if sum(plan.values()) > n:
         raise UnsupportedGraph(f"recipe deletes {sum(plan.values())} visual tokens of {n}")
+    builtin = scorer in CONTINUING_SCORERS and scorer_fn in (None, SCORERS.get(scorer))
+    if dec.continues and not builtin:
+        raise CacheContinuation(
+            f"this prompt chunk brings an image but continues an existing KV cache, and the scorer "
+            f"{scorer!r} is not one of the built-ins that score a chunk against its cache "
+            f"({', '.join(sorted(CONTINUING_SCORERS))}: `ScoringInputs.continues`); this chunk runs "
+            "unpruned (exact) against the cache as it is"
+        )
     if dec.continues and {layout.layer_index(op) for op in cache_position_ops(gm.graph)} < set(dec.sites):
         raise CacheContinuation(
             "this prompt chunk brings an image but continues an existing KV cache whose layers' updates "

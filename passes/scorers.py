@@ -51,6 +51,9 @@ SCORERS: dict[str, Scorer] = {}
 # Scorers that read neither `num_delete` nor the visual count: a graph scored by one of them may serve
 # every visual count (its deletions are sized per call). Others get a graph per count.
 COUNT_FREE_SCORERS = frozenset({"fitprune", "fastv"})
+# Scorers that read a chunk continuing a cache right (`ScoringInputs.continues`: keys are the cached
+# ones, then the chunk's); a chunk scored by another runs unpruned.
+CONTINUING_SCORERS = frozenset({"fitprune", "fastv", "random"})
 
 
 def register_scorer(name: str, fn: Scorer | None = None):

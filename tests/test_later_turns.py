@@ -200,3 +200,21 @@ def test_random_later_turns_match_masking(case):
     (turn_got, step_got), (turn_exp, step_exp) = outs
     torch.testing.assert_close(turn_got, turn_exp, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step_got, step_exp, atol=1e-4, rtol=1e-4)
+
+
+def test_a_custom_scorer_leaves_a_later_turn_unpruned_with_the_reason():
+    """A registered scorer may assume its keys are the chunk's own: a later turn's image is then
+    left unpruned (exact, one warning naming the scorer), while first prompts are pruned with it."""
+    from fitprune_fx.passes.scorers import fastv_score, register_scorer
+
+    register_scorer("test_fastv_copy", fastv_score)
+    model = tiny_llava(num_layers=3, seed=7)
+    oracle = copy.deepcopy(model)
+    recipe = Recipe(model=ModelInfo.from_config(model.config), prune=PRUNE, scorer="test_fastv_copy")
+    fitprune_fx.compile(model, recipe, compiler="eager")
+    first = make_inputs(model, [PromptSpec(2, 4), PromptSpec(5, 2)], seed=3)
+    turn = make_inputs(model, [PromptSpec(3, 4)] * 2, seed=4)
+    with pytest.warns(UserWarning, match="scorer 'test_fastv_copy' is not one of the built-ins"):
+        (_, got), (_, expected) = _two_turns(model, oracle, first, turn, PRUNE, None, "fastv")
+    _assert_same(got, expected)
+    assert model.fitprune_backend.pruned_runs == 1

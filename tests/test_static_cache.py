@@ -314,3 +314,16 @@ def test_a_later_turn_image_on_a_static_cache_runs_unpruned_with_a_warning():
         outs.append(b.logits[:, -1])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     assert model.fitprune_backend.pruned_runs == 1
+
+
+def test_an_uncompiled_model_with_a_static_cache_is_unchanged_by_the_patches():
+    """The cache patches are process-wide: a model no backend compiled, decoding with a static
+    cache through them, gives transformers' own tokens and logits (a dynamic cache's)."""
+    fitprune_fx.fitprune_backend(_recipe(tiny_llava(num_layers=3, seed=7), PRUNE))  # installs the patches
+    model = tiny_llava(text_model="mistral", sliding_window=10, num_layers=3, seed=8)
+    inputs = make_inputs(model, PADDED, seed=3)
+    with torch.no_grad():
+        expected = model.generate(**inputs, max_new_tokens=12, **GEN)
+        got = model.generate(**inputs, cache_implementation="static", max_new_tokens=12, **GEN)
+    _assert_same(got, expected)
+    assert any(getattr(layer, "fitprune_valid", None) is not None for layer in got.past_key_values.layers)
