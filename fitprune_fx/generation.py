@@ -5,7 +5,9 @@ Which forms prune for `generate`:
 - `fitprune_fx.compile(model, recipe)` (recommended): compiles the model in place with the
   FitPrune backend, keeps the backend at `model.fitprune_backend`, and wraps `generate` to refuse,
   with an error that names them, the caches and generation modes a pruned cache cannot serve
-  exactly, and to warn when a call with an image ran no pruned graph. Returns the same model.
+  exactly, and to warn when a call with an image ran no pruned graph; it also gives a static
+  cache's buffers fixed addresses before the compiled prefill (CUDA-graph decode steps). Returns
+  the same model.
 - `model.compile(backend=fitprune_backend(recipe))` (in place): prunes for `generate` and for
   direct calls, decodes exactly (padded batches included), but has none of the checks above.
 - `torch.compile(model, backend=...)` returns an `OptimizedModule` whose *direct calls* prune,
@@ -36,7 +38,8 @@ if TYPE_CHECKING:  # backend.py may import this module; import it lazily here
 
 
 class UnsupportedCacheError(ValueError):
-    """A cache that cannot hold per-layer lengths (StaticCache, ...) was asked for."""
+    """A cache a pruned prefill cannot write exactly (offloaded, quantized, ...; a StaticCache on a
+    transformers release without the keyword channel) was asked for."""
 
 
 def generate_is_compiled(model: nn.Module) -> bool:
@@ -79,7 +82,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
     `backend_options` go to `fitprune_backend` (`compiler="eager"`, `scorer=...`, `mode=...`). The
     backend is kept at `model.fitprune_backend` (read `.summary()` / `.reports` after a call).
     Besides `model.compile(backend=...)`, this wraps `model.generate` to refuse what a pruned cache
-    cannot serve exactly (a StaticCache, the generation modes of
+    cannot serve exactly (caches other than dynamic and static ones, the generation modes of
     `REFUSED_MODES`) with an error that names it, and warns when a call with an image ran no
     pruned graph (Dynamo fell back to eager, or the graph was not understood).
     """
