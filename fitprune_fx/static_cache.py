@@ -137,10 +137,11 @@ def initialize_early(model: Any, cache: Any, batch_size: int) -> bool:
     graphs of the decode step need to replay without copying them) only when they are allocated
     outside compiled code, and a pruned prefill is compiled; so `fitprune_fx.compile`'s model
     calls this before each call that starts a static cache. Returns whether it allocated."""
-    if torch.compiler.is_compiling() or not hasattr(cache, "early_initialization"):
+    layers = getattr(cache, "layers", None)
+    # (every forward call comes here: a dynamic cache, or a started static one, leaves at once)
+    if not layers or not is_static(layers[0]) or layers[0].is_initialized or torch.compiler.is_compiling():
         return False
-    layers = [layer for layer in getattr(cache, "layers", ()) if is_static(layer)]
-    if not layers or len(layers) != len(cache.layers) or any(layer.is_initialized for layer in layers):
+    if not hasattr(cache, "early_initialization") or not all(is_static(layer) for layer in layers):
         return False
     shape = getattr(model, "_get_static_cache_init_shape", lambda: None)()
     if shape is None:  # (layers on several devices; transformers allocates lazily then)

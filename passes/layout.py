@@ -88,11 +88,12 @@ class DecoderLayout:
         return not path.startswith(_ROOT + ".") or not VISION_RE.search(_module_classes(node))
 
     def layer_index(self, node: fx.Node) -> int | None:
-        """Decoder layer a node belongs to, or None outside the decoder layers. A graph input other
-        than a module's parameter or buffer is outside, whatever module stack Dynamo gave it (an
-        input it lifts lazily, where first read, carries that place's stack: Gemma 3's sliding mask
-        behind a static cache, layer 0's)."""
-        if node.op == "placeholder" and not _is_module_state(node):
+        """Decoder layer a node belongs to, or None outside the decoder layers. A graph input read by
+        several layers is outside, whatever module stack Dynamo gave it (an input it lifts lazily,
+        where first read, carries that place's stack: Gemma 3's sliding mask behind a static
+        cache, layer 0's); one read by a single layer (its weights, its cache's keys and recorded
+        positions) is that layer's."""
+        if node.op == "placeholder" and len({self.layer_index(u) for u in node.users} - {None}) > 1:
             return None
         path = module_path(node)
         m = self._layer_re.search(path)
@@ -118,14 +119,3 @@ class DecoderLayout:
     def layers(self, gm: fx.GraphModule) -> list[int]:
         """Sorted decoder layer indices present in the graph."""
         return sorted({i for n in gm.graph.nodes if (i := self.layer_index(n)) is not None})
-
-
-def _is_module_state(placeholder: fx.Node) -> bool:
-    """A graph input that is a module's parameter or buffer (by its value, or Dynamo's source)."""
-    if isinstance(placeholder.meta.get("example_value"), torch.nn.Parameter):
-        return True
-    source = getattr(placeholder.meta.get("grapharg"), "source", None)
-    if source is None:
-        return False
-    name = source.name() if callable(source.name) else source.name
-    return "_buffers" in str(name)

@@ -218,3 +218,38 @@ def test_a_custom_scorer_leaves_a_later_turn_unpruned_with_the_reason():
         (_, got), (_, expected) = _two_turns(model, oracle, first, turn, PRUNE, None, "fastv")
     _assert_same(got, expected)
     assert model.fitprune_backend.pruned_runs == 1
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_hr"])
+def test_llava_next_and_llava_hr_later_turn_image(family):
+    """LLaVA-NeXT (the later image of another size: another visual count) and LLaVA-HR, direct calls
+    with a fraction recipe: the second turn is pruned (the plan the backend reports for it) and its
+    last-row logits equal masking's. The LLaVA-HR turn is as long as the cached prompt, so the
+    cache's own inputs share a size with the chunk: they are the layer's, not per-token tensors."""
+    from fitprune_fx.testbed.tiny import make_next_inputs, tiny_llava_next
+    from fitprune_fx.testbed.tiny_llava_hr import tiny_llava_hr
+
+    if family == "llava_next":
+        model = tiny_llava_next(num_layers=3, seed=3)
+        first = make_next_inputs(model, [PromptSpec(2, 3), PromptSpec(4, 1)], [(32, 32)] * 2, seed=1)
+        turn = make_next_inputs(model, [PromptSpec(2, 3)] * 2, [(32, 64)] * 2, seed=2)
+    else:
+        model = tiny_llava_hr(num_layers=3, seed=3)
+        first = make_inputs(model, [PromptSpec(2, 3), PromptSpec(4, 1)], seed=1)
+        turn = make_inputs(model, [PromptSpec(2, 3)] * 2, seed=2)
+        assert turn["input_ids"].shape == first["input_ids"].shape
+    oracle = copy.deepcopy(model)
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.3, 1: 0.25})
+    fitprune_fx.compile(model, recipe, compiler="eager")
+    mask = torch.cat([first["attention_mask"], turn["attention_mask"]], dim=1)
+    later = {k: v for k, v in turn.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        cache = model(**first).past_key_values
+        got = model(input_ids=turn["input_ids"], attention_mask=mask, past_key_values=cache, **later)
+    assert model.fitprune_backend.pruned_runs == 2
+    plans = [g.result.deletions for g in model.fitprune_backend.pruned_graphs]
+    with torch.no_grad(), MaskingReference(oracle, plans[0], later_turns=plans[-1]):
+        cache = oracle(**first).past_key_values
+        expected = oracle(input_ids=turn["input_ids"], attention_mask=mask, past_key_values=cache, **later)
+    outs = [got, expected]
+    torch.testing.assert_close(outs[0].logits[:, -1], outs[1].logits[:, -1], atol=1e-4, rtol=1e-4)
