@@ -263,28 +263,31 @@ def compile_for_gpu(fn, dtype: str, mask: str, causal: bool, arch: int):
 
     from fitprune_fx.kernels import triton_mass
 
-    pointers = {"Q": dtype, "K": dtype, "MASK": mask}
+    pointers = {"Q": dtype, "K": dtype, "MASK": mask, "W_INSTR": "u8", "W_VIS": "u8"}
     constexprs = {
         "IS_CAUSAL": causal,
         "MASK_KIND": {"fp16": triton_mass.MASK_NONE, "u8": triton_mass.MASK_BOOL}.get(
             mask, triton_mass.MASK_ADDITIVE
         ),
         "DOT_FP32": False,
+        "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+        "VISUAL_COLUMNS": True,
         "BLOCK_M": 64,
         "BLOCK_N": 64,
         "BLOCK_D": 128,
+        "BLOCK": 128,
     }
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("qk_scale", "mask_floor"):
+        elif name in ("qk_scale", "mask_floor", "lse_to_base2"):
             signature[name] = "fp32"
-        elif name[0].isupper() and name not in ("S", "D", "G", "HKV"):
+        elif name[0].isupper() and name not in ("S", "D", "G", "HKV", "BLOCKS_M"):
             signature[name] = "*" + pointers.get(name, "fp32")
         else:
             signature[name] = "i32"  # sizes and strides below 2^31 are specialised to i32
-    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names}
     return triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", arch, 32))
 
 
@@ -293,12 +296,13 @@ def compile_for_gpu(fn, dtype: str, mask: str, causal: bool, arch: int):
     [("bf16", "u8", True, 90), ("fp16", "fp16", False, 80), ("fp32", "fp16", True, 90)],
 )
 def test_kernels_compile_for_gpus_with_64_bit_batch_offsets(dtype, mask, causal, arch):
-    """Both kernels compile to cubins for A100 / H100 (bf16 `tl.dot` included, which the
-    interpreter cannot run), and batch / head program ids are widened to 64 bits before any
-    multiplication with a stride, so B*H*S*D past 2^31 elements cannot overflow an offset."""
+    """The three kernels compile to cubins for A100 / H100 (bf16 `tl.dot` and TF32 fp32 dots
+    included, which the interpreter cannot run), and batch / head program ids are widened to 64
+    bits before any multiplication with a stride, so B*H*S*D past 2^31 elements cannot overflow."""
     from fitprune_fx.kernels import triton_mass
 
-    for fn, axes in ((triton_mass._row_lse_kernel, "yz"), (triton_mass._mass_kernel, "z")):
+    kernels = ((triton_mass._row_lse_kernel, "yz"), (triton_mass._mass_kernel, "z"))
+    for fn, axes in (*kernels, (triton_mass._sum_partials_kernel, "y")):
         kernel = compile_for_gpu(fn, dtype, mask, causal, arch)
         assert kernel.asm["cubin"], fn.__name__
         ttir = kernel.asm["ttir"]
@@ -322,7 +326,7 @@ def test_triton_kernels_under_interpreter():
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "test_kernel_", "-p", "no:cacheprovider"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "7 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert "9 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 interpreted_only = pytest.mark.skipif(
@@ -395,3 +399,79 @@ def test_kernel_llava_like_prompt_through_cuda_path_without_host_sync(causal):
     assert recorder.syncs == []
     diff = assert_close(ours, torch_attention_mass(*args), atol=2e-5, rtol=2e-5)
     print(f"llava-like max abs diff {diff:.3g}")
+
+
+def _fused_case(case: Case) -> tuple:
+    """The fused op's arguments for `case`: a value tensor, causality folded into a mask that is
+    not causal by itself (the op's contract: with a mask, `causal` means the mask is causal)."""
+    g = torch.Generator().manual_seed(case.query.shape[2])
+    value = torch.randn(case.key.shape, generator=g).to(case.query.dtype)
+    mask, sdpa_causal = case.attn_mask, case.is_causal
+    if mask is not None:
+        sdpa_causal = False
+        if case.is_causal and mask.dtype == torch.bool:
+            mask = mask & torch.ones(mask.shape[-2:], dtype=torch.bool).tril()
+    args = (case.query, case.key, value, mask, case.instruction, case.visual, case.scale)
+    return (*args, sdpa_causal, case.is_causal)
+
+
+@interpreted_only
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=cases(max_len=40))
+def test_kernel_fused_cuda_path_is_sdpa_with_its_lse_and_the_mass(case):
+    """The fused op's CUDA implementation on CPU tensors: torch's attention kernel with its lse
+    (the CPU flash kernel stands in for CUDA's), checked once against the lse pass, then the mass
+    from that lse over visual columns. The output is SDPA's own; the mass at visual columns is the
+    PyTorch op's; after the first call of a configuration no device value is read on the host."""
+    from fitprune_fx.kernels import sdpa_lse
+    from fitprune_fx.kernels.fused_attention import cuda_attention_with_mass
+
+    args = _fused_case(case)
+    query, key, value, mask, instruction, visual, scale, sdpa_causal, causal = args
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 takes the Triton path only with TF32 allowed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither a fallback nor a disagreeing lse
+            cuda_attention_with_mass(*args)
+            with HostSyncRecorder() as recorder:
+                out, cross, selfsum = cuda_attention_with_mass(*args)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert recorder.syncs == []
+    assert all(sdpa_lse._CHECKED.values())
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=sdpa_causal, scale=scale, enable_gqa=True
+    )
+    rows = mask is None or mask.any(dim=-1, keepdim=True).all()  # SDPA kernels differ on empty rows
+    if rows is True or bool(rows):
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    ref = torch_attention_mass(query, key, mask, instruction, visual, scale, causal)
+    cols = visual.expand_as(cross)
+    # the lse is torch's kernel's: in 16-bit its own rounding (up to 5e-5 relative measured)
+    tol = 2e-5 if query.dtype == torch.float32 else 2e-4
+    assert_close((cross[cols], selfsum[cols]), (ref[0][cols], ref[1][cols]), atol=tol, rtol=tol)
+
+
+@interpreted_only
+def test_kernel_fused_cuda_path_refuses_an_lse_that_disagrees(monkeypatch):
+    """If torch's kernel returned an lse of another convention, the first call of the
+    configuration finds out, warns once, and every call computes its own lse: same results."""
+    from fitprune_fx.kernels import sdpa_lse
+    from fitprune_fx.kernels.fused_attention import cuda_attention_with_mass
+
+    honest = sdpa_lse.sdpa_with_lse
+    monkeypatch.setattr(sdpa_lse, "_CHECKED", {})
+    monkeypatch.setattr(sdpa_lse, "sdpa_with_lse", lambda *a: (honest(*a)[0], honest(*a)[1] * 0.5))
+    case = build_case(2, 2, 2, 33, 16, torch.float16, "pad-bool", seed=8)
+    args = _fused_case(case)
+    with pytest.warns(UserWarning, match="lse differs from the mass kernel's"):
+        first = cuda_attention_with_mass(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = cuda_attention_with_mass(*args)
+    assert list(sdpa_lse._CHECKED.values()) == [False]
+    ref = torch_attention_mass(*case.args())
+    cols = case.visual
+    for got in (first, second):
+        assert_close((got[1][cols], got[2][cols]), (ref[0][cols], ref[1][cols]), atol=2e-5, rtol=2e-5)

@@ -172,25 +172,39 @@ def cuda_attention_mass(
     visual: Tensor,
     scale: float,
     is_causal: bool,
+    lse: Tensor | None = None,
+    visual_columns: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The CUDA implementation: Triton when it can run, PyTorch otherwise (one warning per reason).
+    """The CUDA implementation: Triton when it can run and wins, PyTorch otherwise (one warning
+    per failure reason; fp32 without TF32 goes to PyTorch by choice, silently).
 
-    Decides from shapes and dtypes only, so it never synchronises with the device.
+    `lse` [B, H, S] (natural log, from the attention kernel) and `visual_columns` are passed to
+    the Triton kernel (see there). Decides from shapes, dtypes and torch's settings only, so it
+    never synchronises with the device.
     """
     args = (query, key, attn_mask, instruction, visual, scale, is_causal)
     launch = (query.dtype, query.shape[-1], None if attn_mask is None else attn_mask.dtype, is_causal)
     reason = _triton_unusable(query, attn_mask)
-    if reason is None and launch not in _TRITON_FAILED:  # a failed launch warned once already
+    if reason is None and launch not in _TRITON_FAILED and triton_wins(query):  # failed: warned once
         try:
             from .triton_mass import triton_attention_mass
 
-            return triton_attention_mass(*args)
+            tf32 = query.dtype == torch.float32
+            return triton_attention_mass(*args, lse, visual_columns=visual_columns, tf32=tf32)
         except Exception as e:  # noqa: BLE001  (a compile or launch error of any kind: never crash)
             _TRITON_FAILED.add(launch)
             reason = f"the Triton kernel failed for {launch}: {type(e).__name__}: {str(e)[:300]}"
     if reason is not None:
         _warn_once(reason)
     return torch_attention_mass(*args, skip_unweighted=False)
+
+
+def triton_wins(query: Tensor) -> bool:
+    """Whether the Triton kernel is the faster choice for this dtype. fp16 / bf16: always. fp32:
+    only where torch allows TF32 matmuls (`torch.set_float32_matmul_precision("high")`); with
+    IEEE fp32 products Triton lost to the PyTorch op's cuBLAS matmuls (167 against 62 ms at
+    S = 3000 on an H200), so fp32 at "highest" precision (torch's default) uses PyTorch."""
+    return query.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
 
 
 def _triton_unusable(query: Tensor, attn_mask: Tensor | None) -> str | None:

@@ -11,9 +11,10 @@ op computes the probabilities once per chunk of query rows and derives both
 CPU: chunked PyTorch, fp32 softmax. With `causal`, a chunk of rows ending at row r reads keys
 0..r only (the rest are masked), and chunks of a few dozen rows (little masked work, matmuls still
 large enough) make it about as fast as SDPA alone or faster at the sizes measured (`CHUNK_ROWS`).
-CUDA: SDPA (flash / memory-efficient kernels) plus the Triton mass kernel, so the GPU output is
-SDPA's own. The op is not differentiable: the pass uses it only when the query does not require
-grad (inference).
+CUDA: torch's fused attention kernel returning its log-sum-exp (`sdpa_lse.py`), then one Triton
+mass kernel over visual columns and the sum of its partials, so the GPU output is SDPA's own and
+the scoring costs two launches beside the attention. The op is not differentiable: the pass
+uses it only when the query does not require grad (inference).
 """
 
 import torch
@@ -23,12 +24,15 @@ from torch import Tensor
 from .attention_mass import (
     CHUNK_ELEMENTS,
     CHUNK_ROWS,
+    _triton_unusable,
     allowed_mask,
     chunk_probabilities,
     cuda_attention_mass,
     repeat_kv,
     rows_per_chunk,
+    triton_wins,
 )
+from .sdpa_lse import checked_sdpa_with_lse
 
 # Row chunks as in `attention_mass.py` (CHUNK_ROWS). Timed alone on 1 CPU thread over the 70
 # recipe's token counts (642 ... 155, `benchmarks/speed.py` small width): 8 heads of 64, 25.3 ms for
@@ -90,18 +94,30 @@ def attention_with_mass(query, key, value, attn_mask, instruction, visual, scale
 def cuda_attention_with_mass(
     query, key, value, attn_mask, instruction, visual, scale, sdpa_is_causal, causal
 ):
-    """SDPA's own output (its fused GPU kernels) and the Triton mass; no host synchronisation."""
-    out = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attn_mask,
-        is_causal=sdpa_is_causal,
-        scale=scale,
-        enable_gqa=key.shape[1] != query.shape[1],
+    """SDPA's output from torch's fused kernel with its log-sum-exp (`sdpa_lse.py`), then the mass
+    from that lse (one Triton kernel and the sum of its partials); only visual columns are
+    computed, the only ones FitPrune's selection reads. Where the Triton mass is not used (fp32
+    without TF32, masks it cannot read) or the kernel's lse cannot be had: SDPA, then the mass op's
+    CUDA path as it stands. No host synchronisation after a configuration's first call."""
+    attention = None
+    same_causality = attn_mask is not None or causal == sdpa_is_causal  # the lse is the mass's
+    if same_causality and _triton_unusable(query, attn_mask) is None and triton_wins(query):
+        attention = checked_sdpa_with_lse(query, key, value, attn_mask, scale, sdpa_is_causal)
+    if attention is None:
+        out, lse = _sdpa(query, key, value, attn_mask, scale, sdpa_is_causal), None
+    else:
+        out, lse = attention
+    cross, selfsum = cuda_attention_mass(
+        query, key, attn_mask, instruction, visual, scale, causal, lse=lse, visual_columns=True
     )
-    cross, selfsum = cuda_attention_mass(query, key, attn_mask, instruction, visual, scale, causal)
     return out.contiguous(), cross, selfsum
+
+
+def _sdpa(query, key, value, attn_mask, scale, is_causal):
+    enable_gqa = key.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
 
 
 attention_with_mass.register_kernel("cuda")(cuda_attention_with_mass)
