@@ -53,6 +53,8 @@ class Results:
     decode: dict[str, dict] = field(default_factory=dict)
     decode_batched: dict[str, dict] = field(default_factory=dict)  # the same at `sizes["decode_batch"]`
     breakdown: dict[str, dict] = field(default_factory=dict)  # CPU: ms per kind of work (speed_breakdown)
+    launches: dict[str, int] = field(default_factory=dict)  # kernel launches of one prefill (launches.py)
+    pruning_layers: dict[str, int] = field(default_factory=dict)  # layers that delete tokens
 
 
 def machine_info(device: str) -> dict:

@@ -241,3 +241,40 @@ def test_prefill_without_attention_mask_is_pruned_like_with_one(fresh_dynamo):
         assert [r.result.deletions for r in backend.pruned_graphs] == [{0: 6, 1: 4}]
     assert outputs[0].shape[1] == inputs["input_ids"].shape[1] - 10
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)
+
+
+def test_launches_per_pruning_layer_within_budget():
+    """The figure `benchmarks/launches.py` prints (CPU proxy: calls the compiled code makes): what
+    each pruning layer adds over unpruned stays within the stated budget, the fused attention is
+    one call per pruning layer in place of that layer's SDPA."""
+    import sys
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from launches import COMPILED_GRAPH, LAUNCH_BUDGET, count_launches, kernel_profile, per_pruning_layer
+
+    m = tiny_llava(seed=1)
+    inputs = make_inputs(m, [PromptSpec(3, 5), PromptSpec(1, 2)], seed=2)
+    variants = {"unpruned": {}, "pruned": {0: 4, 1: 6, 2: 3}}
+    launches, calls = {}, {}
+    for name, prune in variants.items():
+        compiled = fresh_compile(m, fitprune_backend(recipe_for(m, prune), progress=False))
+        with torch.no_grad(), kernel_profile():
+            compiled(**inputs)
+            launches[name] = count_launches(lambda c=compiled: c(**inputs), "cpu")
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                compiled(**inputs)
+        top = [e.name for e in prof.events() if e.cpu_parent and e.cpu_parent.name.startswith(COMPILED_GRAPH)]
+        calls[name] = {
+            op: top.count(op)
+            for op in ("fitprune::attention_with_mass", "aten::_scaled_dot_product_flash_attention_for_cpu")
+        }
+        assert len(top) == launches[name]
+    per_layer = per_pruning_layer(launches, {"pruned": 3}, "unpruned")["pruned"]
+    assert 4 <= per_layer <= LAUNCH_BUDGET["cpu"], launches
+    sdpa = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert calls["pruned"]["fitprune::attention_with_mass"] == 3
+    assert calls["unpruned"]["fitprune::attention_with_mass"] == 0
+    assert calls["unpruned"][sdpa] - calls["pruned"][sdpa] == 3
