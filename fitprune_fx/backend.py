@@ -42,6 +42,7 @@ from fitprune_fx.passes.token_count_inputs import TokenCountInputs
 from fitprune_fx.passes.visual_token_marks import strip_visual_token_marks
 
 from . import layer_compile, pruned_cache
+from .cudagraph_outputs import outputs_kept
 from .errors import NotPruned
 from .families import graph_layouts, install_families
 from .recipe import Recipe, RecipeError
@@ -296,15 +297,11 @@ class FitpruneBackend:
                 compiled = compile_fx(gm, example_inputs, config_patches=self._config)
             if decoder is not None:
                 decoder.compile_s = time.perf_counter() - start
-        if not messages:
-            return compiled
-
-        def run_checked(*args):
-            *outputs, flags = compiled(*args)
-            raise_failed_checks(flags, messages)
-            return outputs
-
-        return run_checked
+        if messages:
+            compiled = _checked(compiled, messages)
+        if self.compiler != "eager" and self._config.get("triton.cudagraphs", False):
+            compiled = outputs_kept(compiled)  # a later replay must not overwrite what this call returned
+        return compiled
 
     def _whole_graph_on_failure(
         self, by_layer: Callable, gm: fx.GraphModule, example_inputs: list, report: GraphReport
@@ -530,6 +527,17 @@ def _inductor_config(mode: str | None, options: dict | None) -> dict:
 
     config = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
     return {**config, **(options or {})}
+
+
+def _checked(compiled: Callable, messages: list[str]) -> Callable:
+    """`compiled` whose last output (the run-time checks' flags) is read and dropped."""
+
+    def run_checked(*args):
+        *outputs, flags = compiled(*args)
+        raise_failed_checks(flags, messages)
+        return outputs
+
+    return run_checked
 
 
 def _fake_mode(gm: fx.GraphModule):
