@@ -23,7 +23,14 @@ def test_gpu_check_smoke_runs_every_section():
     assert sections == {"kernel", "pass", "generate", "capture", "speed"}, table
     status = {(r[0].strip("| "), r[1]): r[-1].strip(" |") for r in rows}
     assert all(s == "ok" for (sec, _), s in status.items() if sec in ("kernel", "pass", "generate")), table
-    assert "max rel diff" in table and "of ideal" in table and "FAIL" not in table
+    assert "max rel diff" in table and "FAIL" not in table
+    assert sum("fused attention + mass" in line for line in table.splitlines()) == 3  # fp32, fp16, bf16
+    speed = [line for line in table.splitlines() if line.startswith("| speed | ")]
+    for mode in ("default", "reduce-overhead"):  # the prefill matrix ran both modes, the recipe pruned
+        assert any(f"| speed | {mode}, batch 2, 643 tokens" in line and "70 " in line for line in speed), (
+            table
+        )
+    assert any("decode tokens/s vs unpruned" in line for line in speed), table
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu_or_smoke():

@@ -15,9 +15,13 @@ Sections (each prints as it goes, then one summary table; exit status 1 if a che
               memory-efficient, flash) vs pruning as masking (transformers' own generate).
 * capture  -- `mode="reduce-overhead"`: the pruned prefill and decode graphs under CUDA graphs,
               replays checked under sync-debug "error" and against the default mode.
-* speed    -- `benchmarks/speed.py` at LLaVA-1.5-7B width (hidden 4096, 32 heads) in bf16:
-              prefill speed-up vs the FLOPs ideal at the 50 and 70 recipes, scoring overhead,
-              compile time, peak memory.
+* speed    -- `benchmarks/prefill_matrix.py` at LLaVA-1.5-7B's depth and width (32 layers, hidden
+              4096) in bf16: batch 1 and 8, 642 and 2880-visual-token prompts, default and
+              reduce-overhead modes; unpruned, score-only, the 50 and 70 recipes against the FLOPs
+              ideal, peak memory, compile time, kernel launches per pruning layer, decode.
+
+On CUDA the summary table is also written to the clone's docs/gpu/ (with the speed section's
+table and JSON), named by date and device.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
+import datetime
 import os
 import runpy
 import statistics
@@ -132,7 +136,59 @@ def check_kernels(device: str, smoke: bool) -> list[Row]:
             detail += f"; FELL BACK: {fell_back[0][:200]}"
         rows.append(Row("kernel", f"Triton vs PyTorch op, {name}, sync-free", detail, "ok" if ok else "FAIL"))
         print(f"kernel {name}: {detail}", flush=True)
-    return rows
+    return rows + [
+        check_fused(name, dtype, lengths, heads, kv_heads, dim, device) for name, dtype in DTYPES.items()
+    ]
+
+
+def check_fused(name: str, dtype, lengths, heads: int, kv_heads: int, dim: int, device: str) -> Row:
+    """The pruning layer's op on CUDA: torch's attention kernel with its lse (checked against the
+    lse pass at a configuration's first call), then the mass from it. Its output against SDPA, its
+    mass at visual columns against the PyTorch op; later calls sync-free; time against SDPA alone."""
+    import torch.nn.functional as F
+
+    from fitprune_fx.kernels.fused_attention import cuda_attention_with_mass
+
+    worst_out, worst_mass, fell_back, times = 0.0, 0.0, [], None
+    for s in lengths:
+        query, key, mask, instruction, visual, scale, causal = llava_like_scoring_inputs(
+            s, heads, kv_heads, dim, dtype, device, seed=s
+        )
+        value = torch.randn(key.shape, generator=torch.Generator().manual_seed(s)).to(device, dtype)
+        args = (query, key, value, mask, instruction, visual, scale, False, causal)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cuda_attention_with_mass(*args)  # a configuration's first call checks the kernel's lse
+            with sync_free():
+                out, cross, selfsum = cuda_attention_with_mass(*args)
+        fell_back += [
+            str(w.message) for w in caught if "instead" in str(w.message) or "not Triton" in str(w.message)
+        ]
+        expected = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        worst_out = max(worst_out, (out.float() - expected.float()).abs().max().item())
+        from fitprune_fx.kernels.attention_mass import torch_attention_mass
+
+        ref = torch_attention_mass(query, key, mask, instruction, visual, scale, causal)
+        for a, e in zip((cross, selfsum), ref, strict=True):
+            rel = ((a - e)[visual].abs().max() / e[visual].abs().max().clamp(min=1e-30)).item()
+            worst_mass = max(worst_mass, rel)
+        if s == lengths[-1] and device == "cuda":
+            sdpa = lambda a=args: F.scaled_dot_product_attention(  # noqa: E731
+                a[0], a[1], a[2], attn_mask=a[3], scale=a[6], enable_gqa=True
+            )
+            times = (timed_ms(lambda a=args: cuda_attention_with_mass(*a), device), timed_ms(sdpa, device))
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    ok = worst_out <= tol and worst_mass <= 1e-3 and not fell_back
+    speed = f"; S={lengths[-1]}: fused {times[0]:.2f} ms, SDPA alone {times[1]:.2f} ms" if times else ""
+    detail = f"output vs SDPA max |diff| {worst_out:.1e}, mass max rel diff {worst_mass:.1e}{speed}"
+    if fell_back:
+        detail += f"; FELL BACK: {fell_back[0][:200]}"
+    print(f"kernel fused {name}: {detail}", flush=True)
+    return Row(
+        "kernel", f"fused attention + mass vs SDPA and the PyTorch op, {name}", detail, "ok" if ok else "FAIL"
+    )
 
 
 # ----------------------------------------------------------------------------------- pass
@@ -313,42 +369,68 @@ def _static_decode_capture(device: str) -> Row:
 
 
 # ----------------------------------------------------------------------------------- speed
-def check_speed(device: str, smoke: bool, layers: int) -> list[Row]:
+def check_speed(device: str, smoke: bool, budget_s: float) -> list[Row]:
+    """`benchmarks/prefill_matrix.py`: 32 layers at LLaVA-1.5-7B width in bf16, batch 1 and 8, 642
+    and 2880-visual-token prompts, default and reduce-overhead modes, against unpruned with the
+    FLOPs ideal and the goals beside; on CUDA its table and JSON go to the clone's docs/gpu/."""
     torch._dynamo.reset()
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "prefill_matrix.py"
     if not script.exists():
-        return [Row("speed", "benchmarks/speed.py", f"not found at {script} (run from a clone)", "skipped")]
+        return [
+            Row(
+                "speed",
+                "benchmarks/prefill_matrix.py",
+                f"not found at {script} (run from a clone)",
+                "skipped",
+            )
+        ]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "speed.json"
-        if smoke:
-            argv = ["--quick", "--compiler", "eager", "--decode-repeats", "0", "--recipes", "50", "70"]
-        else:
-            argv = ["--device", "cuda", "--layers", str(layers), "--recipes", "50", "70"]
-            argv += ["--repeats", "7", "--warmup", "2", "--new-tokens", "32", "--decode-repeats", "1"]
-            argv += ["--no-any-length"]  # two more compiles: keep the check inside a short device lease
+        out_dir = Path(tmp) if smoke else root / "docs" / "gpu"
+        argv = ["--smoke"] if smoke else ["--device", "cuda", "--budget-s", str(budget_s)]
         saved = sys.argv, list(sys.path)
-        sys.argv = [str(script), *argv, "--json", str(out)]
-        sys.path.insert(0, str(script.parent))  # as `python benchmarks/speed.py`: speed_report.py beside it
+        sys.argv = [str(script), *argv, "--out-dir", str(out_dir)]
+        sys.path.insert(0, str(script.parent))  # as `python benchmarks/prefill_matrix.py`
         try:
-            runpy.run_path(str(script), run_name="__main__")
+            result = runpy.run_path(str(script), run_name="prefill_matrix")["main"](sys.argv[1:])
         finally:
             sys.argv, sys.path[:] = saved
-        results = json.loads(out.read_text())
-    base = results["prefill_ms"]["unpruned"]
     rows = []
-    s = results["sizes"]
-    where = f"{s['layers']} layers x hidden {s['hidden']}, {s['dtype']}"
-    for name in ("50", "70"):
-        f = results["flops"][name]
-        peak = results.get("peak_mib", {}).get(name)
-        mem = f"; peak {peak:.0f} MiB vs {results['peak_mib']['unpruned']:.0f}" if peak else ""
-        ratio = f"{f['speedup']:.2f}x of ideal {f['ideal']:.2f}x ({f['speedup'] / f['ideal']:.2f})"
-        rows.append(Row("speed", f"prefill, recipe {name} ({where})", ratio + mem, "info"))
-    scoring = results["prefill_ms"]["score-only"] / base - 1
-    rows.append(Row("speed", "scoring overhead (score-only vs unpruned)", f"{100 * scoring:+.1f} %", "info"))
-    c = results["compile_s"]
-    ratios = ", ".join(f"{n}: {c[n]['compile_s'] / c['unpruned']['compile_s']:.2f}x" for n in ("50", "70"))
-    rows.append(Row("speed", "compile time vs plain Inductor", ratios, "info"))
+    where = (
+        f"{result['sizes']['layers']} layers x hidden {result['sizes']['hidden']}, {result['sizes']['dtype']}"
+    )
+    for r in result["prefill"]:
+        base = r["ms"]["unpruned"]
+        cells = ", ".join(
+            f"{n} {base / ms:.2f}x (ideal {result['ideal'][n]:.2f}x)"
+            for n, ms in r["ms"].items()
+            if n != "unpruned"
+        )
+        peak = r["peak_mib"].get("70")
+        mem = f"; peak MiB 70 {peak:.0f} vs {r['peak_mib']['unpruned']:.0f}" if peak else ""
+        pruned = all(v > 0 for n, v in r["pruned_runs"].items() if n != "unpruned")
+        what = f"{r['mode']}, batch {r['batch']}, {r['tokens']} tokens ({where})"
+        rows.append(Row("speed", what, f"unpruned {base:.2f} ms; {cells}{mem}", "info" if pruned else "FAIL"))
+    for mode, comp in result["compile_s"].items():
+        ratios = ", ".join(f"{n} {s / comp['unpruned']:.2f}x" for n, s in comp.items() if n != "unpruned")
+        rows.append(Row("speed", f"compile time vs unpruned, {mode}", ratios, "info"))
+    if result["launches"]:
+        base = result["launches"]["unpruned"]
+        per = ", ".join(
+            f"{n} {(c - base) / result['pruning_layers'][n]:.1f}"
+            for n, c in result["launches"].items()
+            if result["pruning_layers"].get(n)
+        )
+        rows.append(
+            Row("speed", "kernel launches per pruning layer", f"unpruned {base} per prefill; {per}", "info")
+        )
+    if result["decode"]:
+        d = result["decode"]
+        ratios = ", ".join(
+            f"{n} {v['tokens_per_s'] / d['unpruned']['tokens_per_s']:.2f}x" for n, v in d.items()
+        )
+        rows.append(Row("speed", "decode tokens/s vs unpruned (batch 1)", ratios, "info"))
+    rows += [Row("speed", "skipped", s, "info") for s in result["skipped"]]
     return rows
 
 
@@ -363,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, Triton interpreter (what CI runs)")
     p.add_argument("--sections", nargs="+", default=["kernel", "pass", "generate", "capture", "speed"])
-    p.add_argument("--speed-layers", type=int, default=4, help="decoder layers of the 7B-width speed model")
+    p.add_argument(
+        "--speed-budget-s", type=float, default=240.0, help="the speed section starts no stage after this"
+    )
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu" and not args.smoke:
@@ -388,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         "pass": check_pass,
         "generate": check_generate,
         "capture": check_capture,
-        "speed": lambda d, s: check_speed(d, s, args.speed_layers),
+        "speed": lambda d, s: check_speed(d, s, args.speed_budget_s),
     }
     rows: list[Row] = []
     start = time.perf_counter()
@@ -401,5 +485,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(name, "section", f"{type(e).__name__}: {str(e)[:300]}", "FAIL"))
             traceback.print_exc()
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    print("\n" + summary(rows, header + f"; {time.perf_counter() - start:.0f} s in all"))
+    table = summary(rows, header + f"; {time.perf_counter() - start:.0f} s in all")
+    print("\n" + table)
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    if device == "cuda" and docs.is_dir():  # a clone: the record the README quotes
+        slug = gpu.replace(" ", "-").lower()
+        path = docs / "gpu" / f"{datetime.date.today().isoformat()}-{slug}-gpu_check.md"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(
+            f"# gpu_check\n\n`python -m fitprune_fx.gpu_check {' '.join(argv or sys.argv[1:])}`\n\n{table}\n"
+        )
+        print(f"wrote {path}")
     return 1 if any(r.status == "FAIL" for r in rows) else 0
