@@ -86,7 +86,8 @@ def test_pruned_prefill_and_decode_graphs_make_no_host_sync(monkeypatch):
 
 def test_mode_and_options_reach_inductor(monkeypatch):
     """`mode=` given to fitprune_backend or to torch.compile(backend=..., mode=...) becomes
-    Inductor's config patches (reduce-overhead: CUDA graphs)."""
+    Inductor's config patches (reduce-overhead: CUDA graphs), and then the backend keeps the outputs
+    of CUDA-graph replays valid (`cudagraph_outputs.outputs_kept`)."""
     import torch._inductor.compile_fx as compile_fx_module
 
     seen = []
@@ -96,6 +97,10 @@ def test_mode_and_options_reach_inductor(monkeypatch):
         return gm.forward
 
     monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    import fitprune_fx.backend as backend_module
+
+    kept = []  # under CUDA graphs the compiled callable's outputs are copied out of the pool
+    monkeypatch.setattr(backend_module, "outputs_kept", lambda fn: kept.append(fn) or fn)
     model = torch.nn.Linear(4, 4)
     recipe = Recipe(model=ModelInfo.from_config(tiny_llava(num_layers=2).config), prune={0: 1})
     x = torch.randn(2, 4)
@@ -108,3 +113,4 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     torch.compile(model, backend=fitprune_backend(recipe))(x)
     assert seen[0].get("triton.cudagraphs") is True and seen[1].get("triton.cudagraphs") is True
     assert seen[2] == {"max_autotune": True} and seen[3] == {}
+    assert len(kept) == 2  # the two reduce-overhead compiles only
