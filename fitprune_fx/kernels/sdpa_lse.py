@@ -115,11 +115,13 @@ def checked_sdpa_with_lse(
         from .triton_mass import row_lse
 
         ours = row_lse(query, key, attn_mask, scale, is_causal, tf32=False) * LN2  # natural log
-        finite = ours.isfinite()
-        gap = (lse - ours).abs().where(finite, 0.0).amax().item() if bool(finite.any()) else 0.0
-        _CHECKED[config] = gap <= 2e-2
+        # Rows with an allowed key; tolerance for 16-bit / TF32 products (a convention error, e.g.
+        # base 2, no scale, misaligned rows, is off by far more)
+        gap = ((lse - ours).abs() - 2e-3 * ours.abs()).where(ours.isfinite(), 0.0)
+        worst = gap.amax().item() if gap.numel() else 0.0
+        _CHECKED[config] = worst <= 2e-2
         if not _CHECKED[config]:
-            _warn(f"torch's attention lse differs from the mass kernel's by {gap:.3g} for {config}")
+            _warn(f"torch's attention lse differs from the mass kernel's by {worst:.3g} for {config}")
             return None
     return out, lse
 
