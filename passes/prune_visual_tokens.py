@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from .cache_positions import cache_position_ops, insert_cache_positions, token_positions
+from .causal_mask import insert_causal_mask, needs_causal_mask
 from .entry_compaction import insert_entry_compaction
 from .insert_compaction import insert_token_compaction
 from .insert_fused_scoring import can_fuse_scoring, insert_fused_fitprune_scoring
@@ -121,6 +122,8 @@ def prune_visual_tokens(
     with graph.inserting_after(dec.merge):
         visual = graph.call_function(visual_token_mask, tuple(dec.image_masks))
     keep = None  # examples may hold different visual counts (void slots pad the shorter ones)
+    if per_call is not None and plan and dec.example_counts is not None and needs_causal_mask(dec):
+        insert_causal_mask(graph, dec, fake_mode)  # void slots need a mask to hide them
     if per_call is not None and _can_pad(dec, plan, layout):
         token_counts.read_example_counts(dec.example_counts, dec.counts_from_mask)
         rows = per_call.keep_rows(list(plan), deletions_for)

@@ -184,6 +184,39 @@ def test_generate_on_a_batch_of_different_image_sizes_matches_each_example_alone
     assert model.fitprune_backend.pruned_graphs[-1].result.any_visual_count
 
 
+def test_a_first_generate_on_equal_length_prompts_of_different_image_sizes():
+    """Prompts of equal length whose images differ in size: nothing is padded, so generate hands
+    SDPA no mask (`is_causal=True`), and the pass writes the causal mask itself to hide the void
+    slots of the smaller example (`passes/causal_mask.py`). Each example's tokens and every step's
+    logits equal masking's on the example alone; before, the run-time count check refused the call."""
+    import fitprune_fx
+
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=2)
+    oracle = copy.deepcopy(model)
+    fitprune_fx.compile(
+        model, Recipe.from_fractions(ModelInfo.from_config(model.config), FRACTIONS), compiler="eager"
+    )
+    alone = [
+        make_qwen_inputs(model, [2], [15], grid=(4, 4), seed=1),  # 4 visual tokens, a longer question
+        make_qwen_inputs(model, [2], [3], grid=(8, 8), seed=2),  # 16 visual tokens
+    ]
+    batch = batch_prompts(alone)
+    assert bool(batch["attention_mask"].all())  # equal lengths: no padding
+    gen = dict(
+        max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        got = model.generate(**batch, **gen)
+        for e, inputs in enumerate(alone):
+            with MaskingReference(oracle, masking_plan(oracle, inputs, FRACTIONS)):
+                expected = oracle.generate(**inputs, **gen)
+            assert torch.equal(got.sequences[e, 23:], expected.sequences[0, 23:]), e
+            for step, (ours, theirs) in enumerate(zip(got.scores, expected.scores, strict=True)):
+                torch.testing.assert_close(ours[e], theirs[0], atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    (graph,) = model.fitprune_backend.pruned_graphs
+    assert graph.result.padded
+
+
 _SHARED: dict = {}  # one compiled model for every hypothesis example (graphs are reused across them)
 
 
