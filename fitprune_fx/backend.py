@@ -175,6 +175,7 @@ class FitpruneBackend:
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
                 token_counts=token_counts,
                 windows=sorted({layout.layer_index(n) for n, _ in windows} - {None}),
+                num_heads=self.recipe.model.num_attention_heads,
             )
         except NoVisualTokens as e:
             report.reason = str(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ def insert_importance_scoring(
     causal_decoder: bool = False,
     kept_length: fx.Node | None = None,
     continues: bool = False,
+    shards=None,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
@@ -35,7 +37,8 @@ def insert_importance_scoring(
     mask (exact when the layer's own mask is causal already). `kept_length`, a [K] placeholder of
     `token_count_inputs`, gives `kept` its length symbol. Returns the `kept` node
     ([B, S - d] original-order indices) and all nodes inserted. `continues`: the chunk continues
-    a KV cache (its keys are the cached ones, then its own; `ScoringInputs.continues`).
+    a KV cache (its keys are the cached ones, then its own; `ScoringInputs.continues`). `shards`:
+    the heads are split across tensor-parallel ranks (`sharded_heads.HeadShards`).
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
@@ -59,6 +62,7 @@ def insert_importance_scoring(
                 "visual_count": visual_count,
                 "doomed": doomed,
                 **({"continues": True} if continues else {}),
+                **({"shards": dataclasses.astuple(shards)} if shards is not None else {}),
             },
         )
     kept = insert_kept_selection(graph, scores, visual, num_delete, kept_length)

@@ -25,6 +25,7 @@ from .locate import CacheContinuation, UnsupportedGraph, example_value, locate_d
 from .padded_compaction import PaddedCompaction, has_example_counts, writes_caches
 from .scorers import CONTINUING_SCORERS, COUNT_FREE_SCORERS, SCORERS
 from .sequence_length import propagate_compaction
+from .sharded_heads import SHARDED_SCORERS, head_sharding
 from .token_count_inputs import TokenCountInputs
 from .token_ops import (
     VISUAL_COUNT_ERROR,
@@ -61,6 +62,7 @@ def prune_visual_tokens(
     seed: int = 0,
     token_counts: TokenCountInputs | None = None,
     windows: Sequence[int] = (),
+    num_heads: int | None = None,
 ) -> PruneResult:
     """Rewrite `gm` in place. `layout` names the decoder's modules (from its model family);
     `deletions_for(n_visual) -> {layer: count}` gives the static plan.
@@ -73,7 +75,8 @@ def prune_visual_tokens(
     after the graph's own inputs `args`.
 
     `windows`: the decoder layers that attend within a sliding window (`attention_marks`); their
-    caches must record their keys' positions (`cache_positions`).
+    caches must record their keys' positions (`cache_positions`). `num_heads`: the model's query
+    heads, to check a tensor-parallel graph's shards against (`sharded_heads`).
 
     FitPrune's scoring at a deleting layer comes from the layer's own attention where it can
     (`insert_fused_scoring`: one attention instead of two on CPU).
@@ -115,6 +118,14 @@ def prune_visual_tokens(
             "key positions: this transformers release does not hand the attention's keyword arguments "
             "to the cache update, so a pruned cache cannot count a window in original positions; "
             "upgrade transformers (5.25 does) to prune this model"
+        )
+
+    shards = head_sharding(dec.sites, num_heads)  # tensor parallelism: each rank holds some heads
+    if shards is not None and (scorer not in SHARDED_SCORERS or scorer_fn not in (None, SCORERS.get(scorer))):
+        raise UnsupportedGraph(
+            f"the attention heads are split over {shards.size} tensor-parallel ranks, and the scorer "
+            f"{getattr(scorer_fn, '__name__', scorer)!r} sees one rank's heads; the built-in scorers "
+            f"{', '.join(sorted(SHARDED_SCORERS))} combine heads across ranks"
         )
 
     graph = gm.graph
@@ -178,7 +189,7 @@ def prune_visual_tokens(
             # S holds `present` visual tokens, so at least present - d tokens remain.
             kept_length = token_counts.length_after(layer, length - d, device, at_least=present - d)
         length = length - d
-        if not dec.continues and can_fuse_scoring(site, scorer, scorer_fn, d):
+        if not dec.continues and shards is None and can_fuse_scoring(site, scorer, scorer_fn, d):
             site, kept, nodes = insert_fused_fitprune_scoring(
                 graph,
                 site,
@@ -203,6 +214,7 @@ def prune_visual_tokens(
                 causal_decoder=layout.causal,
                 kept_length=kept_length,
                 continues=dec.continues,
+                shards=shards,
             )
             scoring[layer] = nodes[0]
         if padded is not None:

@@ -16,6 +16,7 @@ import torch
 import fitprune_fx.kernels  # noqa: F401  (registers torch.ops.fitprune.visual_attention_mass)
 from fitprune_fx.kernels.attention_mass import allowed_mask
 
+from .sharded_heads import HeadShards, reduce_heads
 from .token_ops import gather_tokens
 
 
@@ -36,6 +37,9 @@ class ScoringInputs:
     # the chunk's S; probabilities are normalised over all K, and only the chunk's tokens are
     # scored (`chunk_columns`). Never without a mask.
     continues: bool = False
+    # Tensor parallelism: the query / key hold this rank's heads only (`sharded_heads`); a scorer
+    # that combines heads must combine them across ranks too (`reduce_heads`).
+    shards: HeadShards | None = None
 
     def chunk_columns(self, x: torch.Tensor) -> torch.Tensor:
         """The last S entries of x's last dim (the chunk's keys): x itself when not continuing."""
@@ -139,7 +143,7 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
     Instruction tokens are the non-visual, non-padding tokens after the last visual token.
     """
     instruction = instruction_rows(inputs)
-    if inputs.continues:
+    if inputs.continues or inputs.shards is not None:
         return _fitprune_over_context(inputs, instruction)
     # One graph node that never holds the [B, H, S, S] probabilities (chunked PyTorch on CPU,
     # Triton on CUDA): per key j, the head-max probabilities summed over instruction / visual rows.
@@ -150,11 +154,12 @@ def fitprune_score(inputs: ScoringInputs) -> torch.Tensor:
 
 
 def _fitprune_over_context(inputs: ScoringInputs, instruction: torch.Tensor) -> torch.Tensor:
-    """FitPrune's score of a chunk that continues a cache, in plain torch: the head-max map of the
-    probabilities over the whole context [B, S, P + S], read at the chunk's columns. (Holds the
-    [B, H, S, K] probabilities: a later turn's chunk, not the first prompt.)"""
+    """FitPrune's score in plain torch from the head-max map of the probabilities: for a chunk that
+    continues a cache, over the whole context [B, S, P + S] read at the chunk's columns; with heads
+    sharded across ranks, the local map's max over all ranks (one all-reduce of [B, S, S]). (Holds
+    the [B, H, S, K] probabilities of this rank's heads.)"""
     probs = inputs.chunk_columns(attention_probs(inputs))  # [B, H, S, S] normalised over P + S
-    head_max = probs.amax(dim=1)  # [B, S, S]
+    head_max = reduce_heads(probs.amax(dim=1), inputs.shards, "max")  # [B, S, S], all heads
     cross = (head_max * instruction[:, :, None]).sum(dim=1)  # [B, S]
     self_sum = (head_max * inputs.visual[:, :, None]).sum(dim=1)
     return fitprune_from_mass(cross, self_sum, inputs.visual)
@@ -208,7 +213,9 @@ def fastv_score(inputs: ScoringInputs) -> torch.Tensor:
     pos = torch.arange(s, device=inputs.visual.device).expand(b, s)
     last = torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)  # [B, 1]
     last_row = inputs.chunk_columns(attention_probs(inputs, rows=last))  # [B, H, 1, S]
-    return last_row.mean(dim=1)[:, 0]
+    if inputs.shards is None:
+        return last_row.mean(dim=1)[:, 0]
+    return reduce_heads(last_row.sum(dim=1)[:, 0], inputs.shards, "sum") / inputs.shards.heads
 
 
 @register_scorer("random")
@@ -263,14 +270,17 @@ def score_tokens(
     visual_count: int,
     doomed: tuple[int, ...] = (),
     continues: bool = False,
+    shards: tuple[str, int, int] | None = None,
 ) -> torch.Tensor:
-    """Graph entry point: run `scorer` (a function, or a registered name); returns fp32 scores [B, S]."""
+    """Graph entry point: run `scorer` (a function, or a registered name); returns fp32 scores [B, S].
+    `shards`: `HeadShards` as a tuple (the graph's code spells its arguments out)."""
     if not callable(scorer):
         if scorer not in SCORERS:
             raise KeyError(f"unknown scorer {scorer!r}; registered: {sorted(SCORERS)}")
         scorer = SCORERS[scorer]
     options = {"visual_count": visual_count, "doomed": doomed}
     inputs = ScoringInputs(
-        query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options, continues
-    )
+        query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options, continues,
+        None if shards is None else HeadShards(*shards),
+    )  # fmt: skip
     return scorer(inputs).float()
