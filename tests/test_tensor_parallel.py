@@ -1,0 +1,80 @@
+"""transformers' tensor parallelism (`tp_plan="auto"`, 2 ranks on CPU with gloo, as transformers'
+own tensor-parallel tests run): pruned like the whole model, scoring reduced across ranks.
+
+Each rank holds half the heads; FitPrune's max over heads must be taken over all of them, so the
+pass all-reduces the head-max map once per pruning layer (`passes/sharded_heads.py`). The worker
+(`tp_worker.py`) compares each rank's run with the single-process pruned run of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")  # transformers' tp_plan loading path needs it
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+
+
+def tiny(family: str):
+    if family == "llava":
+        from fitprune_fx.testbed.tiny import tiny_llava
+
+        return tiny_llava(num_layers=4, seed=3)
+    if family == "qwen2_5_vl":
+        from fitprune_fx.testbed.tiny_qwen import tiny_qwen_vl
+
+        return tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=3)
+    from fitprune_fx.testbed.tiny_gemma3 import tiny_gemma3
+
+    return tiny_gemma3(num_layers=4, seed=3)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+def test_two_ranks_prune_like_one_process(family, tmp_path):
+    """On both ranks: prefill logits equal the single-process pruned run (1e-5), the kept sets are
+    the same, each layer's cache holds the recipe's token count (and half the kv heads), generate
+    is token-identical; the pruned graph adds one head reduction per pruning layer and gathers
+    nothing (no query, key, value or probabilities moved between ranks)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    path = tmp_path / "model"
+    model = tiny(family)
+    model.save_pretrained(path)
+    kv_heads = model.config.text_config.num_key_value_heads
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
+           str(WORKER), family, str(path), str(tmp_path)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        single, tp = r["single"], r["tp"]
+        assert single["pruned"] == tp["pruned"] == 1
+        assert r["logits_max_diff"] <= 1e-5, r["logits_max_diff"]
+        assert tp["kept"] == single["kept"] and len(tp["kept"]) == 2
+        assert tp["cache_lengths"] == single["cache_lengths"]
+        assert tp["cache_lengths"][0] > tp["cache_lengths"][-1]  # the recipe deleted tokens
+        assert tp["local_heads"] == [kv_heads // 2] and single["local_heads"] == [kv_heads]
+        assert r["tokens"]["tp"] == r["tokens"]["single"]
+        assert tp["pruned_runs"] >= 1
+        assert tp["collectives"].get("head_reductions") == 2  # one per pruning layer
+        assert not any("gather" in kind for kind in tp["collectives"]), tp["collectives"]
+        assert "head_reductions" not in single["collectives"]
+    assert ranks[0]["tokens"] == ranks[1]["tokens"]
+    # What crosses ranks per pruning layer: the [B, S, S] fp32 head-max map of that layer's tokens
+    # (one max all-reduce), and the ranks' own maps differ (each saw other heads), yet they keep
+    # the same tokens (above).
+    b, s = ranks[0]["prompt"]
+    lengths = ranks[0]["tp"]["cache_lengths"]
+    for r in ranks:
+        assert [x["op"] for x in r["reductions"]] == ["max", "max"]
+        assert [x["shape"] for x in r["reductions"]] == [[b, lengths[i], lengths[i]] for i in (1, 2)]
+        assert [x["bytes"] for x in r["reductions"]] == [4 * b * lengths[i] ** 2 for i in (1, 2)]
+    local = [[x["local_sum"] for x in r["reductions"]] for r in ranks]
+    assert all(abs(a - c) > 1e-3 for a, c in zip(*local, strict=True)), local
