@@ -22,6 +22,7 @@ _EXPORTS = {
     "UnsupportedAttention": "fitprune_fx.generation",
     "UnsupportedCacheError": "fitprune_fx.generation",
     "UnsupportedQuantizer": "fitprune_fx.generation",
+    "UnsupportedPlacement": "fitprune_fx.generation",
     "check_generate_path": "fitprune_fx.generation",
     "compile": "fitprune_fx.generation",
     "ModelInfo": "fitprune_fx.recipe",
@@ -45,6 +46,7 @@ __all__ = [  # = sorted(_EXPORTS), spelled out for linters
     "UnsupportedAttention",
     "UnsupportedCacheError",
     "UnsupportedQuantizer",
+    "UnsupportedPlacement",
     "check_generate_path",
     "compile",
     "fit",
@@ -78,6 +80,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .generation import (
         UnsupportedAttention,
         UnsupportedCacheError,
+        UnsupportedPlacement,
         UnsupportedQuantizer,
         check_generate_path,
         compile,

@@ -147,7 +147,8 @@ class FitpruneBackend:
                 report.reason = (
                     "not understood: attention outside the decoder layers of every known model family "
                     "(fitprune_fx.families): no family claims this model, or a graph break split the "
-                    "decoder into pieces"
+                    "decoder into pieces (accelerate's device_map hooks do: run a model that needs "
+                    'several GPUs with tensor parallelism, tp_plan="auto")'
                 )
                 self._warn_unchanged(report)
             elif merge:

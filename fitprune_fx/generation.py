@@ -81,6 +81,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
 
     `backend_options` go to `fitprune_backend` (`compiler="eager"`, `scorer=...`, `mode=...`). The
     backend is kept at `model.fitprune_backend` (read `.summary()` / `.reports` after a call).
+    Models spread over devices by accelerate's `device_map` are refused (`check_device_map`).
     Besides `model.compile(backend=...)`, this wraps `model.generate` to refuse what a pruned cache
     cannot serve exactly (caches other than dynamic and static ones, the generation modes of
     `REFUSED_MODES`) with an error that names it, and warns when a call with an image ran no
@@ -95,6 +96,7 @@ def compile(  # shadows the builtin on purpose: exported as fitprune_fx.compile
 
     check_attention_implementation(model)
     check_quantizer(model)
+    check_device_map(model)
     backend = fitprune_backend(recipe, **backend_options)
     model.compile(backend=backend)
     model._compiled_call_impl = _watch_pruned_calls(model, model._compiled_call_impl, backend)
@@ -155,6 +157,27 @@ def check_quantizer(model: nn.Module) -> None:
             "(quantization_config=TorchAoConfig(...)), or, to try it yourself, compile with "
             "model.compile(backend=fitprune_backend(recipe)) and compare against "
             "fitprune_fx.masking_reference.MaskingReference"
+        )
+
+
+class UnsupportedPlacement(ValueError):
+    """The model is spread over devices by accelerate's `device_map` (hooks between modules)."""
+
+
+def check_device_map(model: nn.Module) -> None:
+    """Refuse, before compiling, a model that accelerate placed on several devices or offloads
+    (`device_map="auto"` across GPUs, CPU or disk). Its hooks move tensors between modules, and
+    Dynamo breaks the graph at each of them, so no graph holds the decoder and nothing could be
+    pruned. Tensor parallelism keeps the decoder one graph per rank, and the pass prunes it."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in placement.values()}
+    if len(devices) > 1 or devices & {"cpu", "disk", "meta"} and len(placement) > 1:
+        raise UnsupportedPlacement(
+            f"fitprune: the model is placed by accelerate's device_map on {sorted(devices)}; its hooks "
+            "break the graph at every placed module, so the decoder is never one graph and cannot be "
+            "pruned. Run a model that needs several GPUs with tensor parallelism instead: "
+            'from_pretrained(..., tp_plan="auto") under `torchrun --nproc_per_node N` (each rank '
+            "prunes its shard; README, 'Several GPUs'), or load it on one device"
         )
 
 

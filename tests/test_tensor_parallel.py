@@ -78,3 +78,40 @@ def test_two_ranks_prune_like_one_process(family, tmp_path):
         assert [x["bytes"] for x in r["reductions"]] == [4 * b * lengths[i] ** 2 for i in (1, 2)]
     local = [[x["local_sum"] for x in r["reductions"]] for r in ranks]
     assert all(abs(a - c) > 1e-3 for a, c in zip(*local, strict=True)), local
+
+
+def test_device_map_across_devices_is_refused_before_compiling(tmp_path):
+    """accelerate's device_map hooks break the graph at every placed module (no graph holds the
+    decoder): fitprune_fx.compile refuses such a model before compiling, naming tensor parallelism;
+    a bare backend compiles the pieces unchanged with a warning that says the same; a model on
+    one device is accepted."""
+    import warnings
+
+    import torch
+    from accelerate import dispatch_model
+
+    import fitprune_fx
+    from fitprune_fx import ModelInfo, Recipe, UnsupportedPlacement, fitprune_backend
+    from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
+
+    model = tiny_llava(num_layers=4, seed=3)
+    recipe = Recipe(model=ModelInfo.from_config(model.config), prune={1: 4})
+    inputs = make_inputs(model, [PromptSpec(3, 5)], seed=1)
+    placed = {name: "cpu" for name in ("model.vision_tower", "model.multi_modal_projector", "lm_head")}
+    text = "model.language_model"
+    placed |= {
+        f"{text}.{part}": "cpu" for part in ("embed_tokens", "norm", "rotary_emb", "layers.0", "layers.1")
+    }
+    placed |= {f"{text}.layers.2": "disk", f"{text}.layers.3": "disk"}
+    dispatched = dispatch_model(model, device_map=placed, offload_dir=str(tmp_path))
+    with pytest.raises(UnsupportedPlacement, match=r"tensor parallelism.*tp_plan=\"auto\""):
+        fitprune_fx.compile(dispatched, recipe, compiler="eager")
+    backend = fitprune_backend(recipe, compiler="eager", progress=False)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(dispatched, backend=backend)(**inputs)
+    assert not backend.pruned_graphs
+    assert any("device_map hooks" in str(w.message) and "tp_plan" in str(w.message) for w in caught)
+    one_device = tiny_llava(num_layers=4, seed=3)
+    one_device.hf_device_map = {"": "cpu"}  # what from_pretrained(device_map="cpu") records
+    fitprune_fx.compile(one_device, recipe, compiler="eager")
