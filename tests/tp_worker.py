@@ -2,7 +2,7 @@
 
 Loads the saved tiny model twice, whole and with transformers' tensor parallelism
 (`tp_plan="auto"`), prunes both with the same recipe, and writes what the test compares to
-`<out>/rank<r>.json`: prefill logits difference, kept sets, cache lengths, generated tokens, and
+`<out>/<family>-rank<r>.json`: prefill logits difference, kept sets, cache lengths, generated tokens, and
 the collectives of the tensor-parallel pruned graph.
 """
 
@@ -62,9 +62,16 @@ class AllGraphs(KeptRecorder):
         return fn
 
 
-def main(family: str, path: str, out: str) -> None:
+def main(out: str, *families_and_paths: str) -> None:
+    """Each `family=path` in turn, one process group for all (process start-up paid once)."""
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    for item in families_and_paths:
+        family, path = item.split("=", 1)
+        run_family(family, path, out, dist.get_rank())
+    dist.destroy_process_group()
+
+
+def run_family(family: str, path: str, out: str, rank: int) -> None:
     models = {
         "single": AutoModelForImageTextToText.from_pretrained(path),
         "tp": AutoModelForImageTextToText.from_pretrained(path, tp_plan="auto"),
@@ -111,9 +118,8 @@ def main(family: str, path: str, out: str) -> None:
             tokens[name] = model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :].tolist()
         result[name]["pruned_runs"] = model.fitprune_backend.pruned_runs
     result["tokens"] = tokens
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    Path(out, f"{family}-rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])
