@@ -233,7 +233,7 @@ def _shared_model():
     return _SHARED
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     grids=st.lists(st.sampled_from(GRIDS[:9]), min_size=1, max_size=3),
     texts=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=3, max_size=3),

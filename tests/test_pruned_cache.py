@@ -172,7 +172,7 @@ EXAMPLES = [  # (prune, prompts, steps, seed, windowed, padding side)
 ]  # fmt: skip
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(continuations())
 @example(EXAMPLES[0]).via("right padding, a padded later turn")
 @example(EXAMPLES[1]).via("every layer slides, two images")
