@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx
 
 from .locate import AttentionSite, UnsupportedGraph, example_value
 
@@ -78,8 +77,3 @@ def reduce_heads(x: torch.Tensor, shards: HeadShards | None, op: str) -> torch.T
     from torch.distributed import _functional_collectives as funcol
 
     return funcol.wait_tensor(funcol.all_reduce(x, op, shards.group))
-
-
-def is_head_reduction(node: fx.Node) -> bool:
-    """A node of `reduce_heads` in a compiled graph (an all-reduce other than the layers' sums)."""
-    return node.op == "call_function" and node.target is reduce_heads
