@@ -143,4 +143,21 @@ GRAPH_CONTRACT: tuple[ContractItem, ...] = (
         "fitprune_fx/pruned_cache.py: install, pruned_cache_sdpa",
         "tests/test_graph_contract.py::test_attention_interface",
     ),
+    ContractItem(
+        "maskless-causal",
+        "A prefill SDPA given no mask is causal exactly when `is_causal=True` (transformers skips "
+        "the mask when nothing is padded, as `generate` does); the pass writes that mask itself "
+        "when a batch of different visual counts needs void slots hidden.",
+        "passes/causal_mask.py: needs_causal_mask, insert_causal_mask",
+        "tests/test_any_visual_count.py::test_a_first_generate_on_equal_length_prompts_of_different_image_sizes",
+    ),
+    ContractItem(
+        "tensor-parallel-heads",
+        "Under transformers' tensor parallelism each layer's attention holds a slice of the heads, "
+        "and the attention's output projection ends in a `_c10d_functional.all_reduce` over the "
+        "tensor-parallel group before the residual add; local heads x the group's size = the "
+        "model's heads.",
+        "passes/sharded_heads.py: all_reduce_group, head_sharding",
+        "tests/test_tensor_parallel.py::test_two_ranks_prune_like_one_process",
+    ),
 )
