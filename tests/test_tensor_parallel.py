@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("accelerate")  # transformers' tp_plan loading path needs it
 
@@ -53,7 +54,14 @@ def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
            str(WORKER), str(tmp), *saved]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return {f: [json.loads((tmp / f"{f}-rank{r}.json").read_text()) for r in (0, 1)] for f in FAMILIES}
+    results = {f: [json.loads((tmp / f"{f}-rank{r}.json").read_text()) for r in (0, 1)] for f in FAMILIES}
+    for family, ranks in results.items():  # the whole model ran on rank 0: its results are the reference
+        whole = torch.load(tmp / f"{family}-rank0-single.pt")
+        for r in ranks:
+            tp_logits = torch.load(tmp / f"{family}-rank{r['rank']}-tp.pt")
+            r["logits_max_diff"] = (tp_logits - whole).abs().max().item()
+            r["single"], r["tokens"]["single"] = ranks[0]["single"], ranks[0]["tokens"]["single"]
+    return results
 
 
 @pytest.mark.parametrize("family", FAMILIES)
