@@ -33,7 +33,7 @@ def inputs_for(family: str, model) -> dict:
         return make_inputs(model, [PromptSpec(3, 5), PromptSpec(6, 9)], seed=1)
     if family == "qwen2_5_vl":
         return make_qwen_inputs(model, [2, 5], [4, 3], grid=(8, 8), seed=1)
-    return make_gemma3_inputs(model, [2, 5], [4, 3], images=2, seed=1)
+    return make_gemma3_inputs(model, [2, 5], [4, 3], images=2, seed=1)  # gemma3, gemma3_released
 
 
 def collectives(graph_modules) -> dict[str, int]:
