@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from launches import count_launches, launches_table
-from speed import IMAGE_TOKEN_ID, SCORE_ONLY, UNPRUNED, build_model, make_recipes
+from speed import SCORE_ONLY, UNPRUNED, build_model, make_prompt, make_recipes
 from speed_report import machine_info
 from timing import round_robin, synchronize, timed
 
@@ -75,32 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.compiler = "eager" if args.smoke else "inductor"
     args.torch_dtype = getattr(torch, args.dtype)
     args.image_size, args.patch_size, args.seed = 96, 4, 0  # speed.py's model: 24 x 24 = 576 tokens
+    args.system_tokens, args.question_tokens = 35, 30
     return args
 
 
 def make_prompts(model, batch: int, images: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """`batch` prompts: BOS + 35 system tokens, `images` image blocks (a newline-like text token
-    after each), a 30-token question."""
-    g = torch.Generator().manual_seed(batch * 100 + images)
-    vc = model.config.vision_config
-    per_image = (vc.image_size // vc.patch_size) ** 2
-
-    def text(n: int) -> list[int]:
-        return torch.randint(4, IMAGE_TOKEN_ID, (n,), generator=g).tolist()
-
-    def prompt() -> list[int]:
-        ids = [1, *text(35)]
-        for _ in range(images):
-            ids += [IMAGE_TOKEN_ID] * per_image + text(1)
-        return ids + text(30)
-
-    ids = torch.tensor([prompt() for _ in range(batch)], device=args.device)
-    pixels = torch.randn((batch * images, 3, vc.image_size, vc.image_size), generator=g)
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": pixels.to(device=args.device, dtype=args.torch_dtype),
-    }
+    """`speed.py`'s prompts (35 system tokens, the images' visual tokens, a 30-token question) at
+    this batch and image count."""
+    shape = argparse.Namespace(**{**vars(args), "batch": batch, "seed": batch * 100 + images})
+    return make_prompt(model, shape, images)
 
 
 class Clock:

@@ -139,9 +139,11 @@ def build_model(args: argparse.Namespace) -> LlavaForConditionalGeneration:
     return model.eval()
 
 
-def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """`--batch` prompts of one length: BOS + system prompt, the image's visual tokens, the question
-    (each prompt its own random text and image)."""
+def make_prompt(
+    model: LlavaForConditionalGeneration, args: argparse.Namespace, images: int = 1
+) -> dict[str, torch.Tensor]:
+    """`--batch` prompts of one length: BOS + system prompt, the visual tokens of `images` images
+    (one block after the other), the question (each prompt its own random text and images)."""
     g = torch.Generator().manual_seed(args.seed)
     vc = model.config.vision_config
     n_visual = (vc.image_size // vc.patch_size) ** 2
@@ -150,10 +152,10 @@ def make_prompt(model: LlavaForConditionalGeneration, args: argparse.Namespace) 
         return torch.randint(4, IMAGE_TOKEN_ID, (n,), generator=g).tolist()
 
     ids = [
-        [1] + text(args.system_tokens) + [IMAGE_TOKEN_ID] * n_visual + text(args.question_tokens)
+        [1] + text(args.system_tokens) + [IMAGE_TOKEN_ID] * (n_visual * images) + text(args.question_tokens)
         for _ in range(args.batch)
     ]
-    pixels = torch.randn((args.batch, 3, vc.image_size, vc.image_size), generator=g)
+    pixels = torch.randn((args.batch * images, 3, vc.image_size, vc.image_size), generator=g)
     return {
         "input_ids": torch.tensor(ids, device=args.device),
         "attention_mask": torch.ones((args.batch, len(ids[0])), dtype=torch.long, device=args.device),

@@ -22,7 +22,12 @@ def outputs_kept(compiled: Callable, device_type: str = "cuda") -> Callable:
 
     def run(*args):
         outputs = compiled(*args)
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        # (parameters are never returned by an inference graph: skipped, hundreds of them per call)
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in args
+            if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+        }
         pool = [
             i
             for i, o in enumerate(outputs)

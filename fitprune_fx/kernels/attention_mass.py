@@ -67,8 +67,10 @@ def allowed_mask(attn_mask: Tensor | None, is_causal: bool, seq_len: int, device
 
 
 def repeat_kv(x: Tensor, heads: int) -> Tensor:
-    """[B, Hkv, S, D] -> [B, H, S, D] for grouped-query attention (each kv head serves H / Hkv)."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+    """[B, Hkv, S, D] -> [B, H, S, D] for grouped-query attention (kv head h // G serves query head
+    h, G = H / Hkv): an expand and one copy, no `repeat_interleave` (no repeats tensor)."""
+    b, hkv, s, d = x.shape
+    return x if hkv == heads else x[:, :, None].expand(b, hkv, heads // hkv, s, d).reshape(b, heads, s, d)
 
 
 def chunk_probabilities(

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention_mass import repeat_kv
+
 LN2 = 0.6931471805599453
 
 # The efficient kernel wants its bias's last dimension dense and the row stride a multiple of 8
@@ -45,7 +47,7 @@ def sdpa_with_lse(
     """
     b, h, s, _ = query.shape
     if key.shape[1] != h:
-        key, value = repeat_heads(key, h), repeat_heads(value, h)
+        key, value = repeat_kv(key, h), repeat_kv(value, h)
     bias = None if attn_mask is None else additive_bias(attn_mask, query.dtype, (b, h, s, key.shape[2]))
     if query.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -61,12 +63,6 @@ def sdpa_with_lse(
         query, key, value, bias, True, 0.0, is_causal, scale=scale
     )[:2]
     return out, lse[..., :s]
-
-
-def repeat_heads(x: Tensor, heads: int) -> Tensor:
-    """[B, Hkv, S, D] -> [B, H, S, D], kv head h // G serving query head h (one copy)."""
-    b, hkv, s, d = x.shape
-    return x[:, :, None].expand(b, hkv, heads // hkv, s, d).reshape(b, heads, s, d)
 
 
 def additive_bias(attn_mask: Tensor, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> Tensor:
