@@ -176,8 +176,9 @@ def check_device_map(model: nn.Module) -> None:
             f"fitprune: the model is placed by accelerate's device_map on {sorted(devices)}; its hooks "
             "break the graph at every placed module, so the decoder is never one graph and cannot be "
             "pruned. Run a model that needs several GPUs with tensor parallelism instead: "
-            'from_pretrained(..., tp_plan="auto") under `torchrun --nproc_per_node N` (each rank '
-            "prunes its shard; README, 'Several GPUs'), or load it on one device"
+            'from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto")) under `torchrun '
+            "--nproc_per_node N` (each rank prunes its shard; README, 'Several GPUs'), or load it on "
+            "one device"
         )
 
 

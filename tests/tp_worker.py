@@ -1,7 +1,7 @@
 """One rank of `test_tensor_parallel.py`, run under `torchrun --nproc_per_node 2` (CPU, gloo).
 
 Loads the saved tiny model twice, whole and with transformers' tensor parallelism
-(`tp_plan="auto"`), prunes both with the same recipe, and writes what the test compares to
+(`DistributedConfig(tp_plan="auto")`), prunes both with the same recipe, and writes what the test compares to
 `<out>/<family>-rank<r>.json` (logits in `.pt` files beside): kept sets, cache lengths, generated tokens, and
 the collectives of the tensor-parallel pruned graph.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, DistributedConfig
 
 import fitprune_fx
 from fitprune_fx import ModelInfo, Recipe, fitprune_backend
@@ -73,7 +73,8 @@ def main(out: str, *families_and_paths: str) -> None:
 
 def run_family(family: str, path: str, out: str, rank: int) -> None:
     """The tensor-parallel model on every rank; the whole model (the reference) on rank 0 only."""
-    models = {"tp": AutoModelForImageTextToText.from_pretrained(path, tp_plan="auto")}
+    tp = DistributedConfig(tp_plan="auto")  # transformers' tensor parallelism over all ranks
+    models = {"tp": AutoModelForImageTextToText.from_pretrained(path, distributed_config=tp)}
     if rank == 0:
         models["single"] = AutoModelForImageTextToText.from_pretrained(path)
     inputs = inputs_for(family, models["tp"])
