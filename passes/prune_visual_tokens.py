@@ -127,6 +127,12 @@ def prune_visual_tokens(
             f"{getattr(scorer_fn, '__name__', scorer)!r} sees one rank's heads; the built-in scorers "
             f"{', '.join(sorted(SHARDED_SCORERS))} combine heads across ranks"
         )
+    if shards is not None and dec.continues:
+        raise CacheContinuation(
+            f"this prompt chunk brings an image but continues an existing KV cache, and the heads are "
+            f"split over {shards.size} tensor-parallel ranks: later-turn images are not checked across "
+            "ranks; this chunk runs unpruned (exact) against the cache as it is"
+        )
 
     graph = gm.graph
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs

@@ -213,9 +213,7 @@ def fastv_score(inputs: ScoringInputs) -> torch.Tensor:
     pos = torch.arange(s, device=inputs.visual.device).expand(b, s)
     last = torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)  # [B, 1]
     last_row = inputs.chunk_columns(attention_probs(inputs, rows=last))  # [B, H, 1, S]
-    if inputs.shards is None:
-        return last_row.mean(dim=1)[:, 0]
-    return reduce_heads(last_row.sum(dim=1)[:, 0], inputs.shards, "sum") / inputs.shards.heads
+    return last_row.mean(dim=1)[:, 0]
 
 
 @register_scorer("random")

@@ -8,8 +8,9 @@ heads are sharded over, and the query's heads times the group's size must be the
 
 A scorer that combines heads must then combine them across ranks, or each rank would keep other
 tokens (and the all-reduced outputs would mix them): FitPrune's max over heads becomes a local max
-and one all-reduce (max) of the [B, S, S] head-max map; FastV's mean becomes a local sum and one
-all-reduce (sum) of [B, S]. Scorers that read no heads (random) run as they are; others are refused.
+and one all-reduce (max) of the [B, S, S] head-max map. Scorers that read no heads (random) run as
+they are; others (FastV, custom ones) are refused, and so is a chunk continuing a cache (a later
+turn's image): neither is tested across ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 
 from .locate import AttentionSite, UnsupportedGraph, example_value
 
-SHARDED_SCORERS = frozenset({"fitprune", "fastv", "random"})  # right with heads split across ranks
+# Scorers checked with heads split across ranks (tests/test_tensor_parallel.py: fitprune; random reads
+# no heads). FastV would need its head mean all-reduced too; untested, so refused like the others.
+SHARDED_SCORERS = frozenset({"fitprune", "random"})
 
 
 @dataclass(frozen=True)

@@ -137,3 +137,36 @@ def test_device_map_across_devices_is_refused_before_compiling(tmp_path):
     one_device = tiny_llava(num_layers=4, seed=3)
     one_device.hf_device_map = {"": "cpu"}  # what from_pretrained(device_map="cpu") records
     fitprune_fx.compile(one_device, recipe, compiler="eager")
+
+
+def test_scorers_unchecked_across_ranks_are_refused(monkeypatch):
+    """With heads split across ranks (faked here: the pass is told 2 ranks hold them), FastV is
+    refused: the graph compiles unpruned with a warning that names tensor parallelism; FitPrune is
+    not refused (its cross-rank run is the torchrun test above)."""
+    import warnings
+
+    import torch
+
+    from fitprune_fx import ModelInfo, Recipe, fitprune_backend
+    from fitprune_fx.passes import prune_visual_tokens
+    from fitprune_fx.passes.sharded_heads import HeadShards
+    from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, tiny_llava
+
+    monkeypatch.setattr(prune_visual_tokens, "head_sharding", lambda sites, heads: HeadShards("0", 2, 4))
+    model = tiny_llava(num_layers=4, seed=3)
+    inputs = make_inputs(model, [PromptSpec(3, 5)], seed=1)
+    for scorer, pruned in (("fastv", False), ("fitprune", True)):
+        torch._dynamo.reset()
+        recipe = Recipe(model=ModelInfo.from_config(model.config), prune={1: 4}, scorer=scorer)
+        backend = fitprune_backend(recipe, compiler="eager", progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if pruned:  # the reduction itself needs a process group: only the pass's acceptance is checked
+                with pytest.raises(Exception):  # noqa: B017
+                    torch.compile(model, backend=backend)(**inputs)
+            else:
+                with torch.no_grad():
+                    torch.compile(model, backend=backend)(**inputs)
+        refused = any("tensor-parallel ranks" in str(w.message) for w in caught)
+        assert refused == (not pruned), [str(w.message)[:200] for w in caught]
+        assert bool(backend.pruned_graphs) == pruned
