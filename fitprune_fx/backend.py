@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from fitprune_fx.passes import method_scorers  # noqa: F401  (registers the published methods)
 from fitprune_fx.passes.attention_marks import strip_sliding_window_marks
 from fitprune_fx.passes.cache_positions import lower_cache_positions
 from fitprune_fx.passes.layout import DecoderLayout
@@ -37,7 +38,7 @@ from fitprune_fx.passes.locate import (
 from fitprune_fx.passes.onednn_linear import may_route_linears, route_linears_to_onednn
 from fitprune_fx.passes.prune_visual_tokens import PruneResult, prune_visual_tokens
 from fitprune_fx.passes.run_time_checks import collect_run_time_checks, raise_failed_checks
-from fitprune_fx.passes.scorers import SCORERS, Scorer
+from fitprune_fx.passes.scorers import SCORERS, Scorer, plain_options
 from fitprune_fx.passes.token_count_inputs import TokenCountInputs
 from fitprune_fx.passes.visual_token_marks import strip_visual_token_marks
 
@@ -174,6 +175,7 @@ class FitpruneBackend:
                 scorer=self.recipe.scorer,
                 scorer_fn=self.scorer_fn,
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
+                scorer_options=plain_options(self.recipe.scorer_options),
                 token_counts=token_counts,
                 windows=sorted({layout.layer_index(n) for n, _ in windows} - {None}),
                 num_heads=self.recipe.model.num_attention_heads,

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .families import family_for
 from .reference import SCORERS, _score_visual, lowest_first
+from .reference_methods import NEEDS_LAYER_STATE
 
 ATTENTION_NAME = "fitprune_masking_reference"
 _ACTIVE: list[MaskingReference] = []
@@ -54,8 +55,11 @@ class MaskingReference:
         scorer_options: dict | None = None,
         later_turns: dict[int, int] | None = None,
     ) -> None:
-        if scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
+        if scorer not in SCORERS or scorer in NEEDS_LAYER_STATE:
+            raise ValueError(
+                f"unknown scorer {scorer!r} for pruning as masking (it sees attention only); expected one "
+                f"of {[s for s in SCORERS if s not in NEEDS_LAYER_STATE]}"
+            )
         self.model = model
         self.prune = {int(k): int(v) for k, v in prune.items()}
         self.later_turns = None if later_turns is None else {int(k): int(v) for k, v in later_turns.items()}

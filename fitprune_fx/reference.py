@@ -46,8 +46,9 @@ from transformers import DynamicCache
 
 from .decoder_inputs import DecoderInputs, capture_decoder_inputs
 from .families import family_for
+from .reference_methods import METHODS, score_method
 
-SCORERS = ("fitprune", "fastv", "random")
+SCORERS = ("fitprune", "fastv", "random", *METHODS)
 
 
 @dataclass
@@ -178,12 +179,18 @@ def _score_visual(
     valid: Tensor,
     layer: int,
     options: dict,
+    hidden: Tensor | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Importance of each visual row of one example: [n] fp32, aligned with visual rows in order.
 
     probs: [H, L, L] fp32 attention probabilities of this example at this layer;
-    visual, valid: [L] bool over the rows currently present (in original-position order).
+    visual, valid: [L] bool over the rows currently present (in original-position order);
+    hidden [L, C] / keys [Hkv, L, D]: the residual stream entering the layer and its keys (the
+    published methods of `reference_methods` that read them).
     """
+    if scorer in METHODS:
+        return score_method(scorer, probs, visual, valid, options, hidden, keys).to(probs.device)
     vis = visual.nonzero().squeeze(1)  # [n] row indices of visual tokens
     n = vis.numel()
     if scorer == "fitprune":
@@ -290,7 +297,7 @@ def _prefill(
                     if vis.numel() == 0:
                         score = torch.zeros(0, device=device)
                     else:
-                        score = _score_visual(scorer, probs[b], visual[b], valid[b], li, options)
+                        score = _score_visual(scorer, probs[b], visual[b], valid[b], li, options, h[b], k[b])
                     scores[li].append(score)
                     visual_positions[li].append(index[b, vis])
                     delete = vis[lowest_first(score)[:d]]  # rows to drop

@@ -29,6 +29,8 @@ def insert_importance_scoring(
     kept_length: fx.Node | None = None,
     continues: bool = False,
     shards=None,
+    positions: fx.Node | None = None,
+    scorer_options: tuple = (),
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
@@ -38,7 +40,9 @@ def insert_importance_scoring(
     `token_count_inputs`, gives `kept` its length symbol. Returns the `kept` node
     ([B, S - d] original-order indices) and all nodes inserted. `continues`: the chunk continues
     a KV cache (its keys are the cached ones, then its own; `ScoringInputs.continues`). `shards`:
-    the heads are split across tensor-parallel ranks (`sharded_heads.HeadShards`).
+    the heads are split across tensor-parallel ranks (`sharded_heads.HeadShards`). The scorer also
+    gets the layer's entering residual stream and values, `positions` ([B, S] original positions of
+    the layer's tokens) and the recipe's `scorer_options` ((name, value) pairs of plain values).
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
@@ -63,6 +67,10 @@ def insert_importance_scoring(
                 "doomed": doomed,
                 **({"continues": True} if continues else {}),
                 **({"shards": dataclasses.astuple(shards)} if shards is not None else {}),
+                "hidden": site.residual,
+                "value": site.value,
+                "positions": positions,
+                **({"scorer_options": scorer_options} if scorer_options else {}),
             },
         )
     kept = insert_kept_selection(graph, scores, visual, num_delete, kept_length)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from . import method_scorers  # noqa: F401  (registers the published methods' scorers)
 from .cache_positions import cache_position_ops, insert_cache_positions, token_positions
 from .causal_mask import insert_causal_mask, needs_causal_mask
 from .entry_compaction import insert_entry_compaction
@@ -60,6 +61,7 @@ def prune_visual_tokens(
     scorer: str = "fitprune",
     scorer_fn: Callable | None = None,
     seed: int = 0,
+    scorer_options: tuple = (),
     token_counts: TokenCountInputs | None = None,
     windows: Sequence[int] = (),
     num_heads: int | None = None,
@@ -76,7 +78,8 @@ def prune_visual_tokens(
 
     `windows`: the decoder layers that attend within a sliding window (`attention_marks`); their
     caches must record their keys' positions (`cache_positions`). `num_heads`: the model's query
-    heads, to check a tensor-parallel graph's shards against (`sharded_heads`).
+    heads, to check a tensor-parallel graph's shards against (`sharded_heads`). `scorer_options`:
+    the recipe's options for the scorer, as (name, value) pairs of plain values.
 
     FitPrune's scoring at a deleting layer comes from the layer's own attention where it can
     (`insert_fused_scoring`: one attention instead of two on CPU).
@@ -208,6 +211,11 @@ def prune_visual_tokens(
             )
             fused.append(layer)
         else:
+            scorer_positions = positions
+            if positions is None:  # the scorer reads original positions: the identity up to here
+                with graph.inserting_after(all_visual):
+                    scorer_positions = graph.call_function(token_positions, (all_visual,))
+                inserted.append(scorer_positions)
             kept, nodes = insert_importance_scoring(
                 graph,
                 site,
@@ -221,6 +229,8 @@ def prune_visual_tokens(
                 kept_length=kept_length,
                 continues=dec.continues,
                 shards=shards,
+                positions=scorer_positions,
+                scorer_options=scorer_options,
             )
             scoring[layer] = nodes[0]
         if padded is not None:

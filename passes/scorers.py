@@ -40,6 +40,14 @@ class ScoringInputs:
     # Tensor parallelism: the query / key hold this rank's heads only (`sharded_heads`); a scorer
     # that combines heads must combine them across ranks too (`reduce_heads`).
     shards: HeadShards | None = None
+    # More of the layer, for methods that read more than attention (None where a caller has none):
+    hidden: torch.Tensor | None = None  # [B, S, C] the residual stream entering the layer
+    value: torch.Tensor | None = None  # [B, Hkv, K, Dv] the layer's values (K as for `key`)
+    positions: torch.Tensor | None = None  # [B, S] long: each token's position in the prompt as given
+
+    def token_kinds(self) -> torch.Tensor:
+        """[B, S] int8: each token's `TokenKind` (padding, system, visual, instruction, between)."""
+        return token_kinds(token_validity(self), self.visual)
 
     def chunk_columns(self, x: torch.Tensor) -> torch.Tensor:
         """The last S entries of x's last dim (the chunk's keys): x itself when not continuing."""
@@ -50,11 +58,35 @@ class ScoringInputs:
         return x.index_select(-1, index)
 
 
+class TokenKind:
+    """The kinds of `ScoringInputs.token_kinds`. System text comes before the first visual token of
+    an example, instruction text after its last one, "between" text separates two images."""
+
+    PADDING = 0
+    SYSTEM = 1
+    VISUAL = 2
+    INSTRUCTION = 3
+    BETWEEN = 4
+
+
+def token_kinds(valid: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """[B, S] int8 `TokenKind`s from the non-padding tokens `valid` and the visual ones `visual`
+    [B, S]. An example without visual tokens is all instruction (and padding)."""
+    b, s = visual.shape
+    pos = torch.arange(s, device=visual.device).expand(b, s)
+    first = torch.where(visual, pos, s).amin(dim=1, keepdim=True)  # [B, 1]
+    last = torch.where(visual, pos, -1).amax(dim=1, keepdim=True)
+    kind = torch.where(pos < first, TokenKind.SYSTEM, TokenKind.BETWEEN)
+    kind = torch.where(pos > last, TokenKind.INSTRUCTION, kind)
+    kind = torch.where(visual, TokenKind.VISUAL, kind)
+    return torch.where(valid, kind, TokenKind.PADDING).to(torch.int8)
+
+
 Scorer = Callable[[ScoringInputs], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
 # Scorers that read neither `num_delete` nor the visual count: a graph scored by one of them may serve
 # every visual count (its deletions are sized per call). Others get a graph per count.
-COUNT_FREE_SCORERS = frozenset({"fitprune", "fastv"})
+COUNT_FREE_SCORERS = frozenset({"fitprune", "fastv", "last_token", "text_raters", "duplication"})
 # Scorers that read a chunk continuing a cache right (`ScoringInputs.continues`: keys are the cached
 # ones, then the chunk's); a chunk scored by another runs unpruned.
 CONTINUING_SCORERS = frozenset({"fitprune", "fastv", "random"})
@@ -240,6 +272,12 @@ def random_constants(layer: int, visual_count: int, num_delete: int, seed: int) 
     return tuple(sorted(torch.randperm(visual_count, generator=g)[:num_delete].tolist()))
 
 
+def plain_options(options) -> tuple:
+    """A recipe's scorer options as sorted (name, value) pairs a graph can hold (numbers, strings,
+    booleans); other values are left out (a scorer reads them through its own closure)."""
+    return tuple(sorted((k, v) for k, v in dict(options).items() if isinstance(v, (bool, int, float, str))))
+
+
 def bind_scorer(fn: Scorer) -> Callable[..., torch.Tensor]:
     """`score_tokens` with `fn` bound: a graph target that carries its own scorer function.
 
@@ -269,16 +307,21 @@ def score_tokens(
     doomed: tuple[int, ...] = (),
     continues: bool = False,
     shards: tuple[str, int, int] | None = None,
+    hidden: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    scorer_options: tuple = (),
 ) -> torch.Tensor:
     """Graph entry point: run `scorer` (a function, or a registered name); returns fp32 scores [B, S].
-    `shards`: `HeadShards` as a tuple (the graph's code spells its arguments out)."""
+    `shards`: `HeadShards` as a tuple (the graph's code spells its arguments out); `scorer_options`:
+    the recipe's scorer options as (name, value) pairs of plain values."""
     if not callable(scorer):
         if scorer not in SCORERS:
             raise KeyError(f"unknown scorer {scorer!r}; registered: {sorted(SCORERS)}")
         scorer = SCORERS[scorer]
-    options = {"visual_count": visual_count, "doomed": doomed}
+    options = {**dict(scorer_options), "visual_count": visual_count, "doomed": doomed}
     inputs = ScoringInputs(
         query, key, attn_mask, is_causal, scale, visual, layer, num_delete, options, continues,
-        None if shards is None else HeadShards(*shards),
+        None if shards is None else HeadShards(*shards), hidden, value, positions,
     )  # fmt: skip
     return scorer(inputs).float()

@@ -1,0 +1,177 @@
+"""The published methods' scorers (`passes/method_scorers`) against their eager references
+(`fitprune_fx/reference_methods`, run inside the explicit-removal reference), and what a scorer sees
+(`ScoringInputs`: hidden states, values, original positions, token kinds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_pass import captured, model, recipes
+
+from fitprune_fx.backend import fitprune_backend
+from fitprune_fx.passes.scorers import TokenKind, register_scorer, token_kinds
+from fitprune_fx.recipe import ModelInfo, Recipe
+from fitprune_fx.reference import reference_prefill
+from fitprune_fx.testbed.tiny import PromptSpec, make_inputs, num_image_tokens
+from graph_harness import KeptRecorder, assert_pass_matches_reference
+
+METHODS = ["last_token", "text_raters", "duplication"]
+
+
+def run_method(name, prompts, seed, prune, scorer, options=None):
+    m = model(name)
+    inputs = make_inputs(m, prompts, seed=seed)
+    cap = captured(name, len(prompts), prompts[0].images)
+    recipe = Recipe(
+        model=ModelInfo.from_config(m.config), prune=prune, scorer=scorer, scorer_options=options or {}
+    )
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    out = cap.run(recorder, **inputs)
+    assert [r.action for r in recorder.backend.reports] == ["pruned"]
+    applied = dict(sorted(recipe.pruning_plan(num_image_tokens(m) * prompts[0].images).items()))
+    ref = reference_prefill(
+        m,
+        inputs["input_ids"],
+        inputs["pixel_values"],
+        inputs["attention_mask"],
+        prune=applied,
+        scorer=scorer,
+        scorer_options=options or {},
+    )
+    assert_pass_matches_reference(inputs, out, recorder, ref, applied)
+    return ref
+
+
+@st.composite
+def cases(draw):
+    """A model, a left-padded batch with the image(s) anywhere, a method and its options."""
+    name = draw(st.sampled_from(["llama", "llama-mha", "qwen2", "llava-hr"]))
+    batch = draw(st.sampled_from([1, 3]))
+    images = draw(st.sampled_from([1, 2]))
+    prompts = []
+    for i in range(batch):
+        total = 8 if i == 0 else draw(st.integers(1, 8))
+        after = draw(st.integers(1, total))
+        prompts.append(PromptSpec(before=total - after, after=after, images=images))
+    scorer = draw(st.sampled_from(METHODS))
+    options = {"pivots": draw(st.integers(1, 12))} if scorer == "duplication" else {}
+    return name, draw(st.permutations(prompts)), draw(st.integers(0, 2**16)), scorer, options
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), case=cases())
+@example(
+    data=None, case=("llama", [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)], 3, "last_token", {})
+)
+@example(
+    data=None, case=("qwen2", [PromptSpec(0, 8, images=2), PromptSpec(3, 1, images=2)], 5, "text_raters", {})
+)
+@example(
+    data=None, case=("llama-mha", [PromptSpec(4, 4), PromptSpec(1, 1)], 11, "duplication", {"pivots": 3})
+)
+def test_methods_keep_what_their_references_keep(data, case):
+    """Kept sets at every pruning layer and logits at kept positions equal the eager reference, on
+    padded batches with one or two images anywhere, GQA and plain multi-head attention."""
+    name, prompts, seed, scorer, options = case
+    m = model(name)
+    n = num_image_tokens(m)
+    prune = {1: 8} if data is None else data.draw(recipes(m.config.text_config.num_hidden_layers, n))
+    run_method(name, prompts, seed, prune, scorer, options)
+
+
+def test_methods_delete_different_tokens():
+    """The methods are not one method under three names: on one batch their kept sets differ."""
+    prompts = [PromptSpec(3, 5), PromptSpec(1, 2)]
+    kept = {s: run_method("llama", prompts, 1, {0: 10}, s).kept for s in [*METHODS, "fastv"]}
+    as_sets = {s: [set(k[0].tolist()) for k in ks] for s, ks in kept.items()}
+    names = list(as_sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert as_sets[a] != as_sets[b], (a, b)
+
+
+def test_duplication_keeps_its_pivots():
+    """Every pivot survives (score 2): with pivots = visual count - deleted, the kept visual tokens
+    are exactly the largest-key-norm ones, read off the reference's scores."""
+    ref = run_method("llama", [PromptSpec(2, 3)], 4, {1: 12}, "duplication", {"pivots": 4})
+    scores = ref.scores[1][0]
+    assert int((scores == 2.0).sum()) == 4
+    kept = set(ref.kept[0][0].tolist())
+    assert set(ref.visual_positions[1][0][scores == 2.0].tolist()) <= kept
+
+
+def test_scorer_sees_hidden_states_values_positions_and_kinds():
+    """A custom scorer reads what the model computes: the hidden states entering the layer equal the
+    model's own (`output_hidden_states`) at the first pruning layer and hold the kept tokens at a
+    later one; values have the keys' length; positions are the original ones of the tokens present
+    (a scorer that deletes the earliest visual tokens); kinds mark system, visual, between,
+    instruction and padding tokens."""
+    seen = []
+
+    @register_scorer("test_records_inputs")
+    def record(inputs):
+        seen.append(inputs)
+        return inputs.positions.float()  # delete the earliest visual tokens first
+
+    m = model("llama")
+    prompts = [PromptSpec(2, 3, images=2), PromptSpec(0, 1, images=2)]
+    inputs = make_inputs(m, prompts, seed=2)
+    cap = captured("llama", 2, 2)
+    n = 2 * num_image_tokens(m)
+    recipe = Recipe(model=ModelInfo.from_config(m.config), prune={0: 5, 1: 7}, scorer="test_records_inputs")
+    cap.run(fitprune_backend(recipe, compiler="eager"), **inputs)
+    with torch.no_grad():
+        full = m(**inputs, output_hidden_states=True)
+    first, second = seen[-2:]  # the pass also ran it on fake tensors (shape propagation)
+    torch.testing.assert_close(first.hidden, full.hidden_states[0])
+    assert first.value.shape[-2] == first.key.shape[-2] == first.hidden.shape[1]
+    s = inputs["input_ids"].shape[1]
+    assert torch.equal(first.positions, torch.arange(s).expand(2, s))
+    d = recipe.pruning_plan(n)[0]  # counts are per image: 5 per image
+    assert d == 10
+    # after layer 0 deleted the d earliest visual tokens of each example
+    visual = inputs["input_ids"] == m.config.image_token_id
+    expected = []
+    for b in range(2):
+        gone = visual[b].nonzero().flatten()[:d]
+        keep = torch.ones(s, dtype=torch.bool)
+        keep[gone] = False
+        expected.append(keep.nonzero().flatten())
+    assert torch.equal(second.positions, torch.stack(expected))
+    assert second.hidden.shape[1] == s - d
+    kinds = first.token_kinds()
+    for b in range(2):
+        vis = visual[b].nonzero().flatten()
+        pad = (inputs["attention_mask"][b] == 0).nonzero().flatten()
+        assert torch.equal((kinds[b] == TokenKind.VISUAL).nonzero().flatten(), vis)
+        assert torch.equal((kinds[b] == TokenKind.PADDING).nonzero().flatten(), pad)
+        text = [i for i in range(s) if i not in set(vis.tolist()) | set(pad.tolist())]
+        for i in text:
+            want = (
+                TokenKind.SYSTEM
+                if i < vis[0]
+                else TokenKind.INSTRUCTION
+                if i > vis[-1]
+                else TokenKind.BETWEEN
+            )
+            assert kinds[b, i] == want, (b, i)
+    assert (kinds == TokenKind.BETWEEN).sum() == 2 * prompts[0].between
+    assert n == int((kinds == TokenKind.VISUAL).sum()) / 2
+
+
+def test_token_kinds_without_visual_tokens_are_instruction():
+    valid = torch.tensor([[False, True, True]])
+    kinds = token_kinds(valid, torch.zeros_like(valid))
+    assert kinds.tolist() == [[TokenKind.PADDING, TokenKind.INSTRUCTION, TokenKind.INSTRUCTION]]
+
+
+def test_duplication_needs_hidden_states():
+    from fitprune_fx.passes.method_scorers import duplication_score
+    from fitprune_fx.passes.scorers import ScoringInputs
+
+    q = torch.randn(1, 2, 4, 8)
+    inputs = ScoringInputs(q, q, None, True, 0.3, torch.ones(1, 4, dtype=torch.bool), 0, 1, {})
+    with pytest.raises(ValueError, match="hidden states entering the layer"):
+        duplication_score(inputs)
