@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from fitprune_fx import ModelInfo, Recipe, fit, fitprune_backend, merge_small_deletions
+from fitprune_fx.recipe_shapes import one_layer_recipe
 from fitprune_fx.testbed import synthetic
 from fitprune_fx.testbed.shapes_model import MODEL_DIRS, answer_ids, encode, load_shapes_llava
 
@@ -45,13 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fastv_recipe(base: Recipe, budget: float, layer: int) -> Recipe:
     """One-shot deletion after `layer` (moved earlier if needed) reaching `budget` FLOPs reduction."""
-    n = base.model.num_visual_tokens
-    for k in range(layer, -1, -1):
-        for d in range(n + 1):
-            r = Recipe(model=base.model, prune={k: d}, scorer="fastv", budget=budget)
-            if r.reference_reduction() >= budget - 1e-9:
-                return r
-    raise ValueError(f"FastV cannot reach a {budget:.0%} reduction on this model")
+    return one_layer_recipe(base.model, budget, layer, scorer="fastv")
 
 
 @torch.no_grad()

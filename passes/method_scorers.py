@@ -115,3 +115,16 @@ def duplication_score(inputs: ScoringInputs) -> torch.Tensor:
     hp = h.gather(1, order[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, p, C]
     similarity = (h @ hp.transpose(1, 2)).masked_fill(~real[:, None, :], float("-inf"))  # [B, S, p]
     return torch.where(is_pivot, 2.0, -similarity.amax(dim=-1))
+
+
+@register_scorer("random_per_example")
+def random_per_example_score(inputs: ScoringInputs) -> torch.Tensor:
+    """A fresh uniform draw for every example, layer and call: the baseline a method must beat.
+
+    `random` deletes the same ordinals in every example (seeded constants, exact against its
+    reference); this one draws from torch's generator inside the graph, so over a benchmark its
+    choices are independent across examples and its mean accuracy is pinned down by the number of
+    examples rather than by a handful of seeds. Reproducible with `torch.manual_seed` before the
+    calls on one machine and compiler (Inductor draws from its own Philox stream, not eager's).
+    """
+    return torch.rand(inputs.visual.shape, device=inputs.visual.device)

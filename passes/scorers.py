@@ -86,7 +86,9 @@ Scorer = Callable[[ScoringInputs], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
 # Scorers that read neither `num_delete` nor the visual count: a graph scored by one of them may serve
 # every visual count (its deletions are sized per call). Others get a graph per count.
-COUNT_FREE_SCORERS = frozenset({"fitprune", "fastv", "last_token", "text_raters", "duplication"})
+COUNT_FREE_SCORERS = frozenset(
+    {"fitprune", "fastv", "last_token", "text_raters", "duplication", "random_per_example"}
+)
 # Scorers that read a chunk continuing a cache right (`ScoringInputs.continues`: keys are the cached
 # ones, then the chunk's); a chunk scored by another runs unpruned.
 CONTINUING_SCORERS = frozenset({"fitprune", "fastv", "random"})

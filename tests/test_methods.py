@@ -175,3 +175,32 @@ def test_duplication_needs_hidden_states():
     inputs = ScoringInputs(q, q, None, True, 0.3, torch.ones(1, 4, dtype=torch.bool), 0, 1, {})
     with pytest.raises(ValueError, match="hidden states entering the layer"):
         duplication_score(inputs)
+
+
+def test_random_per_example_draws_afresh_for_every_example_and_call():
+    """Identical examples in one batch delete different tokens, exactly d visual ones and no text,
+    and over many draws every visual token goes about equally often (uniform choice)."""
+    m = model("llama")
+    prompts = [PromptSpec(3, 4)] * 3
+    inputs = make_inputs(m, prompts, seed=0)
+    recipe = Recipe(model=ModelInfo.from_config(m.config), prune={1: 8}, scorer="random_per_example")
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    compiled = torch.compile(m, backend=recorder, dynamic=False)
+    visual = (inputs["input_ids"][0] == m.config.image_token_id).nonzero().flatten()
+    n, d, calls = visual.numel(), 8, 40
+    deleted = torch.zeros(inputs["input_ids"].shape[1])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(calls):
+            compiled(**inputs)
+    assert len(recorder.kept) == calls
+    for kept in recorder.kept:  # [3, S - d] positions (the first pruning layer)
+        sets = [frozenset(k.tolist()) for k in kept]
+        assert len(set(sets)) > 1, "identical examples deleted the same tokens"
+        for k in sets:
+            gone = set(range(inputs["input_ids"].shape[1])) - k
+            assert len(gone) == d and gone <= set(visual.tolist())
+            deleted[list(gone)] += 1
+    frequency = deleted[visual] / (3 * calls)  # each ~ d / n; s.d. ~0.046 over 120 draws
+    assert (frequency - d / n).abs().max() < 0.25, frequency
+    assert len({tuple(k[0].tolist()) for k in recorder.kept}) > calls // 2  # calls differ too
