@@ -176,6 +176,7 @@ class FitpruneBackend:
                 scorer_fn=self.scorer_fn,
                 seed=int(self.recipe.scorer_options.get("seed", 0)),
                 scorer_options=plain_options(self.recipe.scorer_options),
+                merge=bool(self.recipe.scorer_options.get("merge", False)),
                 token_counts=token_counts,
                 windows=sorted({layout.layer_index(n) for n, _ in windows} - {None}),
                 num_heads=self.recipe.model.num_attention_heads,

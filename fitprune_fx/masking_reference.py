@@ -55,6 +55,10 @@ class MaskingReference:
         scorer_options: dict | None = None,
         later_turns: dict[int, int] | None = None,
     ) -> None:
+        if (scorer_options or {}).get("merge"):
+            raise ValueError(
+                "pruning as masking deletes tokens; token merging (option merge) has no mask form"
+            )
         if scorer not in SCORERS or scorer in NEEDS_LAYER_STATE:
             raise ValueError(
                 f"unknown scorer {scorer!r} for pruning as masking (it sees attention only); expected one "

@@ -212,6 +212,26 @@ def _score_visual(
     raise ValueError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
 
 
+def _merge_deleted(heads: Tensor, h: Tensor, rows: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
+    """Token merging (scorer option "merge"): each deleted visual row joins the kept visual row whose
+    hidden state entering the layer (`h`) is most similar (cosine; the first kept row on ties), and
+    each kept row becomes the plain mean of its group, in the attention heads [B, L, Hq*D] and the
+    residual [B, L, C]. A deleted row with no kept visual row in its example is dropped."""
+    merged_heads, merged_h = [], []
+    for b in range(h.shape[0]):
+        kept_rows = rows[b].tolist()
+        groups = {r: [r] for r in kept_rows}
+        kept_visual = [r for r in kept_rows if visual[b, r]]
+        for r in range(h.shape[1]):
+            if r in groups or not visual[b, r] or not kept_visual:
+                continue
+            sims = [float(torch.cosine_similarity(h[b, r], h[b, c], dim=0)) for c in kept_visual]
+            groups[kept_visual[sims.index(max(sims))]].append(r)
+        merged_heads.append(torch.stack([heads[b, groups[r]].mean(dim=0) for r in kept_rows]))
+        merged_h.append(torch.stack([h[b, groups[r]].mean(dim=0) for r in kept_rows]))
+    return torch.stack(merged_heads), torch.stack(merged_h)
+
+
 def lowest_first(scores: Tensor) -> Tensor:
     """Order of deletion: indices sorted by (score, index), i.e. ties delete the lower index first.
 
@@ -305,7 +325,10 @@ def _prefill(
                     keep[delete] = False
                     keep_rows.append(keep.nonzero().squeeze(1))  # sorted rows kept
                 rows = torch.stack(keep_rows)  # [B, L'] (same d per example)
-                heads, h = heads[batch, rows], h[batch, rows]
+                if options.get("merge"):
+                    heads, h = _merge_deleted(heads, h, rows, visual)
+                else:
+                    heads, h = heads[batch, rows], h[batch, rows]
                 index, pos, valid, visual = (t[batch, rows] for t in (index, pos, valid, visual))
                 deepstack = None if deepstack is None else deepstack[batch, rows]
                 for b in range(B):

@@ -23,6 +23,7 @@ from torch import fx
 
 from .layout import DecoderLayout
 from .locate import AttentionSite, PerTokenTensor
+from .token_merging import merge_rows, merge_targets
 from .token_ops import gather_tokens  # also registers fitprune::kept_positions, gather_token_pairs
 from .visual_token_marks import is_visual_residual_add
 
@@ -43,11 +44,16 @@ def insert_token_compaction(
     visual: fx.Node,
     layout: DecoderLayout,
     positions: fx.Node | None = None,
+    merge_visual: fx.Node | None = None,
+    merge_real: fx.Node | None = None,
 ) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """Compact after `site`'s attention. Updates `shared` (tensor -> node later layers read).
 
     `visual` is the uncompacted visual-token mask [B, S] and `positions` [B, S_l] the original
     positions of the tokens entering this layer (None: no earlier pruning layer).
+    `merge_visual`, the layer's own visual mask [B, S_l], merges the deleted visual tokens into
+    kept ones (`token_merging`) in the attention output and the residual instead of dropping them;
+    `merge_real` [B, K] marks the kept slots that are no void slot of a padded compaction.
     Returns the compacted visual mask, the kept tokens' original positions and all nodes inserted.
     """
     inserted: list[fx.Node] = []
@@ -61,12 +67,20 @@ def insert_token_compaction(
         last = node
         return node
 
-    attn = gather(site.sdpa, (2,))
+    if merge_visual is None:
+        attn = gather(site.sdpa, (2,))
+        with graph.inserting_after(last):
+            residual = graph.call_function(torch.ops.fitprune.gather_residual.default, (site.residual, kept))
+        inserted.append(residual)
+    else:
+        with graph.inserting_after(last):
+            target = graph.call_function(merge_targets, (site.residual, kept, merge_visual, merge_real))
+        with graph.inserting_after(target):
+            attn = graph.call_function(merge_rows, (site.sdpa, target, kept, 2))
+        with graph.inserting_after(attn):
+            residual = graph.call_function(merge_rows, (site.residual, target, kept, 1))
+        inserted += [target, attn, residual]
     site.sdpa.replace_all_uses_with(attn, delete_user_cb=lambda u: u not in inserted)
-
-    with graph.inserting_after(last):
-        residual = graph.call_function(torch.ops.fitprune.gather_residual.default, (site.residual, kept))
-    inserted.append(residual)
     last = residual
     site.residual_add.replace_input_with(site.residual, residual)
 

@@ -62,6 +62,7 @@ def prune_visual_tokens(
     scorer_fn: Callable | None = None,
     seed: int = 0,
     scorer_options: tuple = (),
+    merge: bool = False,
     token_counts: TokenCountInputs | None = None,
     windows: Sequence[int] = (),
     num_heads: int | None = None,
@@ -79,7 +80,8 @@ def prune_visual_tokens(
     `windows`: the decoder layers that attend within a sliding window (`attention_marks`); their
     caches must record their keys' positions (`cache_positions`). `num_heads`: the model's query
     heads, to check a tensor-parallel graph's shards against (`sharded_heads`). `scorer_options`:
-    the recipe's options for the scorer, as (name, value) pairs of plain values.
+    the recipe's options for the scorer, as (name, value) pairs of plain values. `merge`: deleted
+    visual tokens are merged into kept ones (`token_merging`) instead of dropped.
 
     FitPrune's scoring at a deleting layer comes from the layer's own attention where it can
     (`insert_fused_scoring`: one attention instead of two on CPU).
@@ -136,6 +138,9 @@ def prune_visual_tokens(
             f"split over {shards.size} tensor-parallel ranks: later-turn images are not checked across "
             "ranks; this chunk runs unpruned (exact) against the cache as it is"
         )
+
+    if merge:
+        _check_merge(dec, shards)
 
     graph = gm.graph
     device = example_value(dec.image_masks[0]).device  # of the token-count inputs
@@ -236,7 +241,15 @@ def prune_visual_tokens(
         if padded is not None:
             kept = padded.select(kept, step)
         visual, positions, more = insert_token_compaction(
-            graph, site, kept, shared, all_visual, layout, positions
+            graph,
+            site,
+            kept,
+            shared,
+            all_visual,
+            layout,
+            positions,
+            merge_visual=visual if merge else None,
+            merge_real=None if padded is None else padded.valid,
         )
         if padded is not None:
             visual = padded.void(layer, visual, shared)
@@ -268,6 +281,21 @@ def prune_visual_tokens(
     )
     result.padded = padded is not None
     return result
+
+
+def _check_merge(dec, shards) -> None:
+    """Token merging runs where a test checked it against the eager reference: a call that starts
+    its sequence, on one process."""
+    if dec.continues:
+        raise CacheContinuation(
+            "this prompt chunk brings an image but continues an existing KV cache, and token merging "
+            "is not defined for a later turn; this chunk runs unpruned (exact) against the cache as it is"
+        )
+    if shards is not None:
+        raise UnsupportedGraph(
+            f"token merging (recipe option merge) is not checked across {shards.size} tensor-parallel "
+            "ranks; drop the option to prune this model"
+        )
 
 
 def _entering_positions(graph, dec, after_pruning: dict, entry, all_visual) -> tuple[dict, list[fx.Node]]:

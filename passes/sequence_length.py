@@ -18,12 +18,14 @@ from torch import fx
 from torch.fx.node import map_arg
 
 from .locate import UnsupportedGraph, example_value, same_size
+from .token_merging import merge_rows
 from .token_ops import gather_tokens, gathered_shape  # also registers torch.ops.fitprune.gather_residual
 
 _VIEW_METHODS = {"view", "reshape", "expand"}
 _VIEW_FUNCTIONS = {torch.reshape: "reshape"}
 _COMPACTIONS = (
     gather_tokens,
+    merge_rows,
     torch.ops.fitprune.gather_residual.default,
     torch.ops.fitprune.enter_tokens.default,
 )

@@ -55,8 +55,10 @@ def cases(draw):
         total = 8 if i == 0 else draw(st.integers(1, 8))
         after = draw(st.integers(1, total))
         prompts.append(PromptSpec(before=total - after, after=after, images=images))
-    scorer = draw(st.sampled_from(METHODS))
+    scorer = draw(st.sampled_from([*METHODS, "fitprune", "fastv"]))
     options = {"pivots": draw(st.integers(1, 12))} if scorer == "duplication" else {}
+    if draw(st.booleans()):
+        options["merge"] = True
     return name, draw(st.permutations(prompts)), draw(st.integers(0, 2**16)), scorer, options
 
 
@@ -73,7 +75,8 @@ def cases(draw):
 )
 def test_methods_keep_what_their_references_keep(data, case):
     """Kept sets at every pruning layer and logits at kept positions equal the eager reference, on
-    padded batches with one or two images anywhere, GQA and plain multi-head attention."""
+    padded batches with one or two images anywhere, GQA and plain multi-head attention; with token
+    merging (option merge) on any scorer, FitPrune's fused scoring included."""
     name, prompts, seed, scorer, options = case
     m = model(name)
     n = num_image_tokens(m)
@@ -204,3 +207,41 @@ def test_random_per_example_draws_afresh_for_every_example_and_call():
     frequency = deleted[visual] / (3 * calls)  # each ~ d / n; s.d. ~0.046 over 120 draws
     assert (frequency - d / n).abs().max() < 0.25, frequency
     assert len({tuple(k[0].tolist()) for k in recorder.kept}) > calls // 2  # calls differ too
+
+
+def test_merging_changes_the_kept_tokens_states_not_the_kept_set():
+    """Merging keeps the same tokens as deletion, and the logits differ (the deleted tokens'
+    states went somewhere): the option is not a no-op."""
+    prompts = [PromptSpec(2, 4)]
+    dropped = run_method("llama", prompts, 9, {0: 12, 2: 2}, "fitprune")
+    merged = run_method("llama", prompts, 9, {0: 12, 2: 2}, "fitprune", {"merge": True})
+    assert [k.tolist() for k in dropped.kept[0]] == [k.tolist() for k in merged.kept[0]]
+    final = dropped.kept_final[0]
+    assert (dropped.logits[0, final] - merged.logits[0, final]).abs().max() > 1e-3
+
+
+def test_merging_in_a_batch_of_different_image_sizes_equals_each_example_alone():
+    """Qwen2.5-VL, a first call mixing a 4- and a 9-token image (void-slot compaction): each
+    example's last-token logits equal the eager reference merging on the example alone (so no
+    deleted token was merged into a void slot), and differ from deleting without merging."""
+    from fitprune_fx.testbed.batching import batch_prompts
+    from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
+
+    m = tiny_qwen_vl("qwen2_5_vl", num_layers=3, seed=4)
+    alone = [make_qwen_inputs(m, [2], [9], grid=(4, 4), seed=1), make_qwen_inputs(m, [3], [4], grid=(6, 6))]
+    fractions = {0: 0.5, 1: 0.25}
+    info = ModelInfo.from_config(m.config)
+    merged = Recipe.from_fractions(info, fractions, scorer_options={"merge": True})
+    backend = fitprune_backend(merged, compiler="eager")
+    with torch.no_grad():
+        out = torch.compile(m, backend=backend)(**batch_prompts(alone)).logits[:, -1]
+    assert backend.pruned_graphs and backend.pruned_graphs[0].result.padded
+    for e, inputs in enumerate(alone):
+        n = int((inputs["mm_token_type_ids"] == 1).sum())
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+        args = (m, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
+        plan = merged.pruning_plan(n)
+        ref = reference_prefill(*args, prune=plan, scorer_options={"merge": True}, **extra)
+        torch.testing.assert_close(out[e], ref.logits[0, -1], atol=1e-4, rtol=1e-4)
+        dropped = reference_prefill(*args, prune=plan, **extra)
+        assert (dropped.logits[0, -1] - out[e]).abs().max() > 1e-4
