@@ -249,6 +249,11 @@ def add_inspect_parser(subparsers) -> None:
     p.add_argument(
         "--text-tokens", type=int, default=0, metavar="T", help="text tokens for the full FLOPs model"
     )
+    p.add_argument("--model", metavar="PATH", help="with --image: the model folder to run the recipe on")
+    p.add_argument(
+        "--image", metavar="IMG", help="draw this image once per pruning layer, kept patches lit (--plot)"
+    )
+    p.add_argument("--question", metavar="Q", help="with --image: the question asked about it")
     p.set_defaults(func=run_inspect)
 
 
@@ -299,6 +304,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot load recipe {args.recipe}: {e}") from e
     if args.plot:
         check_output_path("--plot", args.plot)
+    if args.image or args.model or args.question:
+        return run_kept_picture(args, recipe)
     n = args.visual_tokens
     if n is not None and n < 1:
         raise CLIError(f"--visual-tokens {n}: give a positive number of visual tokens")
@@ -325,6 +332,41 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         plot_tokens(recipe, args.plot, n)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def run_kept_picture(args: argparse.Namespace, recipe) -> int:
+    """`inspect --model M --image IMG --question Q --plot PNG`: what the recipe keeps of the image."""
+    if not (args.image and args.model and args.question and args.plot):
+        raise CLIError("the kept-patch picture needs --model, --image, --question and --plot together")
+    if not Path(args.image).is_file():
+        raise CLIError(f"--image {args.image}: no such file")
+    from PIL import Image
+
+    from fitprune_fx.calibration import build_prompt
+    from fitprune_fx.kept_picture import NoTokenGrid, draw, kept_picture
+    from fitprune_fx.testbed import synthetic
+    from fitprune_fx.testbed.shapes_model import MODEL_DIRS
+
+    model, processor = _load_model(args.model, "cpu", "float32")
+    tasks = {
+        str(MODEL_DIRS["shapes"].resolve()): synthetic.SHAPES,
+        str(MODEL_DIRS["clutter"].resolve()): synthetic.CLUTTER,
+    }
+    task = tasks.get(str(Path(args.model).resolve()))  # a test-bed model: its own prompt
+    text = synthetic.prompt(args.question, task) if task else build_prompt(processor, args.question)
+    try:
+        picture = kept_picture(model, processor, recipe, Image.open(args.image), text)
+    except (NoTokenGrid, ValueError) as e:
+        raise CLIError(str(e)) from e
+    draw(
+        picture, args.plot, f"{recipe.scorer}, {100 * picture.reduction:.0f}% FLOPs saved: {args.question!r}"
+    )
+    kept = ", ".join(
+        f"after layer {layer}: {int(k.sum())}" for layer, k in zip(picture.layers, picture.kept, strict=True)
+    )
+    print(f"{picture.grid[0]}x{picture.grid[1]} patches; kept {kept}")
+    print(f"wrote {args.plot}")
     return 0
 
 

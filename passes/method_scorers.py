@@ -108,12 +108,17 @@ def duplication_score(inputs: ScoringInputs) -> torch.Tensor:
     key = inputs.chunk_columns(inputs.key.float().transpose(-1, -2))  # [B, Hkv, D, S]
     norm = key.pow(2).sum(dim=(1, 2))  # [B, S] squared L2 norm over heads and dims
     norm = norm.masked_fill(~visual, -1.0)  # never a pivot unless visual (norms are >= 0)
-    order = torch.sort(norm, dim=1, descending=True, stable=True).indices[:, :pivots]  # [B, p]
-    real = visual.gather(1, order)  # [B, p] pivots that are visual tokens
-    is_pivot = torch.zeros_like(visual).scatter(1, order, real)  # [B, S]
-    h = torch.nn.functional.normalize(inputs.hidden.float(), dim=-1)  # [B, S, C]
-    hp = h.gather(1, order[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, p, C]
-    similarity = (h @ hp.transpose(1, 2)).masked_fill(~real[:, None, :], float("-inf"))  # [B, S, p]
+    order = torch.sort(norm, dim=1, descending=True, stable=True).indices  # [B, S]
+    b, s = visual.shape
+    rank = torch.empty_like(order).scatter(1, order, torch.arange(s, device=order.device).expand(b, s))
+    is_pivot = (rank < pivots) & visual  # [B, S]
+    # the pivots' hidden states in p slots (slot p collects the rest): no slice of S, whose length
+    # may be a symbol of the graph (a slice would need a guard on it)
+    slot = torch.where(is_pivot, rank, pivots)  # [B, S]
+    h = torch.nn.functional.normalize(inputs.hidden.float(), dim=-1).expand(b, -1, -1)  # [B, S, C]
+    hp = h.new_zeros(b, pivots + 1, h.shape[-1]).scatter_add(1, slot[:, :, None].expand_as(h), h)
+    real = torch.zeros(b, pivots + 1, dtype=torch.bool, device=h.device).scatter(1, slot, is_pivot)
+    similarity = (h @ hp.transpose(1, 2)).masked_fill(~real[:, None, :], float("-inf"))  # [B, S, p + 1]
     return torch.where(is_pivot, 2.0, -similarity.amax(dim=-1))
 
 

@@ -245,3 +245,26 @@ def test_merging_in_a_batch_of_different_image_sizes_equals_each_example_alone()
         torch.testing.assert_close(out[e], ref.logits[0, -1], atol=1e-4, rtol=1e-4)
         dropped = reference_prefill(*args, prune=plan, **extra)
         assert (dropped.logits[0, -1] - out[e]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "scorer, options", [("duplication", {"pivots": 3, "merge": True}), ("text_raters", {})]
+)
+def test_methods_through_inductor_equal_the_reference(scorer, options):
+    """Inductor (C++ on CPU) compiles the methods' scorers and the merge (sorts, scatter-adds,
+    normalisation) to the eager reference's kept sets and logits: a padded batch of two."""
+    from fitprune_fx.testbed.tiny import tiny_llava
+
+    m = tiny_llava("llama", num_layers=3, seed=5)
+    prune = {0: 6, 2: 4}
+    recipe = Recipe(model=ModelInfo.from_config(m.config), prune=prune, scorer=scorer, scorer_options=options)
+    backend = fitprune_backend(recipe)
+    inputs = make_inputs(m, [PromptSpec(3, 5), PromptSpec(1, 2)], seed=2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(m, backend=backend, dynamic=False)(**inputs)
+    assert len(backend.pruned_graphs) == 1
+    args = (m, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
+    ref = reference_prefill(*args, prune=prune, scorer=scorer, scorer_options=options)
+    for b in range(2):
+        torch.testing.assert_close(out.logits[b], ref.logits[b, ref.kept_final[b]], atol=1e-4, rtol=1e-4)

@@ -55,6 +55,12 @@ class ModelFamily:
         """Visual tokens an image of `height` x `width` pixels puts in the prompt."""
         return self.visual_tokens_per_image(config)
 
+    def token_grids(self, config: Any, inputs: dict) -> list[tuple[int, int]] | None:
+        """(rows, columns) of each image's visual tokens, in prompt order, when every image's tokens
+        are one row-major grid over it (the picture of `fitprune-fx inspect --image`); `inputs`: the
+        processor's outputs. None (default): tokens do not map to one grid per image."""
+        return None
+
     def residual_addends(self, text_model_kwargs: dict) -> Tensor | None:
         """Features the decoder adds to the residual stream after its first layers, from the kwargs
         of the text model's call: [b, S, L, C] (zero at rows they do not touch), or None (default)."""

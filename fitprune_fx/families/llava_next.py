@@ -23,6 +23,10 @@ class LlavaNextFamily(LlavaFamily):
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "llava_next"
 
+    def token_grids(self, config: Any, inputs: dict) -> None:
+        """None: a base image grid, then crops with a newline token per row (no one grid per image)."""
+        return None
+
     def image_tokens(self, config: Any, height: int, width: int) -> int:
         """Visual tokens of a `height` x `width` image, by transformers' LlavaNextProcessor arithmetic."""
         from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor

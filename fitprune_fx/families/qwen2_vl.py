@@ -49,6 +49,14 @@ class QwenVLFamily(ModelFamily):
         unit = vision.patch_size * vision.spatial_merge_size
         return max(1, round(height / unit)) * max(1, round(width / unit))
 
+    def token_grids(self, config: Any, inputs: dict) -> list[tuple[int, int]] | None:
+        """Each image's patch grid (`image_grid_thw`, one frame) merged spatial_merge_size x
+        spatial_merge_size into a token; videos are not drawn (None when the prompt holds one)."""
+        if "image_grid_thw" not in inputs or "video_grid_thw" in inputs:
+            return None
+        merge = config.vision_config.spatial_merge_size
+        return [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+
     def visual_tokens_per_image(self, config: Any) -> int:
         return self.image_tokens(config, 448, 448)  # the count a recipe's numbers refer to by default
 

@@ -1,0 +1,71 @@
+"""`fitprune-fx inspect --image`: the picture of what a recipe keeps, against the pass's own kept sets."""
+
+from __future__ import annotations
+
+import torch
+
+from fitprune_fx.backend import fitprune_backend
+from fitprune_fx.cli import main
+from fitprune_fx.families import family_for
+from fitprune_fx.kept_picture import kept_picture
+from fitprune_fx.recipe import ModelInfo, Recipe
+from fitprune_fx.testbed import synthetic
+from fitprune_fx.testbed.shapes_model import MODEL_DIR, load_shapes_llava
+from fitprune_fx.testbed.tiny import tiny_llava
+from fitprune_fx.testbed.tiny_qwen import make_qwen_inputs, tiny_qwen_vl
+from graph_harness import KeptRecorder, compose_kept
+
+
+def test_picture_shows_what_the_pass_keeps():
+    """Each panel's kept patches are the image tokens the compiled model (the pass, eager graph)
+    keeps after that layer, laid out row-major over the 12 x 12 grid."""
+    model, processor = load_shapes_llava()
+    example = synthetic.make_dataset(1, seed=3, split="test")[0]
+    recipe = Recipe(model=ModelInfo.from_config(model.config), prune={0: 50, 2: 40}, scorer="fastv")
+    picture = kept_picture(model, processor, recipe, example.image, example.text)
+    assert picture.grid == (12, 12) and picture.layers == [0, 2]
+    assert [int(k.sum()) for k in picture.kept] == [94, 54]
+
+    inputs = processor(images=[example.image], text=[example.text], return_tensors="pt")
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=recorder)(**inputs)
+    s = inputs["input_ids"].shape[1]
+    image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()  # 144
+    for step, kept in enumerate(compose_kept(recorder.kept, s, 1)):
+        expected = torch.isin(image_rows, kept[0]).reshape(12, 12)
+        assert torch.equal(picture.kept[step], expected), step
+    # the picture is the processor's view of the image (48 x 48 px), not a blank
+    assert picture.image.size == (48, 48) and len(set(picture.image.getdata())) > 2
+
+
+def test_inspect_command_draws_the_picture(tmp_path, capsys):
+    example = synthetic.make_dataset(1, seed=4, split="test")[0]
+    image, out = tmp_path / "image.png", tmp_path / "kept.png"
+    example.image.save(image)
+    recipe = tmp_path / "r.json"
+    info = ModelInfo.from_config(load_shapes_llava()[0].config, name="shapes-llava")
+    Recipe(model=info, prune={1: 100}).to_json(recipe)
+    args = ["inspect", str(recipe), "--model", str(MODEL_DIR), "--image", str(image)]
+    assert main([*args, "--question", example.question, "--plot", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "12x12 patches; kept after layer 1: 44" in printed
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main([*args, "--plot", str(out)]) == 2  # no --question
+    assert "needs --model, --image, --question and --plot together" in capsys.readouterr().err
+
+
+def test_token_grids_of_the_families():
+    """LLaVA: one square per image; Qwen-VL: the image grid merged 2 x 2; LLaVA-NeXT: none."""
+    llava = tiny_llava("llama", num_layers=1)
+    ids = torch.tensor([[1] + [llava.config.image_token_id] * 32 + [5]])  # two images of 16 tokens
+    assert family_for(llava).token_grids(llava.config, {"input_ids": ids}) == [(4, 4), (4, 4)]
+    qwen = tiny_qwen_vl("qwen2_5_vl", num_layers=1)
+    inputs = make_qwen_inputs(qwen, [2], [3], grid=(8, 12))
+    assert family_for(qwen).token_grids(qwen.config, inputs) == [(4, 6)]
+    from transformers import LlavaNextConfig
+
+    from fitprune_fx.families.llava_next import LlavaNextFamily
+
+    assert LlavaNextFamily().token_grids(LlavaNextConfig(), {"input_ids": ids}) is None
