@@ -31,7 +31,11 @@ _EXPORTS = {
     "merge_small_deletions": "fitprune_fx.recipe_merge",
     "RunTimeCheckFailed": "fitprune_fx.passes.run_time_checks",
     "ScoringInputs": "fitprune_fx.passes.scorers",
+    "TokenKind": "fitprune_fx.passes.scorers",
+    "attention_probs": "fitprune_fx.passes.scorers",
     "register_scorer": "fitprune_fx.passes.scorers",
+    "one_layer_recipe": "fitprune_fx.recipe_shapes",
+    "staged_recipe": "fitprune_fx.recipe_shapes",
 }
 
 __all__ = [  # = sorted(_EXPORTS), spelled out for linters
@@ -43,17 +47,21 @@ __all__ = [  # = sorted(_EXPORTS), spelled out for linters
     "RecipeError",
     "RunTimeCheckFailed",
     "ScoringInputs",
+    "TokenKind",
     "UnsupportedAttention",
     "UnsupportedCacheError",
     "UnsupportedQuantizer",
     "UnsupportedPlacement",
+    "attention_probs",
     "check_generate_path",
     "compile",
     "fit",
     "fitprune_backend",
     "merge_small_deletions",
     "named_backend",
+    "one_layer_recipe",
     "register_scorer",
+    "staged_recipe",
 ]
 
 
@@ -71,7 +79,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from fitprune_fx.passes.run_time_checks import RunTimeCheckFailed
-    from fitprune_fx.passes.scorers import ScoringInputs, register_scorer
+    from fitprune_fx.passes.scorers import ScoringInputs, TokenKind, attention_probs, register_scorer
 
     from .backend import FitpruneBackend, GraphReport, fitprune_backend
     from .backend_by_name import named_backend
@@ -87,3 +95,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from .recipe import ModelInfo, Recipe, RecipeError
     from .recipe_merge import merge_small_deletions
+    from .recipe_shapes import one_layer_recipe, staged_recipe

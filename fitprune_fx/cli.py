@@ -330,7 +330,12 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(recipe.flops_report(num_text_tokens=args.text_tokens, num_visual=count))
     n = counts[0][1]
     if args.plot:
-        plot_tokens(recipe, args.plot, n)
+        from fitprune_fx.kept_picture import plot_tokens
+
+        try:
+            plot_tokens(recipe, args.plot, n)
+        except ImportError as e:
+            raise CLIError(f"--plot needs matplotlib: {PLOT_HINT}") from e
         print(f"wrote {args.plot}")
     return 0
 
@@ -368,37 +373,6 @@ def run_kept_picture(args: argparse.Namespace, recipe) -> int:
     print(f"{picture.grid[0]}x{picture.grid[1]} patches; kept {kept}")
     print(f"wrote {args.plot}")
     return 0
-
-
-def plot_tokens(recipe, path: str, num_visual: int | None = None) -> None:
-    """PNG bar chart of the visual tokens kept after each decoder layer."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise CLIError(f"--plot needs matplotlib: {PLOT_HINT}") from e
-    tokens = recipe.tokens_per_layer(num_visual)  # [input, after layer 0, ..., after L-1]
-    layers = list(range(len(tokens) - 1))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(layers) + 3), 3.5), dpi=100)
-    ax.bar(layers, tokens[1:], color="tab:blue", alpha=0.7, label="kept after layer")
-    ax.axhline(tokens[0], color="gray", linestyle="--", linewidth=1, label=f"input: {tokens[0]}")
-    budget = "" if recipe.budget is None else f", budget {100 * recipe.budget:g}%"
-    ax.set_title(
-        f"{recipe.model.name}: {recipe.scorer}{budget}\n"
-        f"{100 * recipe.reference_reduction():.1f}% FLOPs saved (reference model)",
-        fontsize=10,
-    )
-    ax.set_xticks(layers)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("visual tokens kept")
-    ax.set_ylim(0, tokens[0] * 1.08)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------- demo
@@ -467,8 +441,23 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="requests per generate call (default 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto (default)")
+    p.add_argument(
+        "--scorers",
+        metavar="FILE.py",
+        help="a Python file that registers scorers (fitprune_fx.register_scorer) the recipe names",
+    )
     add_compiler_option(p)
     p.set_defaults(func=run_eval)
+
+
+def load_scorer_file(path: str) -> None:
+    """Run a user's Python file that registers scorers (`register_scorer`), as a module of its own."""
+    import importlib.util
+
+    if not Path(path).is_file():
+        raise CLIError(f"--scorers {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"fitprune_user_scorers_{Path(path).stem}", path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -482,6 +471,8 @@ def run_eval(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.recipe)
     except (RecipeError, OSError) as e:
         raise CLIError(f"cannot load recipe {args.recipe}: {e}") from e
+    if args.scorers:
+        load_scorer_file(args.scorers)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise CLIError("--tasks: give at least one task name")

@@ -130,3 +130,32 @@ def draw(picture: KeptPicture, path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_tokens(recipe, path: str, num_visual: int | None = None) -> None:
+    """PNG bar chart of the visual tokens kept after each decoder layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = recipe.tokens_per_layer(num_visual)  # [input, after layer 0, ..., after L-1]
+    layers = list(range(len(tokens) - 1))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(layers) + 3), 3.5), dpi=100)
+    ax.bar(layers, tokens[1:], color="tab:blue", alpha=0.7, label="kept after layer")
+    ax.axhline(tokens[0], color="gray", linestyle="--", linewidth=1, label=f"input: {tokens[0]}")
+    budget = "" if recipe.budget is None else f", budget {100 * recipe.budget:g}%"
+    ax.set_title(
+        f"{recipe.model.name}: {recipe.scorer}{budget}\n"
+        f"{100 * recipe.reference_reduction():.1f}% FLOPs saved (reference model)",
+        fontsize=10,
+    )
+    ax.set_xticks(layers)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("visual tokens kept")
+    ax.set_ylim(0, tokens[0] * 1.08)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

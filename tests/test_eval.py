@@ -25,7 +25,7 @@ PRUNE = {0: 30, 1: 56, 2: 15}  # the 50 % FitPrune recipe of docs/accuracy.md
 N = 24
 
 
-def own_scores(prune: dict[int, int] | None) -> float:
+def own_scores(prune: dict[int, int] | None, scorer: str = "fitprune") -> float:
     """Exact-match accuracy on the task's questions, computed directly (greedy, first word)."""
     model, processor = load_shapes_llava()
     processor.tokenizer.padding_side = "left"
@@ -34,7 +34,7 @@ def own_scores(prune: dict[int, int] | None) -> float:
     inputs = processor(images=[ex.image for ex in examples], text=texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         if prune:
-            with MaskingReference(model, prune):
+            with MaskingReference(model, prune, scorer=scorer):
                 out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
         else:
             out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
@@ -203,3 +203,27 @@ def test_eval_at_batch_4_on_images_of_six_sizes_scores_as_at_batch_1(tmp_path, m
         backend = model.fitprune_backend
         assert backend.pruned_runs == N // batch_size, backend.summary()  # one prefill per batch, each pruned
     assert scores[1] == scores[4] == (1.0, pytest.approx(expected, abs=1e-4)), scores
+
+
+def test_eval_runs_the_scorer_of_the_experimenting_page(tmp_path, capsys):
+    """docs/experimenting.md's ten-line scorer, saved as a file and loaded with --scorers, scores on
+    the task what FastV's score does under pruning as masking (it is FastV's score)."""
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "experimenting.md"
+    code = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)[0]
+    (tmp_path / "my_scorer.py").write_text(code)
+    model, _ = load_shapes_llava()
+    recipe = tmp_path / "r.json"
+    info = ModelInfo.from_config(model.config, name="shapes-llava")
+    Recipe(model=info, prune={1: 72}, scorer="last_prompt_token").to_json(recipe)
+    args = ["eval", "--recipe", str(recipe), "--scorers", str(tmp_path / "my_scorer.py")]
+    args += ["--tasks", "fitprune_shapes", "--limit", str(N), "--compiler", "eager", "--device", "cpu"]
+    assert cli_main([*args, "--dtype", "float32"]) == 0
+    row = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| fitprune_shapes |")
+    )
+    pruned = float([c.strip() for c in row.strip("|").split("|")][3])
+    assert pruned == pytest.approx(own_scores({1: 72}, scorer="fastv"), abs=1e-4)
+    assert cli_main([*args[:3], "--scorers", str(tmp_path / "missing.py"), *args[5:]]) == 2
+    assert "--scorers" in capsys.readouterr().err
