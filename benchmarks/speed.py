@@ -21,6 +21,9 @@ decoder dominates. Every variant goes through the same backend, ``fitprune_backe
 * ``50``/``60``/... -- the shipped LLaVA-1.5-7B recipes rescaled to this model's depth;
 * ``<name>-merged`` -- the same after `merge_small_deletions` (threshold `merge_below` of the
   width: one scoring pass as measured before fused scoring, see `WIDTHS`);
+* ``<name>-last_token`` / ``-text_raters`` / ``-duplication`` / ``-token-merge`` (``--methods``) --
+  the same counts scored by the published methods' scorers, or with deleted tokens merged into
+  kept ones (`passes/token_merging.py`): what each method costs;
 * ``<last>-static`` -- the last recipe compiled with constant token counts
   (``symbolic_token_counts=False``): the compile time before kernels were shared;
 * ``unpruned-any-length`` / ``<last>-any-length`` -- compiled with ``dynamic=True``: the graph
@@ -164,17 +167,28 @@ def make_prompt(
 
 
 def make_recipes(
-    info: ModelInfo, names: list[str], compaction_only: bool = False, merge_below: float = 0.0
+    info: ModelInfo,
+    names: list[str],
+    compaction_only: bool = False,
+    merge_below: float = 0.0,
+    methods: bool = False,
 ) -> dict[str, Recipe]:
     """unpruned, score-only (the 60 recipe's layers, one token each) and the shipped recipes rescaled.
 
     With `compaction_only`, also "<name>-random": the same counts with the `random` scorer, i.e.
     the compaction without attention scoring (separates scoring cost from compaction cost). With
-    `merge_below` > 0, also "<name>-merged" where merging small deletions changes the recipe.
+    `merge_below` > 0, also "<name>-merged" where merging small deletions changes the recipe. With
+    `methods`, also "<name>-<scorer>" for the published methods' scorers and "<name>-token-merge" (deleted
+    tokens merged into kept ones): each method's cost at the same counts.
     """
     shipped = {n: Recipe.load(f"llava-1.5-7b/{n}.json").rescaled_to(info) for n in names}
     if compaction_only:
         shipped.update({f"{n}-random": dataclasses.replace(shipped[n], scorer="random") for n in names})
+    if methods:
+        for n in names:
+            for scorer in ("last_token", "text_raters", "duplication"):
+                shipped[f"{n}-{scorer}"] = dataclasses.replace(shipped[n], scorer=scorer)
+            shipped[f"{n}-token-merge"] = dataclasses.replace(shipped[n], scorer_options={"merge": True})
     if merge_below > 0:
         for n in names:
             merged = merge_small_deletions(shipped[n], merge_below)
@@ -385,7 +399,7 @@ def run_width(args: argparse.Namespace) -> Results:
         quantize_decoder(model, args.quantize)
     inputs = make_prompt(model, args)
     info = ModelInfo.from_config(model.config, name=f"speed-bench-{args.layers}x{args.hidden}")
-    recipes = make_recipes(info, args.recipes, args.compaction_only, args.merge_below)
+    recipes = make_recipes(info, args.recipes, args.compaction_only, args.merge_below, args.methods)
     if args.static_counts and not args.quick and args.compiler == "inductor":
         last = args.recipes[-1]
         recipes[last + STATIC] = recipes[last]

@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time each recipe with the random scorer (compaction cost without scoring)",
     )
+    p.add_argument(
+        "--methods",
+        action="store_true",
+        help="also time each recipe with the published methods' scorers and with merging (same counts)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--batch", type=int, default=1, help="prompts per call (decode reads batch x cache, weights once)"

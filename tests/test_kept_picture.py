@@ -40,6 +40,32 @@ def test_picture_shows_what_the_pass_keeps():
     assert picture.image.size == (48, 48) and len(set(picture.image.getdata())) > 2
 
 
+def test_picture_of_a_qwen_vl_image_shows_what_the_pass_keeps():
+    """Qwen2.5-VL through its processor: a 100 x 150 image is a 6 x 8 patch grid merged into 3 x 4
+    tokens; each panel equals the pass's kept image tokens after that layer."""
+    import numpy as np
+    from PIL import Image
+
+    from fitprune_fx.testbed.tiny_processors import qwen_vl_processor
+
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=3, seed=16)
+    processor = qwen_vl_processor(model)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8))
+    prompt = "w1 <|vision_start|><|image_pad|><|vision_end|> what is in the image ?"
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.25, 1: 0.25})
+    picture = kept_picture(model, processor, recipe, image, prompt)
+    assert picture.grid == (3, 4) and [int(k.sum()) for k in picture.kept] == [9, 6]
+    inputs = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=recorder)(**inputs)
+    image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    for step, kept in enumerate(compose_kept(recorder.kept, inputs["input_ids"].shape[1], 1)):
+        assert torch.equal(picture.kept[step], torch.isin(image_rows, kept[0]).reshape(3, 4)), step
+    assert picture.image.size == (4 * 112, 3 * 112)  # the image resized to the grid's aspect
+
+
 def test_inspect_command_draws_the_picture(tmp_path, capsys):
     example = synthetic.make_dataset(1, seed=4, split="test")[0]
     image, out = tmp_path / "image.png", tmp_path / "kept.png"
