@@ -79,6 +79,30 @@ def disjoint_held_out(held_out, calibration):
 
 
 @dataclass
+class TestBed:
+    """A test-bed model, its calibration batches and its held-out questions (with a mask per kind)."""
+
+    model: object
+    processor: object
+    name: str
+    calib: list  # encoded batches of 16
+    held_out: list  # sharing no (image, question) pair with the calibration set
+    drawn: int  # questions drawn before that
+    masks: dict[str, torch.Tensor]  # question kind -> [N] bool
+
+    @classmethod
+    def load(cls, task_name: str, calibration: int, n_eval: int, eval_seed: int) -> TestBed:
+        task = TASKS[task_name]
+        model, processor = load_shapes_llava(MODEL_DIRS[task_name])
+        questions = synthetic.make_dataset(calibration, seed=0, split="calib", task=task)
+        calib = [encode(processor, questions[i : i + 16]) for i in range(0, len(questions), 16)]
+        drawn = synthetic.make_dataset(n_eval, seed=eval_seed, split="test", task=task)
+        held_out = disjoint_held_out(drawn, questions)
+        masks = {k: torch.tensor([ex.kind == k for ex in held_out]) for k in task.question_weights}
+        return cls(model, processor, MODEL_DIRS[task_name].name, calib, held_out, len(drawn), masks)
+
+
+@dataclass
 class Row:
     method: str
     budget: float
@@ -120,16 +144,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    task = TASKS[args.task]
-    name = MODEL_DIRS[args.task].name
-    model, processor = load_shapes_llava(MODEL_DIRS[args.task])
-    calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib", task=task)
-    calib = [encode(processor, calibration[i : i + 16]) for i in range(0, len(calibration), 16)]
-    drawn = synthetic.make_dataset(args.eval, seed=args.eval_seed, split="test", task=task)
-    held_out = disjoint_held_out(drawn, calibration)
-    kinds = list(task.question_weights)
-    kind_of = [ex.kind for ex in held_out]
-    masks = {k: torch.tensor([x == k for x in kind_of]) for k in kinds}
+    bed = TestBed.load(args.task, args.calibration, args.eval, args.eval_seed)
+    model, processor, name, calib, held_out, drawn, masks = (
+        bed.model, bed.processor, bed.name, bed.calib, bed.held_out, bed.drawn, bed.masks
+    )  # fmt: skip
 
     unpruned = Recipe(model=ModelInfo.from_config(model.config, name=name), prune={})
     plans = [("unpruned", 0.0, [unpruned])]
@@ -160,11 +178,11 @@ def main() -> None:
     bar.close()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    table = render(rows, masks, len(held_out), len(drawn), args, name)
+    table = render(rows, masks, len(held_out), drawn, args, name)
     print(table)
     md, png = args.out / f"accuracy-{args.task}.md", args.out / f"accuracy-{args.task}.png"
     md.write_text(table + "\n")
-    plot(rows, png, name)
+    plot(rows, png, f"{name}: accuracy at matched FLOPs")
     write_index(args.out)
     print(f"wrote {md}, {png} and {args.out / 'accuracy.md'}")
 
@@ -181,17 +199,25 @@ def write_index(out: Path) -> None:
 
 
 def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, args, name: str) -> str:
-    kinds = list(masks)
     command = " ".join(["python benchmarks/accuracy.py", *sys.argv[1:]])
-    lines = [
+    header = [
         f"`{command}`",
         "",
         f"{name}, {n} held-out questions (seed {args.eval_seed}; {drawn - n} of {drawn} drawn dropped "
         f"as also in the calibration set), calibration {args.calibration}. Accuracy with its 95 % Wilson "
-        f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds and the range "
-        "of the seeds' accuracies. Per question kind (count of questions in brackets):",
+        f"interval; random: mean ± standard deviation over {args.random_seeds} scorer seeds, the range "
+        "of the seeds' accuracies and the mean's standard error. Per question kind (count of questions "
+        "in brackets):",
         "",
-        "| method | budget | FLOPs reduction | accuracy | 95 % interval | "
+    ]
+    return "\n".join(header + table_lines(rows, masks, n))
+
+
+def table_lines(rows: list[Row], masks: dict[str, torch.Tensor], n: int) -> list[str]:
+    """The markdown table: one line per row, with intervals (one run) or the seeds' range."""
+    kinds = list(masks)
+    lines = [
+        "| method | budget | FLOPs reduction | accuracy | 95 % interval / seeds | "
         + " | ".join(f"{k} ({int(masks[k].sum())})" for k in kinds)
         + " | deletions (layer:count) |",
         "|---" * (6 + len(kinds)) + "|",
@@ -202,47 +228,46 @@ def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, 
             low, high = wilson(int(row.right[0].sum()), n)
             interval = f"{low:.3f}–{high:.3f}"
         else:
-            interval = f"seeds {min(accs):.3f}–{max(accs):.3f}"
+            error = statistics.stdev(accs) / len(accs) ** 0.5
+            interval = f"seeds {min(accs):.3f}–{max(accs):.3f}, s.e. {error:.3f}"
         per_kind = " | ".join(row.cell(masks[k]) for k in kinds)
         lines.append(
             f"| {row.method} | {row.budget:.0%} | {row.reduction:.1%} | {row.cell()} | {interval} | "
             f"{per_kind} | {row.deletions} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
-def plot(rows: list[Row], path: Path, name: str) -> None:
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    """Accuracy against FLOPs reduction, one line per method: Wilson intervals, or (several runs:
+    seeds) their standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
     n = len(rows[0].right[0])
     base = rows[0].accuracies()[0]
     ax.axhline(base, color="grey", linestyle="--", label="unpruned")
     methods = list(dict.fromkeys(r.method for r in rows[1:]))  # in table order, "unpruned" drawn above
-    for method, marker in zip(methods, "os^Dv", strict=False):
+    for method, marker in zip(methods, "os^DvP*Xh", strict=False):
         picked = [r for r in rows if r.method == method]
-        prefix = method.split()[0]
         x = [100 * r.reduction for r in picked]
         y = [statistics.mean(r.accuracies()) for r in picked]
-        if prefix == "random":  # seed spread
-            err = [statistics.stdev(r.accuracies()) if len(r.right) > 1 else 0.0 for r in picked]
+        if len(picked[0].right) > 1:  # seed spread
+            err = [statistics.stdev(r.accuracies()) for r in picked]
         else:  # Wilson interval, as a (lower, upper) distance
             bounds = [wilson(int(r.right[0].sum()), n) for r in picked]
             err = [
                 [a - lo for a, (lo, _) in zip(y, bounds, strict=True)],
                 [hi - a for a, (_, hi) in zip(y, bounds, strict=True)],
             ]
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=method)
+        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=method, alpha=0.85)
     ax.set_xlabel("FLOPs reduction (%)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(
-        f"{name}: accuracy at matched FLOPs\n(bars: 95 % Wilson interval; random: s.d. over seeds)",
-        fontsize=10,
-    )
-    ax.legend()
+    ax.set_title(f"{title}\n(bars: 95 % Wilson interval; random: s.d. over seeds)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from accuracy import TASKS, Row, correctness, disjoint_held_out, wilson
+from accuracy import TASKS, Row, TestBed, correctness, plot, table_lines
 from tqdm import tqdm
 
 from fitprune_fx import ModelInfo, Recipe, fit
 from fitprune_fx.recipe_shapes import one_layer_recipe, staged_recipe
-from fitprune_fx.testbed import synthetic
-from fitprune_fx.testbed.shapes_model import MODEL_DIRS, encode, load_shapes_llava
+from fitprune_fx.testbed.shapes_model import MODEL_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKERS = "osD^vP*Xh"
 
 
 def plans_for(fitted: Recipe, budget: float, args) -> list[tuple[str, list[Recipe], list[int | None]]]:
@@ -84,19 +81,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    task = TASKS[args.task]
-    name = MODEL_DIRS[args.task].name
-    model, processor = load_shapes_llava(MODEL_DIRS[args.task])
-    calibration = synthetic.make_dataset(args.calibration, seed=0, split="calib", task=task)
-    calib = [encode(processor, calibration[i : i + 16]) for i in range(0, len(calibration), 16)]
-    drawn = synthetic.make_dataset(args.eval, seed=args.eval_seed, split="test", task=task)
-    held_out = disjoint_held_out(drawn, calibration)
-    masks = {k: torch.tensor([ex.kind == k for ex in held_out]) for k in task.question_weights}
+    bed = TestBed.load(args.task, args.calibration, args.eval, args.eval_seed)
+    model, processor, name, held_out = bed.model, bed.processor, bed.name, bed.held_out
 
     info = ModelInfo.from_config(model.config, name=name)
     plans = [("unpruned", 0.0, [Recipe(model=info, prune={})], [None])]
     for budget in tqdm(args.budgets, desc="fitting"):
-        fitted = fit(model, calib, budget, name=name)
+        fitted = fit(model, bed.calib, budget, name=name)
         plans += [
             (method, budget, recipes, seeds) for method, recipes, seeds in plans_for(fitted, budget, args)
         ]
@@ -114,77 +105,28 @@ def main() -> None:
         rows.append(Row(method, budget, recipes[0].reference_reduction(), layers or "-", right))
     bar.close()
 
-    table = render(rows, masks, len(held_out), args, name)
+    table = render(rows, bed.masks, len(held_out), args, name)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     md, png = args.out / f"methods-{args.task}.md", args.out / f"methods-{args.task}.png"
     md.write_text(table + "\n")
-    plot(rows, png, name)
+    plot(rows, png, f"{name}: methods at matched FLOPs")
     write_index(args.out)
     print(f"wrote {md}, {png} and {args.out / 'methods.md'}")
 
 
 def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, args, name: str) -> str:
     command = " ".join(["python benchmarks/methods.py", *sys.argv[1:]])
-    kinds = list(masks)
-    lines = [
+    header = [
         f"`{command}`",
         "",
         f"{name}, {n} held-out questions (seed {args.eval_seed}), calibration {args.calibration}, "
         f"compiler {args.compiler}. One run: accuracy and its 95 % Wilson interval; random: mean ± "
-        f"standard deviation over {args.random_seeds} seeds, and the mean's standard error. Per "
-        "question kind (questions in brackets):",
+        f"standard deviation over {args.random_seeds} seeds, their range and the mean's standard error. "
+        "Per question kind (questions in brackets):",
         "",
-        "| method | budget | FLOPs reduction | accuracy | 95 % interval / seeds | "
-        + " | ".join(f"{k} ({int(masks[k].sum())})" for k in kinds)
-        + " | deletions (layer:count) |",
-        "|---" * (6 + len(kinds)) + "|",
     ]
-    for row in rows:
-        accs = row.accuracies()
-        if len(accs) == 1:
-            low, high = wilson(int(row.right[0].sum()), n)
-            interval = f"{low:.3f}–{high:.3f}"
-        else:
-            error = statistics.stdev(accs) / len(accs) ** 0.5
-            interval = f"{min(accs):.3f}–{max(accs):.3f}, s.e. {error:.3f}"
-        per_kind = " | ".join(row.cell(masks[k]) for k in kinds)
-        lines.append(
-            f"| {row.method} | {row.budget:.0%} | {row.reduction:.1%} | {row.cell()} | {interval} | "
-            f"{per_kind} | {row.deletions} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[Row], path: Path, name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    n = len(rows[0].right[0])
-    ax.axhline(rows[0].accuracies()[0], color="grey", linestyle="--", label="unpruned")
-    methods = list(dict.fromkeys(r.method for r in rows[1:]))
-    for method, marker in zip(methods, MARKERS, strict=False):
-        picked = [r for r in rows if r.method == method]
-        x = [100 * r.reduction for r in picked]
-        y = [statistics.mean(r.accuracies()) for r in picked]
-        if len(picked[0].right) > 1:  # seeds: their standard deviation
-            err = [statistics.stdev(r.accuracies()) for r in picked]
-        else:
-            bounds = [wilson(int(r.right[0].sum()), n) for r in picked]
-            err = [[a - lo for a, (lo, _) in zip(y, bounds, strict=True)],
-                   [hi - a for a, (_, hi) in zip(y, bounds, strict=True)]]  # fmt: skip
-        ax.errorbar(x, y, yerr=err, marker=marker, capsize=3, label=method, alpha=0.85)
-    ax.set_xlabel("FLOPs reduction (%)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"{name}: methods at matched FLOPs\n(bars: 95 % Wilson interval; random: s.d. over seeds)",
-                 fontsize=10)  # fmt: skip
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return "\n".join(header + table_lines(rows, masks, n))
 
 
 def write_index(out: Path) -> None:

@@ -16,16 +16,9 @@ from .scorers import (
     allowed_keys,
     attention_probs,
     instruction_rows,
+    last_rows,
     register_scorer,
-    token_validity,
 )
-
-
-def _last_rows(inputs: ScoringInputs) -> torch.Tensor:
-    """[B, 1] each example's last non-padding row (its last prompt token)."""
-    b, s = inputs.visual.shape
-    pos = torch.arange(s, device=inputs.visual.device).expand(b, s)
-    return torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)
 
 
 @register_scorer("last_token")
@@ -39,7 +32,7 @@ def last_token_score(inputs: ScoringInputs) -> torch.Tensor:
     query and keys are the pruning layer's own (the paper projects the next stage's first layer),
     and keys the token may not attend to (a sliding window, padding) are left out of the softmax.
     """
-    last = _last_rows(inputs)  # [B, 1]
+    last = last_rows(inputs)  # [B, 1]
     q = _row(inputs.query, last).float()  # [B, H, D]
     k = inputs.key.float()
     if k.shape[1] != q.shape[1]:  # grouped-query attention

@@ -243,11 +243,15 @@ def fastv_score(inputs: ScoringInputs) -> torch.Tensor:
     "Last real" is each example's last non-padding row, so a right-padded direct call scores from
     its last prompt token, not from a padding row.
     """
+    last_row = inputs.chunk_columns(attention_probs(inputs, rows=last_rows(inputs)))  # [B, H, 1, S]
+    return last_row.mean(dim=1)[:, 0]
+
+
+def last_rows(inputs: ScoringInputs) -> torch.Tensor:
+    """[B, 1] each example's last non-padding row (its last prompt token)."""
     b, s = inputs.visual.shape
     pos = torch.arange(s, device=inputs.visual.device).expand(b, s)
-    last = torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)  # [B, 1]
-    last_row = inputs.chunk_columns(attention_probs(inputs, rows=last))  # [B, H, 1, S]
-    return last_row.mean(dim=1)[:, 0]
+    return torch.where(token_validity(inputs), pos, -1).amax(dim=1, keepdim=True).clamp(min=0)
 
 
 @register_scorer("random")
