@@ -367,10 +367,11 @@ def run_kept_picture(args: argparse.Namespace, recipe) -> int:
     draw(
         picture, args.plot, f"{recipe.scorer}, {100 * picture.reduction:.0f}% FLOPs saved: {args.question!r}"
     )
-    kept = ", ".join(
-        f"after layer {layer}: {int(k.sum())}" for layer, k in zip(picture.layers, picture.kept, strict=True)
-    )
-    print(f"{picture.grid[0]}x{picture.grid[1]} patches; kept {kept}")
+    for view in picture.views:
+        kept = ", ".join(
+            f"after layer {i}: {int(k.sum())}" for i, k in zip(picture.layers, view.kept, strict=True)
+        )
+        print(f"{view.grid.rows}x{view.grid.cols} patches; kept {kept}")
     print(f"wrote {args.plot}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fitprune_fx.backend import fitprune_backend
@@ -23,8 +24,9 @@ def test_picture_shows_what_the_pass_keeps():
     example = synthetic.make_dataset(1, seed=3, split="test")[0]
     recipe = Recipe(model=ModelInfo.from_config(model.config), prune={0: 50, 2: 40}, scorer="fastv")
     picture = kept_picture(model, processor, recipe, example.image, example.text)
-    assert picture.grid == (12, 12) and picture.layers == [0, 2]
-    assert [int(k.sum()) for k in picture.kept] == [94, 54]
+    (view,) = picture.views
+    assert (view.grid.rows, view.grid.cols) == (12, 12) and picture.layers == [0, 2]
+    assert [int(k.sum()) for k in view.kept] == [94, 54]
 
     inputs = processor(images=[example.image], text=[example.text], return_tensors="pt")
     recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
@@ -35,9 +37,9 @@ def test_picture_shows_what_the_pass_keeps():
     image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()  # 144
     for step, kept in enumerate(compose_kept(recorder.kept, s, 1)):
         expected = torch.isin(image_rows, kept[0]).reshape(12, 12)
-        assert torch.equal(picture.kept[step], expected), step
+        assert torch.equal(view.kept[step], expected), step
     # the picture is the processor's view of the image (48 x 48 px), not a blank
-    assert picture.image.size == (48, 48) and len(set(picture.image.getdata())) > 2
+    assert view.image.size == (48, 48) and len(set(view.image.getdata())) > 2
 
 
 def test_picture_of_a_qwen_vl_image_shows_what_the_pass_keeps():
@@ -54,7 +56,8 @@ def test_picture_of_a_qwen_vl_image_shows_what_the_pass_keeps():
     prompt = "w1 <|vision_start|><|image_pad|><|vision_end|> what is in the image ?"
     recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.25, 1: 0.25})
     picture = kept_picture(model, processor, recipe, image, prompt)
-    assert picture.grid == (3, 4) and [int(k.sum()) for k in picture.kept] == [9, 6]
+    (view,) = picture.views
+    assert (view.grid.rows, view.grid.cols) == (3, 4) and [int(k.sum()) for k in view.kept] == [9, 6]
     inputs = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
     recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
     torch._dynamo.reset()
@@ -62,8 +65,8 @@ def test_picture_of_a_qwen_vl_image_shows_what_the_pass_keeps():
         torch.compile(model, backend=recorder)(**inputs)
     image_rows = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
     for step, kept in enumerate(compose_kept(recorder.kept, inputs["input_ids"].shape[1], 1)):
-        assert torch.equal(picture.kept[step], torch.isin(image_rows, kept[0]).reshape(3, 4)), step
-    assert picture.image.size == (4 * 112, 3 * 112)  # the image resized to the grid's aspect
+        assert torch.equal(view.kept[step], torch.isin(image_rows, kept[0]).reshape(3, 4)), step
+    assert view.image.size == (4 * 112, 3 * 112)  # the image resized to the grid's aspect
 
 
 def test_inspect_command_draws_the_picture(tmp_path, capsys):
@@ -83,15 +86,76 @@ def test_inspect_command_draws_the_picture(tmp_path, capsys):
 
 
 def test_token_grids_of_the_families():
-    """LLaVA: one square per image; Qwen-VL: the image grid merged 2 x 2; LLaVA-NeXT: none."""
+    """LLaVA: one square per image; Qwen-VL: the image grid merged 2 x 2."""
     llava = tiny_llava("llama", num_layers=1)
     ids = torch.tensor([[1] + [llava.config.image_token_id] * 32 + [5]])  # two images of 16 tokens
-    assert family_for(llava).token_grids(llava.config, {"input_ids": ids}) == [(4, 4), (4, 4)]
+    grids = family_for(llava).token_grids(llava.config, {"input_ids": ids})
+    assert [(g.image, g.start, g.rows, g.cols, g.stride) for g in grids] == [
+        (0, 0, 4, 4, 4),
+        (1, 16, 4, 4, 4),
+    ]
     qwen = tiny_qwen_vl("qwen2_5_vl", num_layers=1)
     inputs = make_qwen_inputs(qwen, [2], [3], grid=(8, 12))
-    assert family_for(qwen).token_grids(qwen.config, inputs) == [(4, 6)]
-    from transformers import LlavaNextConfig
+    ((g),) = family_for(qwen).token_grids(qwen.config, inputs)
+    assert (g.rows, g.cols, g.square) == (4, 6, False)
 
-    from fitprune_fx.families.llava_next import LlavaNextFamily
 
-    assert LlavaNextFamily().token_grids(LlavaNextConfig(), {"input_ids": ids}) is None
+@pytest.mark.parametrize("sizes", [[(40, 90), (70, 30)], [(32, 32)]])
+def test_next_grids_end_each_row_where_the_model_put_a_newline(sizes):
+    """LLaVA-NeXT: read off the merged embeddings themselves, the token after each row of the tiles'
+    grid is the model's `image_newline`, and no token of a grid is; the grids of each image end
+    where its visual tokens end."""
+    from fitprune_fx.testbed.tiny import PromptSpec, make_next_inputs, tiny_llava_next
+
+    model = tiny_llava_next(num_layers=1, seed=2)
+    inputs = make_next_inputs(model, [PromptSpec(2, 3, images=len(sizes))], sizes)
+    grids = family_for(model).token_grids(model.config, inputs)
+    assert len(grids) == 2 * len(sizes)
+    embeds = family_for(model).embed_prompt(
+        model, inputs["input_ids"], inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+    )[0]
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    newline = model.model.image_newline.detach()
+    is_newline = (embeds[visual] == newline).all(dim=-1)  # [n] over the prompt's visual tokens
+    expected = torch.zeros_like(is_newline)
+    for base, tiles in zip(grids[::2], grids[1::2], strict=True):
+        assert base.square and not tiles.square and tiles.start == base.start + base.rows * base.cols
+        expected[tiles.start + tiles.cols + torch.arange(tiles.rows) * tiles.stride] = True
+    assert torch.equal(is_newline, expected)
+    last = grids[-1]
+    assert last.start + last.rows * last.stride == visual.numel()
+
+
+def test_onevision_picture_shows_what_the_pass_keeps_in_both_views():
+    """LLaVA-OneVision through its processor: the base tile and the tiles' grid (a newline token per
+    row, checked on the embeddings as for LLaVA-NeXT) each show the pass's kept tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from fitprune_fx.testbed.tiny_onevision import tiny_llava_onevision
+    from fitprune_fx.testbed.tiny_processors import onevision_processor
+
+    model = tiny_llava_onevision(num_layers=3, seed=1)
+    processor = onevision_processor(model)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    prompt = "w1 <image> what is in the image ?"
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), {0: 0.25, 1: 0.25})
+    picture = kept_picture(model, processor, recipe, image, prompt)
+    base, tiles = picture.views
+    assert base.grid.square and not tiles.grid.square
+    inputs = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+    embeds = family_for(model).embed_prompt(model, inputs["input_ids"], inputs["pixel_values"],
+                                            image_sizes=inputs["image_sizes"])[0]  # fmt: skip
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    g = tiles.grid
+    row_ends = visual[g.start + g.cols + torch.arange(g.rows) * g.stride]
+    assert (embeds[row_ends] == model.model.image_newline.detach()).all()
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=recorder)(**inputs)
+    for step, kept in enumerate(compose_kept(recorder.kept, inputs["input_ids"].shape[1], 1)):
+        for view in (base, tiles):
+            r, c = torch.arange(view.grid.rows)[:, None], torch.arange(view.grid.cols)[None, :]
+            positions = visual[view.grid.start + r * view.grid.stride + c]
+            assert torch.equal(view.kept[step], torch.isin(positions, kept[0])), step

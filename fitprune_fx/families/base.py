@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from fitprune_fx.passes.layout import DecoderLayout
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """One view of an image among a prompt's visual tokens: its token at row r, column c is the
+    prompt's visual token number start + r * stride + c (stride > cols: newline tokens end rows).
+    `square`: the view covers the image resized (or cropped) to a square, the processor's first
+    pixel tile; else the whole image at its own aspect."""
+
+    image: int  # which image of the prompt (0-based)
+    start: int
+    rows: int
+    cols: int
+    stride: int
+    square: bool
 
 
 class UnknownModel(TypeError):
@@ -55,10 +71,10 @@ class ModelFamily:
         """Visual tokens an image of `height` x `width` pixels puts in the prompt."""
         return self.visual_tokens_per_image(config)
 
-    def token_grids(self, config: Any, inputs: dict) -> list[tuple[int, int]] | None:
-        """(rows, columns) of each image's visual tokens, in prompt order, when every image's tokens
-        are one row-major grid over it (the picture of `fitprune-fx inspect --image`); `inputs`: the
-        processor's outputs. None (default): tokens do not map to one grid per image."""
+    def token_grids(self, config: Any, inputs: dict) -> list[TokenGrid] | None:
+        """Where each image's views sit among the prompt's visual tokens, in prompt order (the picture
+        of `fitprune-fx inspect --image`); `inputs`: the processor's outputs. None (default): the
+        family does not map tokens back to image regions."""
         return None
 
     def residual_addends(self, text_model_kwargs: dict) -> Tensor | None:

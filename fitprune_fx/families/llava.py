@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fitprune_fx.passes.layout import DecoderLayout
 
-from .base import ModelFamily
+from .base import ModelFamily, TokenGrid
 
 LLAVA_LAYOUT = DecoderLayout(decoder="language_model", merge_methods=("masked_scatter",))
 
@@ -40,14 +40,15 @@ class LlavaFamily(ModelFamily):
             tokens += 1  # the CLS token is kept
         return tokens
 
-    def token_grids(self, config: Any, inputs: dict) -> list[tuple[int, int]] | None:
-        """A square grid of patches per image (none with the CLS token kept: not a grid)."""
+    def token_grids(self, config: Any, inputs: dict) -> list[TokenGrid] | None:
+        """A square grid of patches per image over its resized, cropped square (none with the CLS
+        token kept: not a grid)."""
         per_image = self.visual_tokens_per_image(config)
         side = int(round(per_image**0.5))
         if side * side != per_image:
             return None
         images = int((inputs["input_ids"] == self.image_token_id(config)).sum()) // per_image
-        return [(side, side)] * images
+        return [TokenGrid(i, i * per_image, side, side, side, square=True) for i in range(images)]
 
     def embed_prompt(
         self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, **image_inputs

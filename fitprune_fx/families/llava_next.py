@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .base import TokenGrid
 from .llava import LlavaFamily
 
 
@@ -23,12 +24,12 @@ class LlavaNextFamily(LlavaFamily):
     def claims(self, config: Any) -> bool:
         return getattr(config, "model_type", None) == "llava_next"
 
-    def token_grids(self, config: Any, inputs: dict) -> None:
-        """None: a base image grid, then crops with a newline token per row (no one grid per image)."""
-        return None
+    def _base_has_cls(self, config: Any) -> bool:
+        """Whether the vision tower's CLS token stays in the base tile's features (CLIP, "full")."""
+        return getattr(config, "vision_feature_select_strategy", "default") == "full"
 
-    def image_tokens(self, config: Any, height: int, width: int) -> int:
-        """Visual tokens of a `height` x `width` image, by transformers' LlavaNextProcessor arithmetic."""
+    def _arithmetic(self, config: Any):
+        """transformers' LlavaNextProcessor token arithmetic, bound to `config` (no processor needed)."""
         from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
         vision = config.vision_config
@@ -41,8 +42,38 @@ class LlavaNextFamily(LlavaFamily):
         arithmetic._get_unpadded_features = lambda *a: LlavaNextProcessor._get_unpadded_features(
             arithmetic, *a
         )
-        tile = vision.image_size
-        return LlavaNextProcessor._get_number_of_features(arithmetic, height, width, tile, tile)
+        arithmetic.count = lambda h, w, tile: LlavaNextProcessor._get_number_of_features(
+            arithmetic, h, w, tile, tile
+        )
+        return arithmetic
+
+    def image_tokens(self, config: Any, height: int, width: int) -> int:
+        """Visual tokens of a `height` x `width` image, by transformers' processor arithmetic."""
+        return self._arithmetic(config).count(height, width, config.vision_config.image_size)
+
+    def token_grids(self, config: Any, inputs: dict) -> list[TokenGrid] | None:
+        """Two views per image, as transformers' `pack_image_features` lays them out: the base tile
+        (the image resized to one square tile, side x side tokens), then the tiles' grid with its
+        padding cut away (rows x cols over the whole image, a newline token after each row). None
+        with the CLS token kept (the base view is then no grid)."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        if self._base_has_cls(config):
+            return None
+        tile = config.vision_config.image_size
+        side = tile // config.vision_config.patch_size
+        arithmetic = self._arithmetic(config)
+        grids, start = [], 0
+        for i, (h, w) in enumerate(inputs["image_sizes"].tolist()):
+            best_h, best_w = select_best_resolution([h, w], config.image_grid_pinpoints)
+            unpadded, rows = arithmetic._get_unpadded_features(
+                h, w, side, side, best_h // tile, best_w // tile
+            )
+            cols = unpadded // rows
+            grids.append(TokenGrid(i, start, side, side, side, square=True))
+            grids.append(TokenGrid(i, start + side * side, rows, cols, cols + 1, square=False))
+            start += arithmetic.count(h, w, tile)
+        return grids
 
     def embed_prompt(
         self, model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None, **image_inputs

@@ -40,8 +40,11 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     def visual_token_ids(self, config: Any) -> tuple[int, ...]:
         return (self.image_token_id(config), int(config.video_token_id))
 
-    def image_tokens(self, config: Any, height: int, width: int) -> int:
-        """Visual tokens of a `height` x `width` image, by LlavaOnevisionProcessor's arithmetic."""
+    def _base_has_cls(self, config: Any) -> bool:
+        return False  # SigLIP has no CLS token: "full" keeps every patch
+
+    def _arithmetic(self, config: Any):
+        """transformers' LlavaOnevisionProcessor token arithmetic (its cap included), bound to `config`."""
         from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
         vision = config.vision_config
@@ -53,8 +56,10 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         arithmetic._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(
             arithmetic, *a
         )
-        tile = vision.image_size
-        return LlavaOnevisionProcessor._get_number_of_features(arithmetic, height, width, tile, tile)
+        arithmetic.count = lambda h, w, tile: LlavaOnevisionProcessor._get_number_of_features(
+            arithmetic, h, w, tile, tile
+        )
+        return arithmetic
 
     def visual_tokens_per_image(self, config: Any) -> int:
         vision = config.vision_config

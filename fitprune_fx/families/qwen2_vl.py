@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .base import ModelFamily
+from .base import ModelFamily, TokenGrid
 from .visual_marks import MARKED_LAYOUT, mark_visual_tokens
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -49,13 +49,19 @@ class QwenVLFamily(ModelFamily):
         unit = vision.patch_size * vision.spatial_merge_size
         return max(1, round(height / unit)) * max(1, round(width / unit))
 
-    def token_grids(self, config: Any, inputs: dict) -> list[tuple[int, int]] | None:
+    def token_grids(self, config: Any, inputs: dict) -> list[TokenGrid] | None:
         """Each image's patch grid (`image_grid_thw`, one frame) merged spatial_merge_size x
-        spatial_merge_size into a token; videos are not drawn (None when the prompt holds one)."""
+        spatial_merge_size into a token, over the whole image (resized, not cropped); videos are not
+        drawn (None when the prompt holds one)."""
         if "image_grid_thw" not in inputs or "video_grid_thw" in inputs:
             return None
         merge = config.vision_config.spatial_merge_size
-        return [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+        grids, start = [], 0
+        for i, (_, h, w) in enumerate(inputs["image_grid_thw"].tolist()):
+            rows, cols = int(h) // merge, int(w) // merge
+            grids.append(TokenGrid(i, start, rows, cols, cols, square=False))
+            start += rows * cols
+        return grids
 
     def visual_tokens_per_image(self, config: Any) -> int:
         return self.image_tokens(config, 448, 448)  # the count a recipe's numbers refer to by default
