@@ -62,7 +62,7 @@ def cases(draw):
     return name, draw(st.permutations(prompts)), draw(st.integers(0, 2**16)), scorer, options
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), case=cases())
 @example(
     data=None, case=("llama", [PromptSpec(2, 4), PromptSpec(5, 2), PromptSpec(0, 3)], 3, "last_token", {})
