@@ -3,7 +3,8 @@
 fitprune-fx fit --model PATH --data questions.jsonl --images DIR --budget 0.6 -o recipe.json
 fitprune-fx inspect recipe.json [--plot tokens.png] [--visual-tokens N]
 fitprune-fx inspect recipe.json --config MODEL_DIR --image-size 672x336 [--image-size ...]
-fitprune-fx eval --model PATH --recipe recipe.json --tasks gqa,pope [--limit N]
+fitprune-fx inspect recipe.json --model PATH --image IMG --question Q --plot kept.png
+fitprune-fx eval --model PATH --recipe recipe.json --tasks gqa,pope [--limit N] [--scorers FILE.py]
 
 """
 
