@@ -31,6 +31,7 @@ def insert_importance_scoring(
     shards=None,
     positions: fx.Node | None = None,
     scorer_options: tuple = (),
+    count_free: bool = False,
 ) -> tuple[fx.Node, list[fx.Node]]:
     """Add `kept = select_kept_tokens(score_tokens(q, k, mask, visual), visual, d)` after the sdpa.
 
@@ -43,6 +44,9 @@ def insert_importance_scoring(
     the heads are split across tensor-parallel ranks (`sharded_heads.HeadShards`). The scorer also
     gets the layer's entering residual stream and values, `positions` ([B, S] original positions of
     the layer's tokens) and the recipe's `scorer_options` ((name, value) pairs of plain values).
+    `count_free`: a built-in that reads neither the layer nor the counts (`COUNT_FREE_SCORERS`) is
+    not handed them, so the scoring calls of all layers are alike and layers of one shape share a
+    compile (`layer_compile`).
     """
     head_dim = example_value(site.query).shape[-1]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(head_dim)
@@ -61,10 +65,8 @@ def insert_importance_scoring(
                 **({} if scorer_fn is not None else {"scorer": scorer}),
                 "is_causal": site.is_causal or causal_decoder,
                 "scale": float(scale),
-                "layer": site.layer,
-                "num_delete": num_delete,
-                "visual_count": visual_count,
-                "doomed": doomed,
+                **({} if count_free else {"layer": site.layer, "num_delete": num_delete}),
+                **({} if count_free else {"visual_count": visual_count, "doomed": doomed}),
                 **({"continues": True} if continues else {}),
                 **({"shards": dataclasses.astuple(shards)} if shards is not None else {}),
                 "hidden": site.residual,

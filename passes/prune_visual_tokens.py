@@ -236,6 +236,7 @@ def prune_visual_tokens(
                 shards=shards,
                 positions=scorer_positions,
                 scorer_options=scorer_options,
+                count_free=count_free,
             )
             scoring[layer] = nodes[0]
         if padded is not None:

@@ -8,6 +8,7 @@ with static control flow. Register your own with `register_scorer` and name it i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class ScoringInputs:
     is_causal: bool
     scale: float
     visual: torch.Tensor  # [B, S] bool, visual tokens present
-    layer: int
+    layer: int  # -1 (and num_delete -1) for the built-ins that read neither (`COUNT_FREE_SCORERS`)
     num_delete: int
     options: dict
     # A chunk continuing a KV cache (a later turn's image): the keys are the P cached keys, then
@@ -84,8 +85,9 @@ def token_kinds(valid: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 
 Scorer = Callable[[ScoringInputs], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
-# Scorers that read neither `num_delete` nor the visual count: a graph scored by one of them may serve
-# every visual count (its deletions are sized per call). Others get a graph per count.
+# Scorers that read neither `num_delete` nor the visual count (nor the layer): a graph scored by one of
+# them may serve every visual count (its deletions are sized per call), and its layers of one shape
+# share a compile. Others get a graph per count.
 COUNT_FREE_SCORERS = frozenset(
     {"fitprune", "fastv", "last_token", "text_raters", "duplication", "random_per_example"}
 )
@@ -284,12 +286,14 @@ def plain_options(options) -> tuple:
     return tuple(sorted((k, v) for k, v in dict(options).items() if isinstance(v, (bool, int, float, str))))
 
 
+@functools.cache
 def bind_scorer(fn: Scorer) -> Callable[..., torch.Tensor]:
     """`score_tokens` with `fn` bound: a graph target that carries its own scorer function.
 
     The function object travels inside the graph (FX keeps a call target as a global of the
     generated code), so a graph always runs the scorer its backend was built with, whatever is
-    registered later under any name.
+    registered later under any name. One target per function (cached): the scoring calls of two
+    layers are then alike, and layers of one shape share a compile (`layer_compile`).
     """
 
     def score_tokens_with_bound_scorer(query, key, attn_mask, visual, **kwargs) -> torch.Tensor:
@@ -307,9 +311,9 @@ def score_tokens(
     scorer: str | Scorer,
     is_causal: bool,
     scale: float,
-    layer: int,
-    num_delete: int,
-    visual_count: int,
+    layer: int = -1,
+    num_delete: int = -1,
+    visual_count: int = 0,
     doomed: tuple[int, ...] = (),
     continues: bool = False,
     shards: tuple[str, int, int] | None = None,
