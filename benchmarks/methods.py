@@ -15,7 +15,8 @@ scorer (which ones), run by the FitPrune backend on held-out questions:
                    over the same seeds, to show how much wider its spread is.
 
 Accuracies come with 95 % Wilson intervals and per question kind. Writes docs/methods-<task>.md and
-.png, and docs/methods.md (both test beds, with what they can and cannot tell).
+.png, and docs/methods.md (both test beds, with what they can and cannot tell, and the cost table
+that `benchmarks/speed.py --methods --markdown docs/methods-speed.md` writes).
 
     python benchmarks/methods.py --task clutter
     python benchmarks/methods.py --task shapes
@@ -137,6 +138,13 @@ def write_index(out: Path) -> None:
         if md.exists():
             parts += [f"## {MODEL_DIRS[task].name}", "", md.read_text().strip(), "",
                       f"![{task}](methods-{task}.png)", ""]  # fmt: skip
+    speed = out / "methods-speed.md"
+    if speed.exists():
+        intro = (
+            "The same deletions (the shipped 50 % recipe at 8 layers of hidden 512) scored by each "
+            "method, and with merging; side by side in one run:"
+        )
+        parts += ["## What each method costs (prefill, CPU)", "", intro, "", speed.read_text().strip(), ""]
     (out / "methods.md").write_text("\n".join(parts))
 
 

@@ -455,11 +455,13 @@ def run_width(args: argparse.Namespace) -> Results:
             batched = argparse.Namespace(**{**vars(args), "batch": args.decode_batch})
             prompts = make_prompt(model, batched)
             results.decode_batched = measure_decode(model, prompts, backends, decode_names, batched)
-    print("\n" + machine_line(results) + "\n")
-    print(prefill + "\n")
-    print(overhead_table(results, recipes) + "\n")
+    report = [machine_line(results), prefill, overhead_table(results, recipes)]
     if results.launches:
-        print(launches_table(results.launches, results.pruning_layers, UNPRUNED, args.device) + "\n")
+        report.append(launches_table(results.launches, results.pruning_layers, UNPRUNED, args.device))
+    print("\n" + "\n\n".join(report) + "\n")
+    if args.markdown:  # the command, then what it printed (before decode and the breakdown)
+        command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]])
+        args.markdown.write_text(f"`{command}`\n\n" + "\n\n".join(report) + "\n")
     if results.breakdown:
         print(breakdown_table(results.breakdown, results.cache_lengths, UNPRUNED) + "\n")
     if results.decode:

@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="CI-sized smoke run: 2 tiny layers, few repeats")
     p.add_argument("--json", type=Path, default=None, help="also write all measurements here")
+    p.add_argument(
+        "--markdown", type=Path, default=None, help="also write the command and its prefill tables here"
+    )
     args = p.parse_args(argv)
     if args.widths is None:
         args.widths = (
