@@ -275,3 +275,63 @@ def test_methods_through_inductor_equal_the_reference(scorer, options):
     ref = reference_prefill(*args, prune=prune, scorer=scorer, scorer_options=options)
     for b in range(2):
         torch.testing.assert_close(out.logits[b], ref.logits[b, ref.kept_final[b]], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "scorer, options", [("last_token", {}), ("text_raters", {}), ("duplication", {"merge": True})]
+)
+def test_methods_on_qwen_vl_equal_the_reference(scorer, options):
+    """Qwen2.5-VL (M-RoPE positions, the visual marks' graph), a left-padded batch of two: kept sets
+    at both pruning layers and logits at the kept positions equal the eager reference's."""
+    from fitprune_fx.testbed.tiny_qwen import IMAGE, make_qwen_inputs, tiny_qwen_vl
+    from graph_harness import compose_kept
+
+    model = tiny_qwen_vl("qwen2_5_vl", num_layers=4, seed=21)
+    inputs = make_qwen_inputs(model, [2, 5], [4, 2], seed=3)
+    fractions = {0: 0.25, 2: 0.25}
+    recipe = Recipe.from_fractions(ModelInfo.from_config(model.config), fractions, scorer=scorer,
+                                   scorer_options=options)  # fmt: skip
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=recorder)(**inputs).logits
+    n = int((inputs["input_ids"][0] == IMAGE).sum())
+    prune = recipe.pruning_plan(n)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+    ref = reference_prefill(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                            prune=prune, scorer=scorer, scorer_options=options, **extra)  # fmt: skip
+    ours = compose_kept(recorder.kept, inputs["input_ids"].shape[1], 2)
+    for step in range(len(prune)):
+        for b in range(2):
+            assert torch.equal(ours[step][b], ref.kept[b][step]), (step, b)
+    for b in range(2):
+        kept = ours[-1][b]
+        valid = inputs["attention_mask"][b, kept].bool()
+        torch.testing.assert_close(out[b][valid], ref.logits[b, kept][valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scorer", METHODS)
+def test_methods_in_bfloat16_keep_text_and_track_the_reference(scorer):
+    """bf16: the scorers compute in fp32 from bf16 tensors; kept sets agree with the fp32-scored
+    reference on the bf16 model up to rounding (overlap >= 0.8), text is never deleted."""
+    from fitprune_fx.testbed.tiny import IMAGE_TOKEN_ID
+    from graph_harness import compose_kept
+
+    m = model("llama", torch.bfloat16)
+    prompts = [PromptSpec(3, 5), PromptSpec(1, 2)]
+    inputs = make_inputs(m, prompts, seed=1)
+    options = {"merge": True} if scorer == "text_raters" else {}
+    recipe = Recipe(
+        model=ModelInfo.from_config(m.config), prune={0: 4, 1: 4}, scorer=scorer, scorer_options=options
+    )
+    recorder = KeptRecorder(fitprune_backend(recipe, compiler="eager"))
+    out = captured("llama", 2, 1, torch.bfloat16).run(recorder, **inputs)
+    assert out.logits.dtype == torch.bfloat16 and out.logits.shape[1] == inputs["input_ids"].shape[1] - 8
+    ref = reference_prefill(m, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                            prune={0: 4, 1: 4}, scorer=scorer, scorer_options=options)  # fmt: skip
+    ours = compose_kept(recorder.kept, inputs["input_ids"].shape[1], 2)
+    for b in range(2):
+        text = (inputs["input_ids"][b] != IMAGE_TOKEN_ID).nonzero().flatten()
+        assert set(text.tolist()) <= set(ours[-1][b].tolist())
+        overlap = len(set(ours[-1][b].tolist()) & set(ref.kept_final[b].tolist())) / len(ref.kept_final[b])
+        assert overlap >= 0.8
