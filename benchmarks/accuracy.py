@@ -19,7 +19,7 @@ layer 0's attention over every token is always paid, and FitPrune's fit reaches 
     python benchmarks/accuracy.py                    # shapes-llava: docs/accuracy-shapes.{md,png}
     python benchmarks/accuracy.py --task clutter     # clutter-llava: docs/accuracy-clutter.{md,png}
 
-Each run also rewrites docs/accuracy.md, the tables of both models (those present).
+docs/accuracy.md (a page of the documentation site) includes both models' files.
 """
 
 from __future__ import annotations
@@ -183,19 +183,7 @@ def main() -> None:
     md, png = args.out / f"accuracy-{args.task}.md", args.out / f"accuracy-{args.task}.png"
     md.write_text(table + "\n")
     plot(rows, png, f"{name}: accuracy at matched FLOPs")
-    write_index(args.out)
-    print(f"wrote {md}, {png} and {args.out / 'accuracy.md'}")
-
-
-def write_index(out: Path) -> None:
-    """docs/accuracy.md: the table of every test-bed model measured so far, each with its command."""
-    parts = ["# Accuracy at matched FLOPs on the test-bed models", ""]
-    for task in TASKS:
-        md = out / f"accuracy-{task}.md"
-        if md.exists():
-            parts += [f"## {MODEL_DIRS[task].name}", "", md.read_text().strip(), "",
-                      f"![{task}](accuracy-{task}.png)", ""]  # fmt: skip
-    (out / "accuracy.md").write_text("\n".join(parts))
+    print(f"wrote {md} and {png} (docs/accuracy.md includes them)")
 
 
 def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, drawn: int, args, name: str) -> str:

@@ -15,8 +15,9 @@ scorer (which ones), run by the FitPrune backend on held-out questions:
                    over the same seeds, to show how much wider its spread is.
 
 Accuracies come with 95 % Wilson intervals and per question kind. Writes docs/methods-<task>.md and
-.png, and docs/methods.md (both test beds, with what they can and cannot tell, and the cost table
-that `benchmarks/speed.py --methods --markdown docs/methods-speed.md` writes).
+.png; docs/methods.md (a page of the documentation site) includes them, with what the test beds can
+and cannot tell and the cost table that `benchmarks/speed.py --methods --markdown
+docs/methods-speed.md` writes.
 
     python benchmarks/methods.py --task clutter
     python benchmarks/methods.py --task shapes
@@ -112,8 +113,7 @@ def main() -> None:
     md, png = args.out / f"methods-{args.task}.md", args.out / f"methods-{args.task}.png"
     md.write_text(table + "\n")
     plot(rows, png, f"{name}: methods at matched FLOPs")
-    write_index(args.out)
-    print(f"wrote {md}, {png} and {args.out / 'methods.md'}")
+    print(f"wrote {md} and {png} (docs/methods.md includes them)")
 
 
 def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, args, name: str) -> str:
@@ -128,24 +128,6 @@ def render(rows: list[Row], masks: dict[str, torch.Tensor], n: int, args, name: 
         "",
     ]
     return "\n".join(header + table_lines(rows, masks, n))
-
-
-def write_index(out: Path) -> None:
-    """docs/methods.md: what the comparison is, then every test bed measured so far."""
-    parts = [(ROOT / "benchmarks" / "methods_intro.md").read_text().strip(), ""]
-    for task in TASKS:
-        md = out / f"methods-{task}.md"
-        if md.exists():
-            parts += [f"## {MODEL_DIRS[task].name}", "", md.read_text().strip(), "",
-                      f"![{task}](methods-{task}.png)", ""]  # fmt: skip
-    speed = out / "methods-speed.md"
-    if speed.exists():
-        intro = (
-            "The same deletions (the shipped 50 % recipe at 8 layers of hidden 512) scored by each "
-            "method, and with merging; side by side in one run:"
-        )
-        parts += ["## What each method costs (prefill, CPU)", "", intro, "", speed.read_text().strip(), ""]
-    (out / "methods.md").write_text("\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def check_device_map(model: nn.Module) -> None:
             "break the graph at every placed module, so the decoder is never one graph and cannot be "
             "pruned. Run a model that needs several GPUs with tensor parallelism instead: "
             'from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto")) under `torchrun '
-            "--nproc_per_node N` (each rank prunes its shard; README, 'Several GPUs'), or load it on "
+            "--nproc_per_node N` (each rank prunes its shard; docs/multi-gpu.md), or load it on "
             "one device"
         )
 

@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summary(rows, header + f"; {time.perf_counter() - start:.0f} s in all")
     print("\n" + table)
     docs = Path(__file__).resolve().parents[2] / "docs"
-    if device == "cuda" and docs.is_dir():  # a clone: the record the README quotes
+    if device == "cuda" and docs.is_dir():  # a clone: the record docs/on-a-gpu.md quotes
         slug = gpu.replace(" ", "-").lower()
         path = docs / "gpu" / f"{datetime.date.today().isoformat()}-{slug}-gpu_check.md"
         path.parent.mkdir(exist_ok=True)
