@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 from fitprune_fx import ModelInfo, Recipe, fit
 from fitprune_fx.recipe_shapes import one_layer_recipe, staged_recipe
-from fitprune_fx.testbed.shapes_model import MODEL_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 
