@@ -138,3 +138,16 @@ def test_python_blocks_parse_and_name_what_exists(page, block):
             if not hasattr(importlib.import_module("fitprune_fx"), node.attr):
                 missing.append(f"fitprune_fx.{node.attr}")
     assert not missing, f"{page}: a code block uses names the package does not have: {missing}"
+
+
+def test_every_module_of_the_package_has_a_row_in_how_it_works():
+    """docs/how-it-works.md's module table names each module of passes/ and fitprune_fx/ (its own
+    folders count for theirs), by path or, in a row that names several, by file name."""
+    page = (ROOT / "docs" / "how-it-works.md").read_text()
+    modules = [*ROOT.glob("passes/*.py"), *ROOT.glob("fitprune_fx/*.py")]
+    missing = [
+        str(m.relative_to(ROOT))
+        for m in modules
+        if m.name != "__init__.py" and f"`{m.relative_to(ROOT)}`" not in page and f"{m.name}`" not in page
+    ]
+    assert not missing, f"modules without a row in docs/how-it-works.md: {missing}"
