@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 FRACTIONS = {1: 0.25, 2: 0.25}
 
@@ -98,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, default=12, help="distinct image sizes at batch 1 (at most 12)")
     parser.add_argument("--arm", choices=["inductor", "fitprune"], help="run one arm here (internal)")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     if args.arm:
         print(json.dumps(run_arm(args.arm, args.sizes)))
@@ -112,26 +114,31 @@ def main() -> None:
                 env=env, check=True, capture_output=True, text=True,
             )  # fmt: skip
             results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(
+    lines = [
         "| arm | wall time, compiles included | first call | second size | other sizes | batch of 3 "
-        "| mixed batch of 2 | decoder graphs compiled | pruned calls | mixed batch |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        "| mixed batch of 2 | decoder graphs compiled | pruned calls | mixed batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, r in results.items():
         pruned = f"{r['pruned_calls']} of {r['calls']}" if "pruned_calls" in r else "-"
         c = r["call_s"]
-        print(
+        lines.append(
             f"| {arm} | {r['wall_s']:.1f} s | {c[0]:.1f} s | {c[1]:.1f} s | {sum(c[2:-2]):.1f} s "
-            f"| {c[-2]:.1f} s "
-            f"| {c[-1]:.1f} s | {r['decoder_graphs']} | {pruned} | {r['mixed']} |"
+            f"| {c[-2]:.1f} s | {c[-1]:.1f} s | {r['decoder_graphs']} | {pruned} | {r['mixed']} |"
         )
     sizes = {arm: sum(r["call_s"][: args.sizes]) for arm, r in results.items()}
-    print(
-        f"\n{args.sizes} image sizes at batch 1: fitprune {sizes['fitprune']:.1f} s, inductor "
-        f"{sizes['inductor']:.1f} s: {sizes['fitprune'] / sizes['inductor']:.2f}x"
-    )
     ratio = results["fitprune"]["wall_s"] / results["inductor"]["wall_s"]
-    print(f"every call (with the batches): {ratio:.2f}x")
+    lines += [
+        "",
+        f"{args.sizes} image sizes at batch 1: fitprune {sizes['fitprune']:.1f} s, inductor "
+        f"{sizes['inductor']:.1f} s: {sizes['fitprune'] / sizes['inductor']:.2f}x; every call (with the "
+        f"batches): {ratio:.2f}x.",
+    ]
+    print("\n".join(lines))
+    if args.markdown:
+        from speed_report import write_record
+
+        write_record(args.markdown, "image_sizes.py", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     """Compile unpruned, score-only and the shipped recipes on `speed.py`'s model, print the table."""
     from speed import UNPRUNED, build_model, make_prompt, make_recipes
     from speed_args import parse_args, width_args
+    from speed_report import write_record
     from tqdm import tqdm
 
     from fitprune_fx import ModelInfo, fitprune_backend
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--recipes", nargs="+", default=["50", "70"])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--markdown", type=Path, help="also write the table here (docs/results/launches-cpu.md)")
     own, rest = p.parse_known_args(argv)
     args = parse_args(["--device", own.device, "--batch", str(own.batch), *rest])
     args = width_args(args, args.widths[0])  # CPU: small; CUDA: gpu (32 layers)
@@ -120,8 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             launches[name] = count_launches(forward, args.device)
         layers[name] = sum(1 for n in recipe.prune.values() if n > 0)
     where = f"{args.layers} layers x hidden {args.hidden}, {args.dtype}, batch {args.batch}, {args.device}"
-    print(f"\n{where}, prompt {inputs['input_ids'].shape[1]} tokens\n")
-    print(launches_table(launches, layers, UNPRUNED, args.device))
+    table = f"{where}, prompt {inputs['input_ids'].shape[1]} tokens\n\n" + launches_table(
+        launches, layers, UNPRUNED, args.device
+    )
+    print("\n" + table)
+    if own.markdown:
+        write_record(own.markdown, "launches.py", table, args.device)
     return launches
 
 

@@ -4,11 +4,14 @@ length, and one side-by-side summary of every width measured in the run (Markdow
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 import statistics
 import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -306,6 +309,20 @@ def side_by_side(runs: dict[str, Results]) -> str:
 
 def _quantized(sizes: dict) -> str:
     return f", decoder linears {sizes['quantize']} (torchao)" if sizes.get("quantize") else ""
+
+
+def write_record(path: Path, script: str, body: str, device: str = "cpu") -> None:
+    """A benchmark's table as a file the documentation includes: the command, when and where it
+    ran, then the table as printed."""
+    m = machine_info(device)
+    where = f"{m['gpu']} (GPU), " if "gpu" in m else ""
+    command = " ".join([f"python benchmarks/{script}", *sys.argv[1:]])
+    header = (
+        f"`{command}` ({datetime.date.today()}; {where}{m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"transformers {m['transformers']})"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{header}\n\n{body.strip()}\n")
 
 
 def machine_line(results: Results) -> str:
