@@ -33,6 +33,8 @@ def _program(words: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
     if words and words[0] == "fitprune-fx":
         rest = words[1:]
         sub = rest[0] if rest and not rest[0].startswith("-") else None
+        if sub is not None and not re.fullmatch(r"[a-z][a-z-]*", sub):
+            return None  # a message quoted in prose (`fitprune-fx <command>: error: ...`), not a command
         return (CLI, *([sub] if sub else [])), rest[1:] if sub else rest
     if len(words) >= 3 and words[0] == "python" and words[1] == "-m" and words[2].startswith("fitprune_fx"):
         return (sys.executable, "-m", words[2]), words[3:]
@@ -83,7 +85,7 @@ PROGRAMS = quoted_commands()
 def test_the_pages_quote_the_commands_a_user_starts_with():
     """The parse finds the README's main command and the commands of several pages (not nothing)."""
     runs = {" ".join(p[1:]) for p in PROGRAMS}
-    assert {"demo", "fit", "eval", "inspect"} <= {p[1] for p in PROGRAMS if p[0] == CLI}
+    assert {"demo", "fit", "eval", "inspect"} <= {p[1] for p in PROGRAMS if p[0] == CLI and len(p) > 1}
     assert "-m fitprune_fx.gpu_check" in runs and "benchmarks/speed.py" in runs
     assert len(PROGRAMS) >= 12
 
