@@ -153,3 +153,36 @@ def test_every_module_of_the_package_has_a_row_in_how_it_works():
         if m.name != "__init__.py" and f"`{m.relative_to(ROOT)}`" not in page and f"{m.name}`" not in page
     ]
     assert not missing, f"modules without a row in docs/how-it-works.md: {missing}"
+
+
+def test_the_readme_links_to_files_that_exist():
+    """The README is read on its own (outside the site's strict build): its relative links resolve."""
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+://", t) and not t.startswith("#")]
+    assert local, "the README links into docs/"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_no_generated_table_is_pasted_into_a_page():
+    """A table a benchmark (or a GPU run) wrote lives in its file only: the pages include it
+    (`--8<--`), so no row of such a file appears in the README or in another page."""
+    docs = ROOT / "docs"
+    written = [*docs.glob("results/*.md"), *docs.glob("accuracy-*.md"), *docs.glob("methods-*.md")]
+    written += [p for p in docs.glob("gpu/*.md") if p.name != "README.md"]
+    rows = {
+        line.strip(): p.name
+        for p in written
+        for line in p.read_text().splitlines()
+        if line.startswith("|") and not set(line) <= set("|-: ")
+    }
+    assert len(rows) > 50
+    pages = [ROOT / "README.md", *(p for p in docs.rglob("*.md") if p not in written)]
+    pasted = [
+        f"{page.relative_to(ROOT)}: {line.strip()[:60]} (from {rows[line.strip()]})"
+        for page in pages
+        for line in page.read_text().splitlines()
+        if line.strip() in rows
+    ]
+    assert not pasted, "rows pasted from generated tables:\n" + "\n".join(pasted)
